@@ -1,0 +1,469 @@
+//! Types shared by the sgfw BPF programs and user space.
+//!
+//! This crate owns the byte layout of every map key and value, the map names,
+//! the capacity limits the BPF side is compiled for, and the one enum of
+//! decision reasons ([`Reason`]) that the dataplane counts and reports and that
+//! the CLI prints. It must never contain logic that depends on `std`.
+//!
+//! Every struct is `#[repr(C)]` with explicit `_pad` fields and derives
+//! `bytemuck::Pod`, which refuses to compile a struct with hidden padding; a
+//! `const` assertion next to each pins its size so that a layout change is a
+//! deliberate act on both sides.
+//!
+//! Multi-byte identifiers inside LPM-trie keys are stored as big-endian byte
+//! arrays: the trie compares key bits from the first byte's most significant
+//! bit, so a prefix over "(table id, address)" only works in network order.
+#![no_std]
+#![deny(missing_docs)]
+
+use bytemuck::{Pod, Zeroable};
+
+/// Names of the maps in the BPF object, shared so user space cannot misspell one.
+pub mod map_names {
+    /// [`crate::AddrKey`] → [`crate::AddrInfo`]: which instance owns an address.
+    pub const ADDRS: &str = "SGFW_ADDRS";
+    /// instance index (`u32`) → [`crate::InstancePolicy`].
+    pub const INSTANCES: &str = "SGFW_INSTANCES";
+    /// subnet index (`u32`) → [`crate::SubnetPolicy`].
+    pub const SUBNETS: &str = "SGFW_SUBNETS";
+    /// port ifindex (`u32`) → instance index (`u32`) for ports bound to an instance.
+    pub const PORTS: &str = "SGFW_PORTS";
+    /// LPM [`crate::CidrKeyV4`] → port-set id (`u32`): SG remote prefixes, IPv4.
+    pub const SG_CIDR_V4: &str = "SGFW_SG_CIDR_V4";
+    /// LPM [`crate::CidrKeyV6`] → port-set id (`u32`): SG remote prefixes, IPv6.
+    pub const SG_CIDR_V6: &str = "SGFW_SG_CIDR_V6";
+    /// LPM [`crate::PortKey`] → SG rule reference (`u32`).
+    pub const SG_PORTS: &str = "SGFW_SG_PORTS";
+    /// LPM [`crate::CidrKeyV4`] → entry bitmask (`u64`): NACL CIDRs, IPv4.
+    pub const NACL_CIDR_V4: &str = "SGFW_NACL_CIDR_V4";
+    /// LPM [`crate::CidrKeyV6`] → entry bitmask (`u64`): NACL CIDRs, IPv6.
+    pub const NACL_CIDR_V6: &str = "SGFW_NACL_CIDR_V6";
+    /// LPM [`crate::PortKey`] → entry bitmask (`u64`): NACL protocol/port matches.
+    pub const NACL_PORTS: &str = "SGFW_NACL_PORTS";
+    /// NACL table id (`u32`) → [`crate::NaclMeta`].
+    pub const NACL_META: &str = "SGFW_NACL_META";
+    /// [`crate::CtKey`] → [`crate::CtEntry`]: per-instance connection tracking.
+    pub const CONNTRACK: &str = "SGFW_CONNTRACK";
+    /// Single-element array of [`crate::Config`].
+    pub const CONFIG: &str = "SGFW_CONFIG";
+    /// Per-CPU array of `u64`: index [`crate::counter_index`].
+    pub const COUNTERS: &str = "SGFW_COUNTERS";
+    /// Ring buffer of [`crate::Event`].
+    pub const EVENTS: &str = "SGFW_EVENTS";
+    /// Per-CPU hash [`crate::PortCountKey`] → packets (`u64`), for `sgfw_port_count`.
+    pub const PORT_COUNTS: &str = "SGFW_PORT_COUNTS";
+}
+
+/// Names of the programs in the BPF object.
+pub mod program_names {
+    /// TC ingress on an instance port: what the instance sends (its SG egress).
+    pub const FROM_INSTANCE: &str = "sgfw_from_instance";
+    /// TC egress on an instance port: what is delivered to the instance (its SG ingress).
+    pub const TO_INSTANCE: &str = "sgfw_to_instance";
+    /// Counts packets per port and direction; never drops.
+    pub const PORT_COUNT: &str = "sgfw_port_count";
+    /// Does one array read and passes: the floor that benchmarks compare against.
+    pub const NOOP: &str = "sgfw_noop";
+}
+
+/// Capacity limits the BPF programs are built for. User space checks a model
+/// against these before it writes anything.
+pub mod limits {
+    /// NACL entries per direction per address family: one bit each in a `u64`.
+    pub const NACL_ENTRIES: usize = 64;
+    /// Address-family tag for IPv4 in keys.
+    pub const AF_INET: u8 = 4;
+    /// Address-family tag for IPv6 in keys.
+    pub const AF_INET6: u8 = 6;
+}
+
+/// Where a packet was seen, from the instance's point of view.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// The instance sends (TC ingress of its bridge port).
+    Egress = 0,
+    /// The packet is delivered to the instance (TC egress of its bridge port).
+    Ingress = 1,
+}
+
+/// Why the dataplane let a packet through or dropped it. One enum for the BPF
+/// side, the counters, the event stream and the CLI.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// A security-group egress rule allowed a new flow.
+    AllowSgEgress = 0,
+    /// A security-group ingress rule allowed a new flow.
+    AllowSgIngress = 1,
+    /// The flow is tracked for this instance (stateful return path).
+    AllowTracked = 2,
+    /// An ICMP error quoting a tracked flow.
+    AllowRelated = 3,
+    /// ARP, NDP, DHCP, metadata or the subnet's DNS address: never filtered.
+    AllowPassthrough = 4,
+    /// No modelled instance at this port's end of the packet: not ours to judge.
+    AllowUnmanaged = 5,
+    /// No security-group egress rule matched.
+    DropSgEgress = 6,
+    /// The source subnet's outbound NACL denied it.
+    DropNaclOut = 7,
+    /// The destination subnet's inbound NACL denied it.
+    DropNaclIn = 8,
+    /// No security-group ingress rule matched.
+    DropSgIngress = 9,
+    /// A bound port sent a packet whose source is not its instance's address.
+    DropSourceCheck = 10,
+    /// A bound port was handed a packet for an address that is not its instance's.
+    DropNotForInstance = 11,
+    /// A non-first IP fragment (its ports cannot be known, so it is never let past a rule).
+    DropFragment = 12,
+    /// A truncated or malformed header, or too many IPv6 extension headers.
+    DropMalformed = 13,
+    /// An Ethernet type other than IPv4, IPv6 or ARP.
+    DropNonIp = 14,
+    /// The policy maps are inconsistent (an id with no entry): fail closed.
+    DropNoPolicy = 15,
+}
+
+impl Reason {
+    /// Number of reasons; counters are laid out with this stride.
+    pub const COUNT: usize = 16;
+
+    /// All reasons in numeric order.
+    pub const ALL: [Reason; Self::COUNT] = [
+        Reason::AllowSgEgress,
+        Reason::AllowSgIngress,
+        Reason::AllowTracked,
+        Reason::AllowRelated,
+        Reason::AllowPassthrough,
+        Reason::AllowUnmanaged,
+        Reason::DropSgEgress,
+        Reason::DropNaclOut,
+        Reason::DropNaclIn,
+        Reason::DropSgIngress,
+        Reason::DropSourceCheck,
+        Reason::DropNotForInstance,
+        Reason::DropFragment,
+        Reason::DropMalformed,
+        Reason::DropNonIp,
+        Reason::DropNoPolicy,
+    ];
+
+    /// The reason with this numeric value.
+    pub fn from_u8(v: u8) -> Option<Reason> {
+        Self::ALL.get(v as usize).copied()
+    }
+
+    /// Whether the packet was dropped.
+    pub const fn is_drop(self) -> bool {
+        (self as u8) >= (Reason::DropSgEgress as u8)
+    }
+
+    /// Short stable name, as printed by the CLI and flow logs.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::AllowSgEgress => "sg-egress",
+            Reason::AllowSgIngress => "sg-ingress",
+            Reason::AllowTracked => "tracked",
+            Reason::AllowRelated => "related",
+            Reason::AllowPassthrough => "passthrough",
+            Reason::AllowUnmanaged => "unmanaged",
+            Reason::DropSgEgress => "sg-egress",
+            Reason::DropNaclOut => "nacl-out",
+            Reason::DropNaclIn => "nacl-in",
+            Reason::DropSgIngress => "sg-ingress",
+            Reason::DropSourceCheck => "source-check",
+            Reason::DropNotForInstance => "not-for-instance",
+            Reason::DropFragment => "fragment",
+            Reason::DropMalformed => "malformed",
+            Reason::DropNonIp => "non-ip",
+            Reason::DropNoPolicy => "no-policy",
+        }
+    }
+}
+
+/// Index into [`map_names::COUNTERS`] for an instance and a reason.
+pub const fn counter_index(instance: u32, reason: Reason) -> u32 {
+    instance * Reason::COUNT as u32 + reason as u32
+}
+
+/// Key of [`map_names::ADDRS`]: an address of either family (IPv4 in the first 4 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct AddrKey {
+    /// [`limits::AF_INET`] or [`limits::AF_INET6`].
+    pub family: u8,
+    /// Always zero.
+    pub _pad: [u8; 3],
+    /// Address bytes in network order; IPv4 uses the first 4, the rest zero.
+    pub addr: [u8; 16],
+}
+const _: () = assert!(size_of::<AddrKey>() == 20);
+
+/// Value of [`map_names::ADDRS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct AddrInfo {
+    /// Instance index (key of [`map_names::INSTANCES`]).
+    pub instance: u32,
+    /// Subnet index (key of [`map_names::SUBNETS`]).
+    pub subnet: u32,
+}
+const _: () = assert!(size_of::<AddrInfo>() == 8);
+
+/// Value of [`map_names::INSTANCES`]: which compiled policies apply. Replacing
+/// this one hash entry switches the instance to a new policy atomically.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct InstancePolicy {
+    /// Subnet index.
+    pub subnet: u32,
+    /// SG policy id for traffic delivered to the instance.
+    pub policy_ingress: u32,
+    /// SG policy id for traffic the instance sends.
+    pub policy_egress: u32,
+    /// Reserved, zero.
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<InstancePolicy>() == 16);
+
+/// [`SubnetPolicy::flags`]: `dns_v4` is set.
+pub const SUBNET_HAS_DNS_V4: u32 = 1;
+/// [`SubnetPolicy::flags`]: `dns_v6` is set.
+pub const SUBNET_HAS_DNS_V6: u32 = 2;
+
+/// Value of [`map_names::SUBNETS`]: the subnet's NACL tables and DNS address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct SubnetPolicy {
+    /// NACL table id, inbound, IPv4.
+    pub nacl_in_v4: u32,
+    /// NACL table id, outbound, IPv4.
+    pub nacl_out_v4: u32,
+    /// NACL table id, inbound, IPv6.
+    pub nacl_in_v6: u32,
+    /// NACL table id, outbound, IPv6.
+    pub nacl_out_v6: u32,
+    /// `SUBNET_HAS_*` flags.
+    pub flags: u32,
+    /// The subnet's DNS address, IPv4.
+    pub dns_v4: [u8; 4],
+    /// The subnet's DNS address, IPv6.
+    pub dns_v6: [u8; 16],
+}
+const _: () = assert!(size_of::<SubnetPolicy>() == 40);
+
+/// LPM key data: a table id and an IPv4 address (both big-endian).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct CidrKeyV4 {
+    /// SG policy id or NACL table id, big-endian.
+    pub table: [u8; 4],
+    /// IPv4 address, network order.
+    pub addr: [u8; 4],
+}
+const _: () = assert!(size_of::<CidrKeyV4>() == 8);
+
+/// LPM key data: a table id and an IPv6 address (both big-endian).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct CidrKeyV6 {
+    /// SG policy id or NACL table id, big-endian.
+    pub table: [u8; 4],
+    /// IPv6 address, network order.
+    pub addr: [u8; 16],
+}
+const _: () = assert!(size_of::<CidrKeyV6>() == 20);
+
+/// LPM key data for protocol/port matching: a set id, a protocol number and
+/// a 16-bit "port" (TCP/UDP destination-side port, or ICMP `type << 8 | code`).
+///
+/// Prefix length 32 matches every protocol of the set, 40 one protocol with
+/// any port, 40 + k a port prefix of length k.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct PortKey {
+    /// Port-set id (SG) or NACL table id, big-endian.
+    pub set: [u8; 4],
+    /// IP protocol number.
+    pub proto: u8,
+    /// Port or ICMP type/code, big-endian.
+    pub port: [u8; 2],
+}
+const _: () = assert!(size_of::<PortKey>() == 7);
+
+/// Prefix length of a full [`PortKey`] (set + protocol + port).
+pub const PORT_KEY_BITS: u32 = (size_of::<PortKey>() * 8) as u32;
+/// Prefix length of a full [`CidrKeyV4`].
+pub const CIDR_V4_KEY_BITS: u32 = (size_of::<CidrKeyV4>() * 8) as u32;
+/// Prefix length of a full [`CidrKeyV6`].
+pub const CIDR_V6_KEY_BITS: u32 = (size_of::<CidrKeyV6>() * 8) as u32;
+
+/// Value of [`map_names::NACL_META`]: how to turn a match bitmask into a decision.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct NaclMeta {
+    /// Bit i set: entry i (in rule-number order) allows.
+    pub allow_mask: u64,
+    /// Rule number of entry i.
+    pub rule_numbers: [u16; limits::NACL_ENTRIES],
+}
+const _: () = assert!(size_of::<NaclMeta>() == 136);
+
+/// Key of [`map_names::CONNTRACK`], from the local instance's point of view,
+/// so both directions of a flow find the same entry.
+///
+/// TCP/UDP: ports. ICMP queries: `local_port` = identifier, `remote_port` =
+/// the request type. Other ICMP: type and code. Other protocols: zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct CtKey {
+    /// The instance's address.
+    pub local: [u8; 16],
+    /// The peer's address.
+    pub remote: [u8; 16],
+    /// Local port (or ICMP id).
+    pub local_port: u16,
+    /// Remote port (or ICMP request type).
+    pub remote_port: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// [`limits::AF_INET`] or [`limits::AF_INET6`].
+    pub family: u8,
+    /// Always zero.
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<CtKey>() == 40);
+
+/// [`CtEntry::state`]: only the originating direction has been seen.
+pub const CT_NEW: u8 = 0;
+/// [`CtEntry::state`]: both directions seen (TCP established, UDP stream).
+pub const CT_ESTABLISHED: u8 = 1;
+/// [`CtEntry::state`]: a TCP FIN or RST was seen.
+pub const CT_CLOSING: u8 = 2;
+
+/// Value of [`map_names::CONNTRACK`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct CtEntry {
+    /// Time of the last packet, in the dataplane clock (ns).
+    pub last_seen_ns: u64,
+    /// Time the flow was created (ns).
+    pub created_ns: u64,
+    /// Instance index that owns the entry.
+    pub instance: u32,
+    /// `CT_*` state.
+    pub state: u8,
+    /// [`Direction`] of the packet that created the entry.
+    pub origin: u8,
+    /// Always zero.
+    pub _pad: [u8; 2],
+    /// Packets seen (approximate under concurrency).
+    pub packets: u64,
+}
+const _: () = assert!(size_of::<CtEntry>() == 32);
+
+/// [`Config::flags`]: also send accepted new flows to the event ring.
+pub const CONFIG_EMIT_ACCEPTS: u32 = 1;
+
+/// The single [`map_names::CONFIG`] element.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct Config {
+    /// When non-zero, the dataplane clock reads this instead of the kernel's
+    /// (tests drive timeouts with it).
+    pub time_override_ns: u64,
+    /// TCP established timeout, ns.
+    pub tcp_established_ns: u64,
+    /// TCP before the first reply, ns.
+    pub tcp_new_ns: u64,
+    /// TCP after FIN/RST, ns.
+    pub tcp_closing_ns: u64,
+    /// UDP, one direction seen, ns.
+    pub udp_ns: u64,
+    /// UDP stream (both directions seen), ns.
+    pub udp_stream_ns: u64,
+    /// ICMP, ns.
+    pub icmp_ns: u64,
+    /// Any other protocol, ns.
+    pub other_ns: u64,
+    /// `CONFIG_*` flags.
+    pub flags: u32,
+    /// Most events per second per CPU sent to the ring buffer.
+    pub events_per_sec: u32,
+}
+const _: () = assert!(size_of::<Config>() == 72);
+
+/// One decision sent to user space through [`map_names::EVENTS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct Event {
+    /// Dataplane clock, ns.
+    pub ts_ns: u64,
+    /// Source address (IPv4 in the first 4 bytes).
+    pub src: [u8; 16],
+    /// Destination address.
+    pub dst: [u8; 16],
+    /// Instance index the decision was made for (`u32::MAX`: none).
+    pub instance: u32,
+    /// SG rule reference or NACL rule number that decided (`u32::MAX`: none).
+    pub rule: u32,
+    /// Ifindex of the port.
+    pub ifindex: u32,
+    /// Packet length in bytes.
+    pub len: u32,
+    /// Source port or ICMP type.
+    pub sport: u16,
+    /// Destination port or ICMP code.
+    pub dport: u16,
+    /// [`Reason`] as `u8`.
+    pub reason: u8,
+    /// [`Direction`] as `u8`.
+    pub direction: u8,
+    /// IP protocol number.
+    pub proto: u8,
+    /// [`limits::AF_INET`] or [`limits::AF_INET6`].
+    pub family: u8,
+}
+const _: () = assert!(size_of::<Event>() == 64);
+
+/// Key of [`map_names::PORT_COUNTS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct PortCountKey {
+    /// The port's ifindex.
+    pub ifindex: u32,
+    /// [`Direction`] as `u32`.
+    pub direction: u32,
+}
+const _: () = assert!(size_of::<PortCountKey>() == 8);
+
+#[cfg(feature = "user")]
+mod user {
+    //! aya's `Pod` marker for the map types (aya has its own trait).
+    use super::*;
+
+    macro_rules! aya_pod {
+        ($($t:ty),*) => { $(
+            // SAFETY: each type derives bytemuck::Pod, which proves it has no
+            // padding and every bit pattern is valid.
+            unsafe impl aya::Pod for $t {}
+        )* };
+    }
+    aya_pod!(
+        AddrKey,
+        AddrInfo,
+        InstancePolicy,
+        SubnetPolicy,
+        CidrKeyV4,
+        CidrKeyV6,
+        PortKey,
+        NaclMeta,
+        CtKey,
+        CtEntry,
+        Config,
+        Event,
+        PortCountKey
+    );
+}

@@ -1,0 +1,2 @@
+//! The `sgfw` command.
+fn main() {}
