@@ -50,7 +50,7 @@ pub mod map_names {
     pub const COUNTERS: &str = "SGFW_COUNTERS";
     /// Ring buffer of [`crate::Event`].
     pub const EVENTS: &str = "SGFW_EVENTS";
-    /// Per-CPU hash [`crate::PortCountKey`] → packets (`u64`), for `sgfw_port_count`.
+    /// Per-CPU hash [`crate::PortCountKey`] → packets (`u64`), for the port-count programs.
     pub const PORT_COUNTS: &str = "SGFW_PORT_COUNTS";
 }
 
@@ -60,8 +60,10 @@ pub mod program_names {
     pub const FROM_INSTANCE: &str = "sgfw_from_instance";
     /// TC egress on an instance port: what is delivered to the instance (its SG ingress).
     pub const TO_INSTANCE: &str = "sgfw_to_instance";
-    /// Counts packets per port and direction; never drops.
-    pub const PORT_COUNT: &str = "sgfw_port_count";
+    /// TC ingress: counts packets per port and direction; never drops.
+    pub const PORT_COUNT_INGRESS: &str = "sgfw_port_count_ingress";
+    /// TC egress: counts packets per port and direction; never drops.
+    pub const PORT_COUNT_EGRESS: &str = "sgfw_port_count_egress";
     /// Does one array read and passes: the floor that benchmarks compare against.
     pub const NOOP: &str = "sgfw_noop";
 }
@@ -343,7 +345,20 @@ pub const CT_ESTABLISHED: u8 = 1;
 /// [`CtEntry::state`]: a TCP FIN or RST was seen.
 pub const CT_CLOSING: u8 = 2;
 
+/// [`CtEntry::nacl_ok`]: packets the instance sends passed its NACL stage
+/// under [`CtEntry::generation`].
+pub const CT_NACL_OK_EGRESS: u8 = 1;
+/// [`CtEntry::nacl_ok`]: packets delivered to the instance passed its NACL
+/// stage under [`CtEntry::generation`].
+pub const CT_NACL_OK_INGRESS: u8 = 2;
+
 /// Value of [`map_names::CONNTRACK`].
+///
+/// Besides the flow's state it caches, for the policy generation it was last
+/// checked under, that this flow's packets passed the stateless checks
+/// (passthrough class, source check, NACL) at its port, so an established
+/// packet costs one lookup. Any apply bumps [`Config::generation`], which
+/// invalidates every cache at once: a NACL change still cuts flows at once.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct CtEntry {
@@ -351,18 +366,24 @@ pub struct CtEntry {
     pub last_seen_ns: u64,
     /// Time the flow was created (ns).
     pub created_ns: u64,
+    /// Packets seen (approximate under concurrency).
+    pub packets: u64,
+    /// [`Config::generation`] the cached checks are valid for.
+    pub generation: u32,
     /// Instance index that owns the entry.
     pub instance: u32,
+    /// Ifindex of the port the cached checks were made at.
+    pub ifindex: u32,
     /// `CT_*` state.
     pub state: u8,
     /// [`Direction`] of the packet that created the entry.
     pub origin: u8,
+    /// `CT_NACL_OK_*` bits.
+    pub nacl_ok: u8,
     /// Always zero.
-    pub _pad: [u8; 2],
-    /// Packets seen (approximate under concurrency).
-    pub packets: u64,
+    pub _pad: u8,
 }
-const _: () = assert!(size_of::<CtEntry>() == 32);
+const _: () = assert!(size_of::<CtEntry>() == 40);
 
 /// [`Config::flags`]: also send accepted new flows to the event ring.
 pub const CONFIG_EMIT_ACCEPTS: u32 = 1;
@@ -392,8 +413,12 @@ pub struct Config {
     pub flags: u32,
     /// Most events per second per CPU sent to the ring buffer.
     pub events_per_sec: u32,
+    /// Bumped by every apply; conntrack caches of older generations are stale.
+    pub generation: u32,
+    /// Always zero.
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<Config>() == 72);
+const _: () = assert!(size_of::<Config>() == 80);
 
 /// One decision sent to user space through [`map_names::EVENTS`].
 #[repr(C)]

@@ -1,2 +1,391 @@
+//! sgfw's TC classifiers.
+//!
+//! `sgfw_from_instance` runs at TC ingress of an instance's bridge port (what
+//! the instance sends: its SG egress and its subnet's outbound NACL),
+//! `sgfw_to_instance` at TC egress (what is delivered to it: the inbound NACL
+//! and its SG ingress). Each hook decides only for its own instance; a packet
+//! between two instances passes both.
+//!
+//! Order of checks at one hook (the reference evaluator's order):
+//! 1. parse; ARP passes, other non-IP, malformed headers and non-first
+//!    fragments drop;
+//! 2. fast path: a live conntrack entry whose cached checks are of the current
+//!    policy generation and this port → allow (one map lookup);
+//! 3. passthrough classes (NDP, DHCP, metadata, the subnet's DNS address);
+//! 4. source check on bound ports; an address of no instance → not ours;
+//! 5. the leg's stages in order — sender: SG egress, NACL out; receiver:
+//!    NACL in, SG ingress — NACLs only when the peer is not an instance of
+//!    the same subnet; the SG stage is: tracked flow, related ICMP error, or a
+//!    rule;
+//! 6. commit: a new flow allowed by a rule starts a conntrack entry.
 #![no_std]
 #![no_main]
+
+mod conntrack;
+mod maps;
+mod nacl;
+mod parse;
+mod sg;
+mod verdict;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    macros::classifier,
+    programs::TcContext,
+};
+use sgfw_common::{
+    AddrInfo, AddrKey, Config, Direction, PortCountKey, Reason, SUBNET_HAS_DNS_V4,
+    SUBNET_HAS_DNS_V6, SubnetPolicy,
+    limits::{AF_INET, AF_INET6},
+};
+
+use crate::maps::{ADDRS, CONFIG, INSTANCES, PORT_COUNTS, PORTS, SCRATCH, SUBNETS};
+use crate::parse::{Frame, IPPROTO_ICMPV6, IPPROTO_UDP, Pkt};
+use crate::verdict::{Decision, finish};
+
+const NO_RULE: u32 = u32::MAX;
+const METADATA: [u8; 4] = [169, 254, 169, 254];
+
+#[classifier]
+pub fn sgfw_from_instance(ctx: TcContext) -> i32 {
+    classify(&ctx, Direction::Egress)
+}
+
+#[classifier]
+pub fn sgfw_to_instance(ctx: TcContext) -> i32 {
+    classify(&ctx, Direction::Ingress)
+}
+
+#[classifier]
+pub fn sgfw_port_count_ingress(ctx: TcContext) -> i32 {
+    port_count(&ctx, Direction::Ingress)
+}
+
+#[classifier]
+pub fn sgfw_port_count_egress(ctx: TcContext) -> i32 {
+    port_count(&ctx, Direction::Egress)
+}
+
+/// The floor for benchmarks: one array read, then pass.
+#[classifier]
+pub fn sgfw_noop(_ctx: TcContext) -> i32 {
+    match CONFIG.get(0) {
+        Some(_) => TC_ACT_OK,
+        None => TC_ACT_SHOT,
+    }
+}
+
+#[inline(always)]
+fn ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: the context pointer the kernel passed to the program.
+    unsafe { (*ctx.skb.skb).ifindex }
+}
+
+#[inline(always)]
+fn port_count(ctx: &TcContext, dir: Direction) -> i32 {
+    // TC ingress of the port is the instance's egress and vice versa; the
+    // key records the TC hook's own direction as `Direction` of the port.
+    let key = PortCountKey {
+        ifindex: ifindex(ctx),
+        direction: dir as u32,
+    };
+    match PORT_COUNTS.get_ptr_mut(&key) {
+        // SAFETY: per-CPU value, no concurrent writer.
+        Some(c) => unsafe { *c += 1 },
+        None => {
+            let _ = PORT_COUNTS.insert(&key, &1, 0);
+        }
+    }
+    TC_ACT_OK
+}
+
+#[inline(always)]
+fn classify(ctx: &TcContext, dir: Direction) -> i32 {
+    // Without configuration there is no policy: fail closed.
+    let Some(cfg) = CONFIG.get(0) else {
+        return TC_ACT_SHOT;
+    };
+    let now = conntrack::now(cfg);
+    let ifx = ifindex(ctx);
+    let len = ctx.len();
+    let Some(p) = SCRATCH.get_ptr_mut(0) else {
+        return TC_ACT_SHOT;
+    };
+    // SAFETY: this CPU's scratch slot; a TC program is not re-entered on the
+    // same CPU while it runs.
+    let p = unsafe { &mut *p };
+    match parse::parse(ctx, p) {
+        Err(reason) => finish(
+            &Decision {
+                reason,
+                instance: 0,
+                rule: NO_RULE,
+            },
+            None,
+            dir,
+            ifx,
+            len,
+            cfg,
+            now,
+        ),
+        Ok(Frame::Arp) => finish(
+            &Decision {
+                reason: Reason::AllowPassthrough,
+                instance: 0,
+                rule: NO_RULE,
+            },
+            None,
+            dir,
+            ifx,
+            len,
+            cfg,
+            now,
+        ),
+        Ok(Frame::Ip) => {
+            let d = try_classify(p, dir, ifx, cfg, now);
+            finish(&d, Some(p), dir, ifx, len, cfg, now)
+        }
+    }
+}
+
+#[inline(always)]
+fn addr_key(family: u8, addr: &[u8; 16]) -> AddrKey {
+    AddrKey {
+        family,
+        _pad: [0; 3],
+        addr: *addr,
+    }
+}
+
+#[inline(always)]
+fn lookup_addr(family: u8, addr: &[u8; 16]) -> Option<AddrInfo> {
+    // SAFETY: read-only copy of a hash value.
+    unsafe { ADDRS.get(&addr_key(family, addr)) }.copied()
+}
+
+/// The classes SEMANTICS.md leaves unfiltered, as seen from this hook.
+#[inline(always)]
+fn passthrough(p: &Pkt, dir: Direction, subnet: Option<&SubnetPolicy>) -> bool {
+    if p.family == AF_INET6 && p.proto == IPPROTO_ICMPV6 && (133..=137).contains(&p.icmp_type) {
+        return true;
+    }
+    if p.proto == IPPROTO_UDP
+        && ((p.sport == 68 && p.dport == 67) || (p.sport == 67 && p.dport == 68))
+    {
+        return true;
+    }
+    if p.family == AF_INET && (p.src[..4] == METADATA || p.dst[..4] == METADATA) {
+        return true;
+    }
+    if let Some(s) = subnet {
+        let peer = match dir {
+            Direction::Egress => &p.dst,
+            Direction::Ingress => &p.src,
+        };
+        if p.family == AF_INET && s.flags & SUBNET_HAS_DNS_V4 != 0 && peer[..4] == s.dns_v4 {
+            return true;
+        }
+        if p.family == AF_INET6 && s.flags & SUBNET_HAS_DNS_V6 != 0 && *peer == s.dns_v6 {
+            return true;
+        }
+    }
+    false
+}
+
+/// What decided the SG stage.
+enum SgOutcome {
+    Tracked(*mut sgfw_common::CtEntry),
+    Related,
+    Rule(u32),
+    NoMatch,
+}
+
+#[inline(always)]
+fn sg_stage(
+    p: &Pkt,
+    key: &sgfw_common::CtKey,
+    hit: Option<*mut sgfw_common::CtEntry>,
+    policy: u32,
+    local: &[u8; 16],
+    remote: &[u8; 16],
+    cfg: &Config,
+    now: u64,
+) -> SgOutcome {
+    if let Some(e) = hit {
+        return SgOutcome::Tracked(e);
+    }
+    if p.is_icmp_error && p.has_inner {
+        let ik = conntrack::inner_key(p.family, &p.inner, local);
+        if conntrack::lookup_live(&ik, cfg, now).is_some() {
+            return SgOutcome::Related;
+        }
+    }
+    let _ = key;
+    match sg::allows(policy, p, remote) {
+        Some(rule) => SgOutcome::Rule(rule),
+        None => SgOutcome::NoMatch,
+    }
+}
+
+#[inline(always)]
+fn try_classify(p: &Pkt, dir: Direction, ifx: u32, cfg: &Config, now: u64) -> Decision {
+    let key = conntrack::key(p, dir);
+    let hit = conntrack::lookup_live(&key, cfg, now);
+    // Fast path: a tracked flow whose stateless checks passed under this
+    // policy generation at this port.
+    if let Some(e) = hit {
+        if conntrack::cache_valid(e, dir, ifx, cfg) {
+            conntrack::touch(e, dir, p, now);
+            // SAFETY: see conntrack::lookup_live.
+            let instance = unsafe { (*e).instance };
+            return Decision {
+                reason: Reason::AllowTracked,
+                instance,
+                rule: NO_RULE,
+            };
+        }
+    }
+
+    let (local, remote) = match dir {
+        Direction::Egress => (&p.src, &p.dst),
+        Direction::Ingress => (&p.dst, &p.src),
+    };
+    let local_info = lookup_addr(p.family, local);
+    // SAFETY: read-only hash lookups.
+    let subnet = local_info.and_then(|li| unsafe { SUBNETS.get(&li.subnet) });
+    let local_instance = local_info.map_or(0, |li| li.instance);
+
+    if passthrough(p, dir, subnet) {
+        return Decision {
+            reason: Reason::AllowPassthrough,
+            instance: local_instance,
+            rule: NO_RULE,
+        };
+    }
+    // SAFETY: read-only hash lookup.
+    if let Some(bound) = unsafe { PORTS.get(&ifx) }.copied() {
+        if local_instance != bound {
+            return Decision {
+                reason: match dir {
+                    Direction::Egress => Reason::DropSourceCheck,
+                    Direction::Ingress => Reason::DropNotForInstance,
+                },
+                instance: bound,
+                rule: NO_RULE,
+            };
+        }
+    }
+    let Some(li) = local_info else {
+        return Decision {
+            reason: Reason::AllowUnmanaged,
+            instance: 0,
+            rule: NO_RULE,
+        };
+    };
+    let no_policy = Decision {
+        reason: Reason::DropNoPolicy,
+        instance: li.instance,
+        rule: NO_RULE,
+    };
+    // SAFETY: read-only hash lookup.
+    let Some(inst) = (unsafe { INSTANCES.get(&li.instance) }) else {
+        return no_policy;
+    };
+    let Some(subnet) = subnet else {
+        return no_policy;
+    };
+    let crossing = lookup_addr(p.family, remote).is_none_or(|r| r.subnet != li.subnet);
+    let v4 = p.family == AF_INET;
+
+    let outcome = match dir {
+        Direction::Egress => {
+            let sg = sg_stage(p, &key, hit, inst.policy_egress, local, remote, cfg, now);
+            if let SgOutcome::NoMatch = sg {
+                return Decision {
+                    reason: Reason::DropSgEgress,
+                    instance: li.instance,
+                    rule: NO_RULE,
+                };
+            }
+            if crossing {
+                let table = if v4 { subnet.nacl_out_v4 } else { subnet.nacl_out_v6 };
+                match nacl::check(table, p, remote) {
+                    Ok((true, _)) => {}
+                    Ok((false, rule)) => {
+                        return Decision {
+                            reason: Reason::DropNaclOut,
+                            instance: li.instance,
+                            rule,
+                        };
+                    }
+                    Err(_) => return no_policy,
+                }
+            }
+            sg
+        }
+        Direction::Ingress => {
+            if crossing {
+                let table = if v4 { subnet.nacl_in_v4 } else { subnet.nacl_in_v6 };
+                match nacl::check(table, p, remote) {
+                    Ok((true, _)) => {}
+                    Ok((false, rule)) => {
+                        return Decision {
+                            reason: Reason::DropNaclIn,
+                            instance: li.instance,
+                            rule,
+                        };
+                    }
+                    Err(_) => return no_policy,
+                }
+            }
+            let sg = sg_stage(p, &key, hit, inst.policy_ingress, local, remote, cfg, now);
+            if let SgOutcome::NoMatch = sg {
+                return Decision {
+                    reason: Reason::DropSgIngress,
+                    instance: li.instance,
+                    rule: NO_RULE,
+                };
+            }
+            sg
+        }
+    };
+
+    // Commit: the whole leg allowed the packet.
+    match outcome {
+        SgOutcome::Tracked(e) => {
+            conntrack::touch(e, dir, p, now);
+            conntrack::cache_pass(e, dir, ifx, cfg);
+            Decision {
+                reason: Reason::AllowTracked,
+                instance: li.instance,
+                rule: NO_RULE,
+            }
+        }
+        SgOutcome::Related => Decision {
+            reason: Reason::AllowRelated,
+            instance: li.instance,
+            rule: NO_RULE,
+        },
+        SgOutcome::Rule(rule) => {
+            // ICMP errors are never tracked.
+            if !p.is_icmp_error {
+                conntrack::create(&key, li.instance, dir, ifx, cfg, now);
+            }
+            Decision {
+                reason: match dir {
+                    Direction::Egress => Reason::AllowSgEgress,
+                    Direction::Ingress => Reason::AllowSgIngress,
+                },
+                instance: li.instance,
+                rule,
+            }
+        }
+        SgOutcome::NoMatch => no_policy,
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
+    loop {}
+}

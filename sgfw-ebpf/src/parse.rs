@@ -1,0 +1,337 @@
+//! Packet parsing with direct packet access.
+//!
+//! Owns the one bounds-checked accessor ([`at`]) through which every header
+//! read passes, and turns a frame into a [`Pkt`]: addresses, protocol, the
+//! 16-bit "port" that rules match on, conntrack ports, TCP flags, and for ICMP
+//! errors the quoted inner flow. It never looks at a map.
+
+use aya_ebpf::programs::TcContext;
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+    udp::UdpHdr,
+};
+use sgfw_common::{
+    Reason,
+    limits::{AF_INET, AF_INET6},
+};
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+const ETH_P_ARP: u16 = 0x0806;
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_ICMPV6: u8 = 58;
+
+/// Most IPv6 extension headers walked before the packet counts as malformed.
+const MAX_EXT_HEADERS: usize = 6;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_RST: u8 = 0x04;
+
+/// The one bounds-checked accessor: a pointer to a `T` at `off` bytes into the
+/// frame, or `DropMalformed` when the frame is too short.
+#[inline(always)]
+pub fn at<T>(ctx: &TcContext, off: usize) -> Result<*const T, Reason> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + off + size_of::<T>() > end {
+        return Err(Reason::DropMalformed);
+    }
+    Ok((start + off) as *const T)
+}
+
+#[inline(always)]
+fn read<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, Reason> {
+    let p = at::<T>(ctx, off)?;
+    // SAFETY: `at` checked that size_of::<T>() bytes at `p` are in the frame;
+    // read_unaligned because headers are not aligned.
+    Ok(unsafe { p.read_unaligned() })
+}
+
+/// The flow an ICMP error quotes, as the original sender saw it.
+#[derive(Clone, Copy)]
+pub struct Inner {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub proto: u8,
+    /// TCP/UDP source port, or for ICMP the identifier.
+    pub sport: u16,
+    /// TCP/UDP destination port, or for ICMP the query's request type.
+    pub dport: u16,
+    /// Whether the quoted ICMP is a query (echo etc.), keyed by id/type.
+    pub icmp_query: bool,
+    /// Quoted non-query ICMP: type and code.
+    pub icmp_type: u8,
+    pub icmp_code: u8,
+}
+
+/// What the classifier needs to know about one IP packet.
+#[derive(Clone, Copy)]
+pub struct Pkt {
+    pub family: u8,
+    pub proto: u8,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// TCP/UDP ports (host order); zero otherwise.
+    pub sport: u16,
+    pub dport: u16,
+    /// ICMP type and code.
+    pub icmp_type: u8,
+    pub icmp_code: u8,
+    /// ICMP query identifier.
+    pub icmp_id: u16,
+    /// `TCP_*` flags of interest.
+    pub tcp_flags: u8,
+    /// ICMP query (echo, timestamp, ...): the request type it pairs with.
+    pub icmp_request: u8,
+    pub is_icmp_query: bool,
+    pub is_icmp_error: bool,
+    pub has_inner: bool,
+    pub inner: Inner,
+}
+
+impl Pkt {
+    /// The 16-bit value rules match on: the destination port for TCP/UDP,
+    /// `type << 8 | code` for ICMP, zero otherwise.
+    #[inline(always)]
+    pub fn match_port(&self) -> u16 {
+        match self.proto {
+            IPPROTO_TCP | IPPROTO_UDP => self.dport,
+            IPPROTO_ICMP | IPPROTO_ICMPV6 if self.is_icmp_proto() => {
+                ((self.icmp_type as u16) << 8) | self.icmp_code as u16
+            }
+            _ => 0,
+        }
+    }
+
+    #[inline(always)]
+    pub fn is_icmp_proto(&self) -> bool {
+        (self.family == AF_INET && self.proto == IPPROTO_ICMP)
+            || (self.family == AF_INET6 && self.proto == IPPROTO_ICMPV6)
+    }
+}
+
+/// What a frame is, once parsed into the scratch [`Pkt`].
+pub enum Frame {
+    Arp,
+    Ip,
+}
+
+/// Query types and the request type they pair with (IPv4: echo, timestamp,
+/// information, address mask; IPv6: echo).
+#[inline(always)]
+fn icmp_query_request(family: u8, t: u8) -> Option<u8> {
+    if family == AF_INET {
+        match t {
+            8 | 0 => Some(8),
+            13 | 14 => Some(13),
+            15 | 16 => Some(15),
+            17 | 18 => Some(17),
+            _ => None,
+        }
+    } else {
+        match t {
+            128 | 129 => Some(128),
+            _ => None,
+        }
+    }
+}
+
+#[inline(always)]
+fn icmp_is_error(family: u8, t: u8) -> bool {
+    if family == AF_INET {
+        matches!(t, 3 | 11 | 12)
+    } else {
+        matches!(t, 1..=4)
+    }
+}
+
+#[inline(always)]
+fn be16(b: [u8; 2]) -> u16 {
+    u16::from_be_bytes(b)
+}
+
+/// Parses the frame into `p` (a per-CPU scratch slot: the BPF stack is too
+/// small for a packet and its quoted inner flow). Every field is rewritten.
+pub fn parse(ctx: &TcContext, p: &mut Pkt) -> Result<Frame, Reason> {
+    let eth: EthHdr = read(ctx, 0)?;
+    let ethertype = u16::from_be(eth.ether_type);
+    p.family = 0;
+    p.proto = 0;
+    p.src = [0; 16];
+    p.dst = [0; 16];
+    p.sport = 0;
+    p.dport = 0;
+    p.icmp_type = 0;
+    p.icmp_code = 0;
+    p.icmp_id = 0;
+    p.tcp_flags = 0;
+    p.icmp_request = 0;
+    p.is_icmp_query = false;
+    p.is_icmp_error = false;
+    p.has_inner = false;
+    p.inner.src = [0; 16];
+    p.inner.dst = [0; 16];
+    p.inner.proto = 0;
+    p.inner.sport = 0;
+    p.inner.dport = 0;
+    p.inner.icmp_query = false;
+    p.inner.icmp_type = 0;
+    p.inner.icmp_code = 0;
+    let l4_off = match ethertype {
+        ETH_P_ARP => return Ok(Frame::Arp),
+        ETH_P_IP => {
+            let ip: Ipv4Hdr = read(ctx, EthHdr::LEN)?;
+            let ihl = ((ip.vihl & 0x0f) as usize) * 4;
+            if ihl < Ipv4Hdr::LEN {
+                return Err(Reason::DropMalformed);
+            }
+            // Offset set: a non-first fragment has no L4 header to match on.
+            if u16::from_be_bytes(ip.frags) & 0x1fff != 0 {
+                return Err(Reason::DropFragment);
+            }
+            p.family = AF_INET;
+            p.proto = ip.proto;
+            p.src[..4].copy_from_slice(&ip.src_addr);
+            p.dst[..4].copy_from_slice(&ip.dst_addr);
+            EthHdr::LEN + ihl
+        }
+        ETH_P_IPV6 => {
+            let ip: Ipv6Hdr = read(ctx, EthHdr::LEN)?;
+            p.family = AF_INET6;
+            p.src = ip.src_addr;
+            p.dst = ip.dst_addr;
+            let mut next = ip.next_hdr;
+            let mut off = EthHdr::LEN + Ipv6Hdr::LEN;
+            let mut done = false;
+            for _ in 0..MAX_EXT_HEADERS {
+                match next {
+                    // Hop-by-hop, routing, destination options: (len + 1) * 8 bytes.
+                    0 | 43 | 60 => {
+                        let h: [u8; 2] = read(ctx, off)?;
+                        next = h[0];
+                        off += (h[1] as usize + 1) * 8;
+                    }
+                    // Fragment header: 8 bytes; a non-first fragment has no L4 header.
+                    44 => {
+                        let h: [u8; 4] = read(ctx, off)?;
+                        if u16::from_be_bytes([h[2], h[3]]) & 0xfff8 != 0 {
+                            return Err(Reason::DropFragment);
+                        }
+                        next = h[0];
+                        off += 8;
+                    }
+                    // Authentication header: (len + 2) * 4 bytes.
+                    51 => {
+                        let h: [u8; 2] = read(ctx, off)?;
+                        next = h[0];
+                        off += (h[1] as usize + 2) * 4;
+                    }
+                    _ => {
+                        done = true;
+                        break;
+                    }
+                }
+            }
+            if !done {
+                return Err(Reason::DropMalformed);
+            }
+            p.proto = next;
+            off
+        }
+        _ => return Err(Reason::DropNonIp),
+    };
+    // Keep the offset provably small for the verifier.
+    if l4_off > 512 {
+        return Err(Reason::DropMalformed);
+    }
+    match p.proto {
+        IPPROTO_TCP => {
+            let t: TcpHdr = read(ctx, l4_off)?;
+            p.sport = be16(t.source);
+            p.dport = be16(t.dest);
+            let mut f = 0;
+            if t.fin() != 0 {
+                f |= TCP_FIN;
+            }
+            if t.rst() != 0 {
+                f |= TCP_RST;
+            }
+            p.tcp_flags = f;
+        }
+        IPPROTO_UDP => {
+            let u: UdpHdr = read(ctx, l4_off)?;
+            p.sport = be16(u.src);
+            p.dport = be16(u.dst);
+        }
+        IPPROTO_ICMP | IPPROTO_ICMPV6 if p.is_icmp_proto() => {
+            let h: [u8; 8] = read(ctx, l4_off)?;
+            p.icmp_type = h[0];
+            p.icmp_code = h[1];
+            if let Some(req) = icmp_query_request(p.family, h[0]) {
+                p.is_icmp_query = true;
+                p.icmp_request = req;
+                p.icmp_id = u16::from_be_bytes([h[4], h[5]]);
+            } else if icmp_is_error(p.family, h[0]) {
+                p.is_icmp_error = true;
+                p.has_inner = parse_inner(ctx, l4_off + 8, p.family, &mut p.inner).is_ok();
+            }
+        }
+        _ => {}
+    }
+    Ok(Frame::Ip)
+}
+
+/// The packet quoted by an ICMP error: its IP header and the first 8 bytes of
+/// its L4 header. IPv6 extension headers in the quote are not walked: such a
+/// quote relates to no flow and the error is judged by the rules alone.
+#[inline(always)]
+fn parse_inner(ctx: &TcContext, off: usize, family: u8, inner: &mut Inner) -> Result<(), Reason> {
+    let l4 = if family == AF_INET {
+        let ip: Ipv4Hdr = read(ctx, off)?;
+        let ihl = ((ip.vihl & 0x0f) as usize) * 4;
+        if ihl < Ipv4Hdr::LEN {
+            return Err(Reason::DropMalformed);
+        }
+        inner.proto = ip.proto;
+        inner.src[..4].copy_from_slice(&ip.src_addr);
+        inner.dst[..4].copy_from_slice(&ip.dst_addr);
+        off + ihl
+    } else {
+        let ip: Ipv6Hdr = read(ctx, off)?;
+        inner.proto = ip.next_hdr;
+        inner.src = ip.src_addr;
+        inner.dst = ip.dst_addr;
+        off + Ipv6Hdr::LEN
+    };
+    if l4 > 600 {
+        return Err(Reason::DropMalformed);
+    }
+    match inner.proto {
+        IPPROTO_TCP | IPPROTO_UDP => {
+            let h: [u8; 4] = read(ctx, l4)?;
+            inner.sport = u16::from_be_bytes([h[0], h[1]]);
+            inner.dport = u16::from_be_bytes([h[2], h[3]]);
+        }
+        IPPROTO_ICMP | IPPROTO_ICMPV6
+            if (family == AF_INET && inner.proto == IPPROTO_ICMP)
+                || (family == AF_INET6 && inner.proto == IPPROTO_ICMPV6) =>
+        {
+            let h: [u8; 8] = read(ctx, l4)?;
+            if let Some(req) = icmp_query_request(family, h[0]) {
+                inner.icmp_query = true;
+                inner.sport = u16::from_be_bytes([h[4], h[5]]);
+                inner.dport = req as u16;
+            } else {
+                inner.icmp_type = h[0];
+                inner.icmp_code = h[1];
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}

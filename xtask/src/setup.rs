@@ -1,0 +1,174 @@
+//! Installs what a fresh machine lacks, and says what it is doing. A second
+//! run finds everything in place and returns in well under a second.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result, bail};
+
+use crate::run;
+
+/// Debian packages the tests, the demo and the benchmarks use, with the
+/// command each provides (checked with `command -v`).
+const DEBIAN: &[(&str, &str)] = &[
+    ("nftables", "nft"),
+    ("iputils-ping", "ping"),
+    ("iperf3", "iperf3"),
+    ("socat", "socat"),
+    ("iproute2", "ip"),
+];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+pub fn ensure_all(_root: &Path) -> Result<()> {
+    ensure_rust_src()?;
+    ensure_bpf_linker()?;
+    ensure_debian_packages()?;
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {:?}", cmd.get_program()))?;
+    if !out.status.success() {
+        bail!("{:?} failed: {}", cmd.get_program(), out.status);
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ensure_rust_src() -> Result<()> {
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        "nightly",
+    ]))
+    .context("the nightly toolchain is needed for the BPF build (rustup toolchain install nightly)")?;
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        return Ok(());
+    }
+    eprintln!("xtask: installing rust-src for the nightly toolchain (BPF builds need core's source)");
+    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+/// The nightly toolchain's LLVM: (major version, path of its shared library).
+fn nightly_llvm() -> Result<(String, PathBuf)> {
+    let vv = output(Command::new("rustc").args(["+nightly", "-vV"]))?;
+    let version = vv
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .context("rustc +nightly -vV printed no LLVM version")?
+        .trim()
+        .to_string();
+    let major = version
+        .split('.')
+        .next()
+        .context("empty LLVM version")?
+        .to_string();
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
+    let lib = Path::new(sysroot.trim()).join("lib");
+    let prefix = format!("libLLVM.so.{major}");
+    let found = std::fs::read_dir(&lib)
+        .with_context(|| format!("reading {}", lib.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&prefix))
+        })
+        .with_context(|| format!("no {prefix}* in {}", lib.display()))?;
+    Ok((major, found))
+}
+
+fn bpf_linker_works() -> bool {
+    Command::new("bpf-linker")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn ensure_bpf_linker() -> Result<()> {
+    if bpf_linker_works() {
+        return Ok(());
+    }
+    let (major, lib) = nightly_llvm()?;
+    let file = lib
+        .file_name()
+        .context("LLVM library has no file name")?
+        .to_owned();
+    // A stable place: bpf-linker gets an rpath to it and must find it later.
+    let home = std::env::var_os("HOME").context("HOME is not set")?;
+    let prefix = Path::new(&home)
+        .join(".cache/sgfw")
+        .join(format!("llvm-{}", file.to_string_lossy()));
+    let libdir = prefix.join("lib");
+    std::fs::create_dir_all(&libdir).with_context(|| format!("creating {}", libdir.display()))?;
+    for name in [std::ffi::OsString::from("libLLVM.so"), file] {
+        let link = libdir.join(&name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&lib, &link)
+            .with_context(|| format!("linking {} -> {}", link.display(), lib.display()))?;
+    }
+    eprintln!(
+        "xtask: building bpf-linker {BPF_LINKER_VERSION} against nightly's LLVM {major} ({}); about a minute",
+        lib.display()
+    );
+    run(Command::new("cargo")
+        .env("LLVM_PREFIX", &prefix)
+        .args([
+            "+nightly",
+            "install",
+            "--locked",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--no-default-features",
+            "--features",
+        ])
+        .arg(format!("llvm-{major}")))?;
+    if !bpf_linker_works() {
+        bail!("bpf-linker was installed but does not run; is ~/.cargo/bin on PATH?");
+    }
+    Ok(())
+}
+
+fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn ensure_debian_packages() -> Result<()> {
+    let missing: Vec<&str> = DEBIAN
+        .iter()
+        .filter(|(_, cmd)| !have(cmd))
+        .map(|(pkg, _)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        bail!(
+            "missing Debian packages: {}. Install them with: sudo apt-get update && sudo apt-get install -y {}",
+            missing.join(" "),
+            missing.join(" ")
+        );
+    }
+    eprintln!("xtask: installing Debian packages: {}", missing.join(" "));
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["install", "-y", "-qq"])
+        .args(&missing))
+}
+
