@@ -1,1 +1,1798 @@
-//! TODO(helper): eval
+//! The reference evaluator: the oracle every backend is tested against.
+//!
+//! This module owns the decision for one packet: passthrough classes, the
+//! sender leg (SG egress, then outbound NACL), the receiver leg (inbound NACL,
+//! then SG ingress), and per-instance connection tracking with its timeouts.
+//! It is written for clarity over speed and is pure: time comes in as an
+//! argument and all state lives in the caller's [`Conntrack`].
+//!
+//! It must never diverge from `SEMANTICS.md`: the eBPF dataplane implements
+//! the same steps and a differential test compares the two packet by packet.
+//!
+//! Decision order for one packet (numbered as the dataplane comments them):
+//! 1. passthrough (NDP, DHCP, metadata, the subnet's DNS): allowed, no state;
+//! 2. sender leg, if the source is an instance A: SG egress of A (tracked flow,
+//!    related ICMP error, or a rule), then A's subnet's outbound NACL unless the
+//!    destination is in the same subnet; stop at the first deny; commit A's
+//!    conntrack only when the whole leg allowed;
+//! 3. receiver leg, if the destination is an instance B: B's subnet's inbound
+//!    NACL unless the source is in the same subnet, then SG ingress of B; the
+//!    same stop and commit rules for B.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr};
+
+use serde::Serialize;
+
+use crate::flat::{
+    ConntrackTimeouts, FlatModel, InstanceRules, RuleAction, RuleOrigin, SgDirection,
+    SubnetFirewall,
+};
+use crate::packet::{
+    L4, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Packet, is_icmp_error, query_request_type,
+};
+
+/// The instance metadata address: never filtered.
+pub const METADATA_ADDR: IpAddr = IpAddr::V4(Ipv4Addr::new(169, 254, 169, 254));
+
+/// One check a packet passes through, in the order they apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub enum Stage {
+    /// The sending instance's security groups, egress.
+    SgEgress,
+    /// The source subnet's NACL, outbound.
+    NaclOut,
+    /// The destination subnet's NACL, inbound.
+    NaclIn,
+    /// The receiving instance's security groups, ingress.
+    SgIngress,
+}
+
+impl Stage {
+    /// Stable name as in flow logs: `sg-egress`, `nacl-out`, `nacl-in`, `sg-ingress`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Stage::SgEgress => "sg-egress",
+            Stage::NaclOut => "nacl-out",
+            Stage::NaclIn => "nacl-in",
+            Stage::SgIngress => "sg-ingress",
+        }
+    }
+}
+
+impl fmt::Display for Stage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What decided a stage.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub enum Decider {
+    /// A security-group rule allowed a new flow.
+    SgRule(RuleOrigin),
+    /// A NACL entry (allow or deny), by rule number.
+    NaclRule(u16),
+    /// No NACL entry matched: the implicit `*` deny.
+    NaclDefaultDeny,
+    /// No security-group rule matched.
+    SgNoMatch,
+    /// The flow is tracked for this instance.
+    Tracked,
+    /// An ICMP error quoting a flow tracked for this instance.
+    Related,
+}
+
+impl fmt::Display for Decider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Decider::SgRule(o) => write!(f, "{o}"),
+            Decider::NaclRule(n) => write!(f, "rule {n}"),
+            Decider::NaclDefaultDeny => f.write_str("rule * (no entry matched)"),
+            Decider::SgNoMatch => f.write_str("no rule matched"),
+            Decider::Tracked => f.write_str("tracked flow"),
+            Decider::Related => f.write_str("related to a tracked flow"),
+        }
+    }
+}
+
+/// The outcome of one stage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StageResult {
+    /// Which stage.
+    pub stage: Stage,
+    /// Whether it let the packet through.
+    pub allowed: bool,
+    /// What decided.
+    pub by: Decider,
+}
+
+/// Traffic a VPC never filters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub enum PassthroughClass {
+    /// ARP (never a [`Packet`]; the dataplane passes it before any policy).
+    Arp,
+    /// IPv6 neighbour discovery and router solicitation/advertisement (ICMPv6 133-137).
+    Ndp,
+    /// DHCP (UDP 67/68).
+    Dhcp,
+    /// The instance metadata service, 169.254.169.254.
+    Metadata,
+    /// The subnet's DNS address.
+    Dns,
+}
+
+impl PassthroughClass {
+    /// Stable lowercase name.
+    pub const fn name(self) -> &'static str {
+        match self {
+            PassthroughClass::Arp => "arp",
+            PassthroughClass::Ndp => "ndp",
+            PassthroughClass::Dhcp => "dhcp",
+            PassthroughClass::Metadata => "metadata",
+            PassthroughClass::Dns => "dns",
+        }
+    }
+}
+
+impl fmt::Display for PassthroughClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The decision for one packet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Verdict {
+    /// Whether the packet is delivered: every listed stage allowed.
+    pub allowed: bool,
+    /// The stages evaluated, in order; a denied packet's last stage is the one that denied.
+    pub stages: Vec<StageResult>,
+    /// Set when the packet is never filtered (then `stages` is empty).
+    pub passthrough: Option<PassthroughClass>,
+}
+
+impl Verdict {
+    /// The stage that denied, if the packet was denied.
+    pub fn denied_by(&self) -> Option<&StageResult> {
+        if self.allowed {
+            None
+        } else {
+            self.stages.last()
+        }
+    }
+}
+
+/// Key of a tracked flow, from the owning instance's point of view, so
+/// that both directions of a flow find the same entry.
+///
+/// TCP/UDP: the ports on each side. ICMP queries (echo, timestamp,
+/// information, address mask): `local_port` = identifier, `remote_port` = the
+/// request type. Other ICMP: type and code. Other protocols: 0 and 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct FlowKey {
+    /// The instance's address.
+    pub local: IpAddr,
+    /// The peer's address.
+    pub remote: IpAddr,
+    /// IP protocol number.
+    pub proto: u8,
+    /// Local port, or ICMP identifier / type.
+    pub local_port: u16,
+    /// Remote port, or ICMP request type / code.
+    pub remote_port: u16,
+}
+
+/// Where a tracked flow stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub enum FlowState {
+    /// Only the originating direction has been seen.
+    New,
+    /// Both directions seen (TCP established, UDP stream).
+    Established,
+    /// A TCP FIN or RST was seen.
+    Closing,
+}
+
+/// A tracked flow.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FlowEntry {
+    /// The instance that owns the entry.
+    pub instance: String,
+    /// State.
+    pub state: FlowState,
+    /// Direction of the packet that created it.
+    pub origin: SgDirection,
+    /// Creation time, ns.
+    pub created_ns: u64,
+    /// Time of the last packet that refreshed it, ns.
+    pub last_seen_ns: u64,
+    /// Packets that created or refreshed it.
+    pub packets: u64,
+}
+
+impl FlowEntry {
+    /// How long the entry lives after its last packet, ns.
+    pub fn timeout_ns(&self, proto: u8, t: &ConntrackTimeouts) -> u64 {
+        let secs = match (proto, self.state) {
+            (PROTO_TCP, FlowState::New) => t.tcp_new,
+            (PROTO_TCP, FlowState::Established) => t.tcp_established,
+            (PROTO_TCP, FlowState::Closing) => t.tcp_closing,
+            (PROTO_UDP, FlowState::New) => t.udp,
+            (PROTO_UDP, _) => t.udp_stream,
+            (PROTO_ICMP | PROTO_ICMPV6, _) => t.icmp,
+            _ => t.other,
+        };
+        u64::from(secs) * 1_000_000_000
+    }
+
+    /// Whether the entry has expired at `now_ns`.
+    pub fn is_expired(&self, proto: u8, t: &ConntrackTimeouts, now_ns: u64) -> bool {
+        now_ns >= self.last_seen_ns.saturating_add(self.timeout_ns(proto, t))
+    }
+}
+
+/// Connection-tracking state of every instance.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Conntrack {
+    flows: BTreeMap<FlowKey, FlowEntry>,
+}
+
+impl Conntrack {
+    /// No tracked flows.
+    pub fn new() -> Conntrack {
+        Conntrack::default()
+    }
+
+    /// Number of entries (expired ones included until looked up or [`Conntrack::expire`]d).
+    pub fn len(&self) -> usize {
+        self.flows.len()
+    }
+
+    /// Whether there are no entries.
+    pub fn is_empty(&self) -> bool {
+        self.flows.is_empty()
+    }
+
+    /// Every entry, in key order.
+    pub fn iter(&self) -> impl Iterator<Item = (&FlowKey, &FlowEntry)> {
+        self.flows.iter()
+    }
+
+    /// The entry for a key.
+    pub fn get(&self, key: &FlowKey) -> Option<&FlowEntry> {
+        self.flows.get(key)
+    }
+
+    /// Removes every entry that has expired at `now_ns`.
+    pub fn expire(&mut self, t: &ConntrackTimeouts, now_ns: u64) {
+        self.flows.retain(|k, e| !e.is_expired(k.proto, t, now_ns));
+    }
+
+    /// Whether a live entry exists; an expired one is removed and counts as absent.
+    fn is_live(&mut self, key: &FlowKey, t: &ConntrackTimeouts, now_ns: u64) -> bool {
+        match self.flows.get(key) {
+            Some(e) if e.is_expired(key.proto, t, now_ns) => {
+                self.flows.remove(key);
+                false
+            }
+            Some(_) => true,
+            None => false,
+        }
+    }
+}
+
+/// The conntrack key of `pkt` from the view of the instance on the `dir` side
+/// (egress: the sender, ingress: the receiver). `None` for ICMP errors, which
+/// are never tracked.
+pub fn flow_key(pkt: &Packet, dir: SgDirection) -> Option<FlowKey> {
+    let (local, remote) = match dir {
+        SgDirection::Egress => (pkt.src, pkt.dst),
+        SgDirection::Ingress => (pkt.dst, pkt.src),
+    };
+    let (local_port, remote_port) = match &pkt.l4 {
+        L4::Tcp { sport, dport, .. } | L4::Udp { sport, dport } => match dir {
+            SgDirection::Egress => (*sport, *dport),
+            SgDirection::Ingress => (*dport, *sport),
+        },
+        L4::Icmp {
+            icmp_type,
+            code,
+            id,
+            ..
+        } => {
+            let v6 = pkt.is_v6();
+            if is_icmp_error(v6, *icmp_type) {
+                return None;
+            }
+            match query_request_type(v6, *icmp_type) {
+                Some(request) => (*id, u16::from(request)),
+                None => (u16::from(*icmp_type), u16::from(*code)),
+            }
+        }
+        L4::Other { .. } => (0, 0),
+    };
+    Some(FlowKey {
+        local,
+        remote,
+        proto: pkt.proto(),
+        local_port,
+        remote_port,
+    })
+}
+
+/// For an ICMP error, the key of the flow it quotes, from the view of the
+/// instance whose address is `local` in the error packet.
+fn related_key(pkt: &Packet, local: IpAddr) -> Option<FlowKey> {
+    let L4::Icmp {
+        icmp_type,
+        quoted: Some(inner),
+        ..
+    } = &pkt.l4
+    else {
+        return None;
+    };
+    if !is_icmp_error(pkt.is_v6(), *icmp_type) {
+        return None;
+    }
+    if inner.src == local {
+        flow_key(inner, SgDirection::Egress)
+    } else if inner.dst == local {
+        flow_key(inner, SgDirection::Ingress)
+    } else {
+        None
+    }
+}
+
+/// Whether a packet is never filtered, and why.
+pub fn is_passthrough(model: &FlatModel, pkt: &Packet) -> Option<PassthroughClass> {
+    match &pkt.l4 {
+        L4::Icmp {
+            icmp_type: 133..=137,
+            ..
+        } if pkt.is_v6() => return Some(PassthroughClass::Ndp),
+        L4::Udp {
+            sport: 68,
+            dport: 67,
+        }
+        | L4::Udp {
+            sport: 67,
+            dport: 68,
+        } => return Some(PassthroughClass::Dhcp),
+        _ => {}
+    }
+    if pkt.src == METADATA_ADDR || pkt.dst == METADATA_ADDR {
+        return Some(PassthroughClass::Metadata);
+    }
+    let dns_of = |addr: IpAddr| {
+        model
+            .instance_by_addr(addr)
+            .and_then(|i| model.subnet_of(i))
+            .map(|s| &s.dns)
+    };
+    if dns_of(pkt.src).is_some_and(|dns| dns.contains(&pkt.dst))
+        || dns_of(pkt.dst).is_some_and(|dns| dns.contains(&pkt.src))
+    {
+        return Some(PassthroughClass::Dns);
+    }
+    None
+}
+
+/// What to write to conntrack once a leg has allowed.
+#[derive(Clone, Copy)]
+enum Commit {
+    Nothing,
+    Create(FlowKey),
+    Refresh(FlowKey),
+}
+
+/// Decides one packet and updates connection tracking.
+pub fn evaluate(model: &FlatModel, ct: &mut Conntrack, pkt: &Packet, now_ns: u64) -> Verdict {
+    if let Some(class) = is_passthrough(model, pkt) {
+        return Verdict {
+            allowed: true,
+            stages: Vec::new(),
+            passthrough: Some(class),
+        };
+    }
+    let sender = model.instance_by_addr(pkt.src);
+    let receiver = model.instance_by_addr(pkt.dst);
+    let same_subnet =
+        matches!((sender, receiver), (Some(a), Some(b)) if a.subnet_index == b.subnet_index);
+    let mut stages = Vec::new();
+
+    if let Some(a) = sender {
+        let (sg, commit) = sg_stage(model, ct, a, SgDirection::Egress, pkt, now_ns);
+        let mut leg_ok = sg.allowed;
+        stages.push(sg);
+        if leg_ok && !same_subnet {
+            let nacl = nacl_stage(model.subnet_of(a), Stage::NaclOut, pkt);
+            leg_ok = nacl.allowed;
+            stages.push(nacl);
+        }
+        if !leg_ok {
+            return Verdict {
+                allowed: false,
+                stages,
+                passthrough: None,
+            };
+        }
+        apply(ct, commit, a, SgDirection::Egress, pkt, now_ns);
+    }
+
+    if let Some(b) = receiver {
+        let mut leg_ok = true;
+        if !same_subnet {
+            let nacl = nacl_stage(model.subnet_of(b), Stage::NaclIn, pkt);
+            leg_ok = nacl.allowed;
+            stages.push(nacl);
+        }
+        if leg_ok {
+            let (sg, commit) = sg_stage(model, ct, b, SgDirection::Ingress, pkt, now_ns);
+            leg_ok = sg.allowed;
+            stages.push(sg);
+            if leg_ok {
+                apply(ct, commit, b, SgDirection::Ingress, pkt, now_ns);
+            }
+        }
+        if !leg_ok {
+            return Verdict {
+                allowed: false,
+                stages,
+                passthrough: None,
+            };
+        }
+    }
+    Verdict {
+        allowed: true,
+        stages,
+        passthrough: None,
+    }
+}
+
+/// The verdict for the first packet of a new flow (no tracked state).
+pub fn explain_new_flow(model: &FlatModel, pkt: &Packet) -> Verdict {
+    evaluate(model, &mut Conntrack::new(), pkt, 0)
+}
+
+/// The security-group stage of instance `inst` in direction `dir`.
+fn sg_stage(
+    model: &FlatModel,
+    ct: &mut Conntrack,
+    inst: &InstanceRules,
+    dir: SgDirection,
+    pkt: &Packet,
+    now_ns: u64,
+) -> (StageResult, Commit) {
+    let (stage, local, remote, rules) = match dir {
+        SgDirection::Egress => (Stage::SgEgress, pkt.src, pkt.dst, &inst.egress),
+        SgDirection::Ingress => (Stage::SgIngress, pkt.dst, pkt.src, &inst.ingress),
+    };
+    let allow = |by| StageResult {
+        stage,
+        allowed: true,
+        by,
+    };
+    let key = flow_key(pkt, dir);
+    match &key {
+        // 1. A live tracked flow: allowed whatever the rules say now.
+        Some(k) if ct.is_live(k, &model.timeouts, now_ns) => {
+            return (allow(Decider::Tracked), Commit::Refresh(*k));
+        }
+        Some(_) => {}
+        // 2. An ICMP error quoting a live tracked flow: allowed, the flow not refreshed.
+        None => {
+            if let Some(inner) = related_key(pkt, local)
+                && ct.is_live(&inner, &model.timeouts, now_ns)
+            {
+                return (allow(Decider::Related), Commit::Nothing);
+            }
+        }
+    }
+    // 3. The first rule whose remote contains the peer and whose matcher matches.
+    match rules
+        .iter()
+        .find(|r| r.remote.contains(&remote) && r.matcher.matches(pkt))
+    {
+        Some(rule) => (
+            allow(Decider::SgRule(rule.origin.clone())),
+            key.map_or(Commit::Nothing, Commit::Create),
+        ),
+        None => (
+            StageResult {
+                stage,
+                allowed: false,
+                by: Decider::SgNoMatch,
+            },
+            Commit::Nothing,
+        ),
+    }
+}
+
+/// A NACL stage: the first entry (ascending rule number) of the packet's
+/// family whose CIDR contains the remote address and whose matcher matches.
+fn nacl_stage(subnet: Option<&SubnetFirewall>, stage: Stage, pkt: &Packet) -> StageResult {
+    let (entries, remote) = match (subnet, stage) {
+        (Some(s), Stage::NaclOut) => (s.outbound.as_slice(), pkt.dst),
+        (Some(s), _) => (s.inbound.as_slice(), pkt.src),
+        // A flattened model always has the subnet; fail closed if not.
+        (None, _) => (&[][..], pkt.src),
+    };
+    for e in entries {
+        if e.cidr.addr().is_ipv6() != pkt.is_v6() {
+            continue;
+        }
+        if e.cidr.contains(&remote) && e.matcher.matches(pkt) {
+            return StageResult {
+                stage,
+                allowed: e.action == RuleAction::Allow,
+                by: Decider::NaclRule(e.rule_number),
+            };
+        }
+    }
+    StageResult {
+        stage,
+        allowed: false,
+        by: Decider::NaclDefaultDeny,
+    }
+}
+
+/// Commits a leg's conntrack change.
+fn apply(
+    ct: &mut Conntrack,
+    commit: Commit,
+    inst: &InstanceRules,
+    dir: SgDirection,
+    pkt: &Packet,
+    now_ns: u64,
+) {
+    match commit {
+        Commit::Nothing => {}
+        Commit::Create(key) => {
+            ct.flows.insert(
+                key,
+                FlowEntry {
+                    instance: inst.id.clone(),
+                    state: FlowState::New,
+                    origin: dir,
+                    created_ns: now_ns,
+                    last_seen_ns: now_ns,
+                    packets: 1,
+                },
+            );
+        }
+        Commit::Refresh(key) => {
+            let Some(e) = ct.flows.get_mut(&key) else {
+                return;
+            };
+            e.last_seen_ns = now_ns;
+            e.packets += 1;
+            if dir != e.origin && e.state == FlowState::New {
+                e.state = FlowState::Established;
+            }
+            if let L4::Tcp { flags, .. } = &pkt.l4
+                && (flags.fin || flags.rst)
+            {
+                e.state = FlowState::Closing;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    //! Each test names the SEMANTICS.md statement it checks.
+    use super::*;
+    use crate::flat::{FirewallRule, Match, NaclEntry};
+    use crate::model::Model;
+    use crate::packet::TcpFlags;
+    use crate::validate::validate;
+    use ipnet::IpNet;
+
+    /// Two subnets (a: custom NACL allowing everything but what tests change,
+    /// b: the default NACL), web1/web2 in a, db in b.
+    pub(crate) const FIXTURE: &str = r#"{
+      "Subnets": [
+        {"SubnetId": "subnet-a", "CidrBlock": "10.0.1.0/24", "Ipv6CidrBlock": "fd00:1::/64", "Bridge": "br-a", "DnsAddress": "10.0.0.2"},
+        {"SubnetId": "subnet-b", "CidrBlock": "10.0.2.0/24", "Ipv6CidrBlock": "fd00:2::/64", "Bridge": "br-b"}
+      ],
+      "Instances": [
+        {"InstanceId": "i-web1", "SubnetId": "subnet-a", "PrivateIpAddress": "10.0.1.10", "Ipv6Addresses": ["fd00:1::10"], "SecurityGroupIds": ["sg-web"]},
+        {"InstanceId": "i-web2", "SubnetId": "subnet-a", "PrivateIpAddress": "10.0.1.11", "SecurityGroupIds": ["sg-web"]},
+        {"InstanceId": "i-db", "SubnetId": "subnet-b", "PrivateIpAddress": "10.0.2.20", "Ipv6Addresses": ["fd00:2::20"], "SecurityGroupIds": ["sg-db"]}
+      ],
+      "SecurityGroups": [
+        {"GroupId": "sg-web",
+         "IpPermissions": [
+           {"IpProtocol": "tcp", "FromPort": 443, "ToPort": 443, "IpRanges": [{"CidrIp": "0.0.0.0/0"}], "Ipv6Ranges": [{"CidrIpv6": "::/0"}]},
+           {"IpProtocol": "icmp", "FromPort": 8, "ToPort": -1, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}],
+         "IpPermissionsEgress": [{"IpProtocol": "-1", "IpRanges": [{"CidrIp": "0.0.0.0/0"}], "Ipv6Ranges": [{"CidrIpv6": "::/0"}]}]},
+        {"GroupId": "sg-db",
+         "IpPermissions": [{"IpProtocol": "tcp", "FromPort": 5432, "ToPort": 5432, "UserIdGroupPairs": [{"GroupId": "sg-web"}]}],
+         "IpPermissionsEgress": []}
+      ],
+      "NetworkAcls": [
+        {"NetworkAclId": "acl-a", "Associations": [{"SubnetId": "subnet-a"}], "Entries": [
+          {"RuleNumber": 100, "Protocol": "-1", "RuleAction": "allow", "Egress": false, "CidrBlock": "0.0.0.0/0"},
+          {"RuleNumber": 101, "Protocol": "-1", "RuleAction": "allow", "Egress": false, "Ipv6CidrBlock": "::/0"},
+          {"RuleNumber": 100, "Protocol": "-1", "RuleAction": "allow", "Egress": true, "CidrBlock": "0.0.0.0/0"},
+          {"RuleNumber": 101, "Protocol": "-1", "RuleAction": "allow", "Egress": true, "Ipv6CidrBlock": "::/0"}]}
+      ]
+    }"#;
+
+    pub(crate) fn flat_of(json: &str) -> FlatModel {
+        let model = Model::from_json(json).unwrap();
+        let (valid, _) = validate(&model).unwrap_or_else(|e| panic!("fixture invalid:\n{e}"));
+        valid.flatten()
+    }
+
+    fn fixture() -> FlatModel {
+        flat_of(FIXTURE)
+    }
+
+    pub(crate) fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    const WEB1: &str = "10.0.1.10";
+    const WEB2: &str = "10.0.1.11";
+    const DB: &str = "10.0.2.20";
+    const OUT: &str = "203.0.113.7";
+    const SEC: u64 = 1_000_000_000;
+
+    fn syn(src: &str, dst: &str, dport: u16) -> Packet {
+        Packet::tcp(ip(src), ip(dst), 40000, dport, TcpFlags::SYN)
+    }
+
+    fn stage_names(v: &Verdict) -> Vec<String> {
+        v.stages
+            .iter()
+            .map(|s| {
+                format!(
+                    "{} {} {}",
+                    s.stage,
+                    if s.allowed { "allow" } else { "deny" },
+                    s.by
+                )
+            })
+            .collect()
+    }
+
+    fn subnet_mut<'a>(m: &'a mut FlatModel, id: &str) -> &'a mut SubnetFirewall {
+        m.subnets.iter_mut().find(|s| s.id == id).unwrap()
+    }
+
+    fn inst_mut<'a>(m: &'a mut FlatModel, id: &str) -> &'a mut InstanceRules {
+        m.instances.iter_mut().find(|s| s.id == id).unwrap()
+    }
+
+    fn entry(n: u16, action: RuleAction, cidr: &str, matcher: Match) -> NaclEntry {
+        NaclEntry {
+            rule_number: n,
+            action,
+            cidr: cidr.parse().unwrap(),
+            matcher,
+        }
+    }
+
+    // --- One packet, end to end ---
+
+    /// "Instance A (subnet 1) sends to instance B (subnet 2). The verdict is the AND of" steps 1-4.
+    #[test]
+    fn semantics_end_to_end_instance_to_instance_in_other_subnet_has_four_stages() {
+        let v = explain_new_flow(&fixture(), &syn(WEB1, DB, 5432));
+        assert!(v.allowed);
+        assert_eq!(
+            stage_names(&v),
+            [
+                "sg-egress allow sg-web/egress[0]",
+                "nacl-out allow rule 100",
+                "nacl-in allow rule 100",
+                "sg-ingress allow sg-db/ingress[0]"
+            ]
+        );
+    }
+
+    /// "From outside to B: steps 3 and 4."
+    #[test]
+    fn semantics_end_to_end_outside_to_instance_is_nacl_in_then_sg_ingress() {
+        let v = explain_new_flow(&fixture(), &syn(OUT, WEB1, 443));
+        assert!(v.allowed);
+        assert_eq!(
+            stage_names(&v),
+            [
+                "nacl-in allow rule 100",
+                "sg-ingress allow sg-web/ingress[0]"
+            ]
+        );
+    }
+
+    /// "From A to outside: steps 1 and 2."
+    #[test]
+    fn semantics_end_to_end_instance_to_outside_is_sg_egress_then_nacl_out() {
+        let v = explain_new_flow(&fixture(), &syn(WEB1, OUT, 80));
+        assert!(v.allowed);
+        assert_eq!(
+            stage_names(&v),
+            [
+                "sg-egress allow sg-web/egress[0]",
+                "nacl-out allow rule 100"
+            ]
+        );
+    }
+
+    /// "Everything that is not an instance address (the host, other bridges, the internet) is 'outside'."
+    #[test]
+    fn semantics_world_outside_to_outside_is_not_judged() {
+        let v = explain_new_flow(&fixture(), &syn(OUT, "10.0.1.1", 22));
+        assert!(v.allowed);
+        assert!(v.stages.is_empty());
+        assert_eq!(v.passthrough, None);
+    }
+
+    /// "Flow log style reasons name the stage that decided: sg-egress, nacl-out, nacl-in, sg-ingress."
+    #[test]
+    fn semantics_end_to_end_stage_names() {
+        let names: Vec<_> = [
+            Stage::SgEgress,
+            Stage::NaclOut,
+            Stage::NaclIn,
+            Stage::SgIngress,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(names, ["sg-egress", "nacl-out", "nacl-in", "sg-ingress"]);
+        // ... with the matching rule: the deciding stage is the last one listed.
+        let v = explain_new_flow(&fixture(), &syn(OUT, WEB1, 22));
+        assert!(!v.allowed);
+        let d = v.denied_by().unwrap();
+        assert_eq!((d.stage, &d.by), (Stage::SgIngress, &Decider::SgNoMatch));
+    }
+
+    /// Sender leg denies: the receiver leg is not evaluated and nothing of it changes.
+    #[test]
+    fn sender_leg_deny_stops_before_receiver() {
+        let mut ct = Conntrack::new();
+        // i-db has no egress rules.
+        let v = evaluate(&fixture(), &mut ct, &syn(DB, WEB1, 443), 0);
+        assert!(!v.allowed);
+        assert_eq!(stage_names(&v), ["sg-egress deny no rule matched"]);
+        assert!(ct.is_empty());
+    }
+
+    /// Receiver denies: the sender's conntrack entry is still committed (its leg allowed).
+    #[test]
+    fn receiver_leg_deny_keeps_sender_commit() {
+        let mut ct = Conntrack::new();
+        let v = evaluate(&fixture(), &mut ct, &syn(WEB1, DB, 22), 0);
+        assert!(!v.allowed);
+        assert_eq!(v.denied_by().unwrap().stage, Stage::SgIngress);
+        assert_eq!(ct.len(), 1);
+        assert_eq!(ct.iter().next().unwrap().1.instance, "i-web1");
+    }
+
+    // --- Security groups ---
+
+    /// "Rules only allow. The instance's effective rule set per direction is the
+    /// union of every rule of every group attached to it. No rule matching = drop."
+    #[test]
+    fn semantics_sg_union_of_groups_and_no_match_drops() {
+        let json = FIXTURE.replace(
+            r#""SecurityGroupIds": ["sg-db"]"#,
+            r#""SecurityGroupIds": ["sg-db", "sg-web"]"#,
+        );
+        let m = flat_of(&json);
+        // 443 from outside: only sg-web allows it; db now has it by union.
+        let v = explain_new_flow(&m, &syn(OUT, DB, 443));
+        assert!(v.allowed);
+        assert_eq!(v.stages[1].by.to_string(), "sg-web/ingress[0]");
+        // 22: nobody allows it.
+        let v = explain_new_flow(&m, &syn(OUT, DB, 22));
+        assert_eq!(v.denied_by().unwrap().by, Decider::SgNoMatch);
+    }
+
+    /// "Remote is ... a referenced security group (= every private IPv4/IPv6 address of every instance that has that group attached)".
+    #[test]
+    fn semantics_sg_referenced_group_allows_members_only() {
+        let m = fixture();
+        assert!(explain_new_flow(&m, &syn(WEB2, DB, 5432)).allowed);
+        assert!(
+            explain_new_flow(
+                &m,
+                &Packet::tcp(ip("fd00:1::10"), ip("fd00:2::20"), 1, 5432, TcpFlags::SYN)
+            )
+            .allowed
+        );
+        assert!(!explain_new_flow(&m, &syn(OUT, DB, 5432)).allowed);
+    }
+
+    /// "An IPv4 CIDR never matches IPv6 traffic and vice versa".
+    #[test]
+    fn semantics_sg_ipv4_cidr_never_matches_ipv6() {
+        let mut m = fixture();
+        let web1 = inst_mut(&mut m, "i-web1");
+        web1.ingress.retain(|r| r.remote.addr().is_ipv4());
+        // 0.0.0.0/0 tcp 443 remains; IPv6 traffic must not match it.
+        let v = explain_new_flow(
+            &m,
+            &Packet::tcp(ip("2001:db8::1"), ip("fd00:1::10"), 1, 443, TcpFlags::SYN),
+        );
+        assert_eq!(v.denied_by().unwrap().by, Decider::SgNoMatch);
+    }
+
+    /// "`icmp` matches only IPv4 ICMP, `icmpv6` only ICMPv6."
+    #[test]
+    fn semantics_sg_icmp_matches_only_its_family() {
+        let mut m = fixture();
+        let web1 = inst_mut(&mut m, "i-web1");
+        web1.ingress = vec![
+            FirewallRule {
+                remote: "::/0".parse().unwrap(),
+                matcher: Match::Icmp {
+                    proto: 1,
+                    icmp_type: None,
+                    code: None,
+                },
+                origin: RuleOrigin {
+                    group_id: "sg-x".into(),
+                    direction: SgDirection::Ingress,
+                    permission: 0,
+                },
+            },
+            FirewallRule {
+                remote: "0.0.0.0/0".parse().unwrap(),
+                matcher: Match::Icmp {
+                    proto: 58,
+                    icmp_type: None,
+                    code: None,
+                },
+                origin: RuleOrigin {
+                    group_id: "sg-x".into(),
+                    direction: SgDirection::Ingress,
+                    permission: 1,
+                },
+            },
+        ];
+        assert!(
+            !explain_new_flow(
+                &m,
+                &Packet::echo_request(ip("2001:db8::1"), ip("fd00:1::10"), 1)
+            )
+            .allowed
+        );
+        assert!(!explain_new_flow(&m, &Packet::echo_request(ip(OUT), ip(WEB1), 1)).allowed);
+        // The fixture's icmp type 8 rule allows IPv4 echo.
+        assert!(explain_new_flow(&fixture(), &Packet::echo_request(ip(OUT), ip(WEB1), 1)).allowed);
+        assert!(!explain_new_flow(&fixture(), &Packet::icmp(ip(OUT), ip(WEB1), 13, 0, 1)).allowed);
+    }
+
+    /// "tcp/udp: FromPort..ToPort inclusive".
+    #[test]
+    fn semantics_sg_port_range_inclusive_by_destination_port() {
+        let json = FIXTURE.replace(
+            r#""FromPort": 443, "ToPort": 443"#,
+            r#""FromPort": 8000, "ToPort": 8080"#,
+        );
+        let m = flat_of(&json);
+        for (port, ok) in [(7999, false), (8000, true), (8080, true), (8081, false)] {
+            assert_eq!(
+                explain_new_flow(&m, &syn(OUT, WEB1, port)).allowed,
+                ok,
+                "port {port}"
+            );
+        }
+        // The source port does not matter for the rule.
+        assert!(
+            !explain_new_flow(&m, &Packet::tcp(ip(OUT), ip(WEB1), 8000, 22, TcpFlags::SYN)).allowed
+        );
+    }
+
+    /// "Stateful ... A packet of a flow that this instance's SG already allowed
+    /// in one direction is allowed in both directions, whatever the rules say now." (TCP by 5-tuple)
+    #[test]
+    fn semantics_sg_stateful_tcp_reply_allowed() {
+        let m = fixture();
+        let mut ct = Conntrack::new();
+        let p = syn(WEB1, OUT, 80);
+        assert!(evaluate(&m, &mut ct, &p, 0).allowed);
+        // sg-web has no ingress rule for port 40000 from OUT: the reply passes as tracked.
+        let v = evaluate(&m, &mut ct, &p.reply(), SEC);
+        assert!(v.allowed);
+        assert_eq!(
+            stage_names(&v),
+            ["nacl-in allow rule 100", "sg-ingress allow tracked flow"]
+        );
+        // A different source port is another flow.
+        let other = Packet::tcp(ip(OUT), ip(WEB1), 80, 40001, TcpFlags::ACK);
+        assert!(!evaluate(&m, &mut ct, &other, SEC).allowed);
+    }
+
+    /// "UDP ... by 5-tuple".
+    #[test]
+    fn semantics_sg_stateful_udp_reply_allowed() {
+        let m = fixture();
+        let mut ct = Conntrack::new();
+        let q = Packet::udp(ip(WEB1), ip("8.8.8.8"), 5353, 53);
+        assert!(evaluate(&m, &mut ct, &q, 0).allowed);
+        assert!(evaluate(&m, &mut ct, &q.reply(), SEC).allowed);
+        assert!(
+            !evaluate(
+                &m,
+                &mut ct,
+                &Packet::udp(ip("8.8.8.8"), ip(WEB1), 53, 5354),
+                SEC
+            )
+            .allowed
+        );
+    }
+
+    /// "ICMP echo/other query types by (addresses, id/type)".
+    #[test]
+    fn semantics_sg_stateful_icmp_echo_by_id() {
+        let m = fixture();
+        let mut ct = Conntrack::new();
+        let req = Packet::echo_request(ip(WEB1), ip(OUT), 77);
+        assert!(evaluate(&m, &mut ct, &req, 0).allowed);
+        assert_eq!(
+            evaluate(&m, &mut ct, &req.reply(), SEC).stages[1].by,
+            Decider::Tracked
+        );
+        let wrong_id = Packet::icmp(ip(OUT), ip(WEB1), 0, 0, 78);
+        assert!(!evaluate(&m, &mut ct, &wrong_id, SEC).allowed);
+        // IPv6 echo too.
+        let req6 = Packet::echo_request(ip("fd00:1::10"), ip("2001:db8::1"), 5);
+        assert!(evaluate(&m, &mut ct, &req6, 0).allowed);
+        assert!(evaluate(&m, &mut ct, &req6.reply(), SEC).allowed);
+    }
+
+    /// "any other protocol by (addresses, protocol number)".
+    #[test]
+    fn semantics_sg_stateful_other_protocol_by_addresses_and_number() {
+        let m = fixture();
+        let mut ct = Conntrack::new();
+        let gre = Packet {
+            src: ip(WEB1),
+            dst: ip(OUT),
+            l4: L4::Other { proto: 47 },
+        };
+        assert!(evaluate(&m, &mut ct, &gre, 0).allowed);
+        let back = Packet {
+            src: ip(OUT),
+            dst: ip(WEB1),
+            l4: L4::Other { proto: 47 },
+        };
+        assert_eq!(
+            evaluate(&m, &mut ct, &back, SEC).stages[1].by,
+            Decider::Tracked
+        );
+        let esp = Packet {
+            src: ip(OUT),
+            dst: ip(WEB1),
+            l4: L4::Other { proto: 50 },
+        };
+        assert!(!evaluate(&m, &mut ct, &esp, SEC).allowed);
+    }
+
+    /// "ICMP errors (IPv4 destination unreachable incl. fragmentation needed, time
+    /// exceeded, parameter problem; ICMPv6 ...) that quote a tracked flow are allowed."
+    #[test]
+    fn semantics_sg_icmp_error_quoting_tracked_flow_is_related() {
+        let m = fixture();
+        let mut ct = Conntrack::new();
+        let p = syn(WEB1, OUT, 80);
+        assert!(evaluate(&m, &mut ct, &p, 0).allowed);
+        let before = ct.clone();
+        for t in [3u8, 11, 12] {
+            let err = Packet {
+                src: ip("198.51.100.1"),
+                dst: ip(WEB1),
+                l4: L4::Icmp {
+                    icmp_type: t,
+                    code: 4,
+                    id: 0,
+                    quoted: Some(Box::new(p.clone())),
+                },
+            };
+            let v = evaluate(&m, &mut ct, &err, SEC);
+            assert!(v.allowed, "type {t}");
+            assert_eq!(v.stages[1].by, Decider::Related);
+        }
+        // Related packets neither create nor refresh entries.
+        assert_eq!(ct, before);
+        // An error quoting an untracked flow falls through to the rules (none allow it).
+        let stray = Packet {
+            src: ip("198.51.100.1"),
+            dst: ip(WEB1),
+            l4: L4::Icmp {
+                icmp_type: 3,
+                code: 1,
+                id: 0,
+                quoted: Some(Box::new(syn(WEB1, OUT, 81))),
+            },
+        };
+        assert_eq!(
+            evaluate(&m, &mut ct, &stray, SEC).denied_by().unwrap().by,
+            Decider::SgNoMatch
+        );
+    }
+
+    /// ICMPv6 packet too big (type 2) quoting a tracked IPv6 flow.
+    #[test]
+    fn semantics_sg_icmpv6_packet_too_big_is_related() {
+        let m = fixture();
+        let mut ct = Conntrack::new();
+        let p = Packet::tcp(
+            ip("fd00:1::10"),
+            ip("2001:db8::1"),
+            1234,
+            443,
+            TcpFlags::SYN,
+        );
+        assert!(evaluate(&m, &mut ct, &p, 0).allowed);
+        for t in [1u8, 2, 3, 4] {
+            let err = Packet {
+                src: ip("2001:db8::ff"),
+                dst: ip("fd00:1::10"),
+                l4: L4::Icmp {
+                    icmp_type: t,
+                    code: 0,
+                    id: 0,
+                    quoted: Some(Box::new(p.clone())),
+                },
+            };
+            assert_eq!(
+                evaluate(&m, &mut ct, &err, SEC).stages[1].by,
+                Decider::Related,
+                "type {t}"
+            );
+        }
+    }
+
+    /// An error the instance sends about a flow it tracks (quoting an inbound packet) is related too.
+    #[test]
+    fn icmp_error_sent_by_instance_about_inbound_flow_is_related() {
+        let mut m = fixture();
+        inst_mut(&mut m, "i-web1").egress.clear();
+        let mut ct = Conntrack::new();
+        let inbound = syn(OUT, WEB1, 443);
+        assert!(evaluate(&m, &mut ct, &inbound, 0).allowed);
+        let err = Packet {
+            src: ip(WEB1),
+            dst: ip(OUT),
+            l4: L4::Icmp {
+                icmp_type: 3,
+                code: 3,
+                id: 0,
+                quoted: Some(Box::new(inbound)),
+            },
+        };
+        assert_eq!(
+            evaluate(&m, &mut ct, &err, SEC).stages[0].by,
+            Decider::Related
+        );
+    }
+
+    /// ICMP errors are never tracked, even when a rule allows them.
+    #[test]
+    fn icmp_errors_are_never_tracked() {
+        let m = fixture();
+        let mut ct = Conntrack::new();
+        let err = Packet::icmp(ip(WEB1), ip(OUT), 3, 1, 0);
+        assert_eq!(
+            evaluate(&m, &mut ct, &err, 0).stages[0].by.to_string(),
+            "sg-web/egress[0]"
+        );
+        assert!(ct.is_empty());
+    }
+
+    /// "Removing or narrowing an SG rule does not cut tracked flows; they live until they time out."
+    #[test]
+    fn semantics_sg_rule_removal_keeps_tracked_flows() {
+        let mut m = fixture();
+        let mut ct = Conntrack::new();
+        let p = syn(OUT, WEB1, 443);
+        assert!(evaluate(&m, &mut ct, &p, 0).allowed);
+        assert!(evaluate(&m, &mut ct, &p.reply(), SEC).allowed);
+        inst_mut(&mut m, "i-web1").ingress.clear();
+        inst_mut(&mut m, "i-web1").egress.clear();
+        let data = Packet::tcp(ip(OUT), ip(WEB1), 40000, 443, TcpFlags::ACK);
+        assert_eq!(
+            evaluate(&m, &mut ct, &data, 2 * SEC).stages[1].by,
+            Decider::Tracked
+        );
+        assert!(evaluate(&m, &mut ct, &data.reply(), 3 * SEC).allowed);
+        // A new flow is not allowed any more.
+        assert!(
+            !evaluate(
+                &m,
+                &mut ct,
+                &Packet::tcp(ip(OUT), ip(WEB1), 40001, 443, TcpFlags::SYN),
+                3 * SEC
+            )
+            .allowed
+        );
+    }
+
+    /// Drive a flow to a state and check when it expires.
+    fn expires_after(
+        m: &FlatModel,
+        first: &Packet,
+        replies: usize,
+        extra: Option<&Packet>,
+        secs: u64,
+    ) {
+        let mut ct = Conntrack::new();
+        let mut now = 0;
+        assert!(evaluate(m, &mut ct, first, now).allowed);
+        for _ in 0..replies {
+            now += SEC;
+            assert!(evaluate(m, &mut ct, &first.reply(), now).allowed);
+        }
+        if let Some(x) = extra {
+            now += SEC;
+            assert!(evaluate(m, &mut ct, x, now).allowed);
+        }
+        let probe = first.reply();
+        let mut early = ct.clone();
+        assert!(
+            evaluate(m, &mut early, &probe, now + secs * SEC - 1).allowed,
+            "alive just before {secs}s"
+        );
+        let v = evaluate(m, &mut ct, &probe, now + secs * SEC);
+        assert!(!v.allowed, "expired at {secs}s");
+    }
+
+    /// "Timeouts: TCP established 432000 s".
+    #[test]
+    fn semantics_timeout_tcp_established_432000() {
+        expires_after(&fixture(), &syn(WEB1, OUT, 80), 1, None, 432_000);
+    }
+
+    /// "TCP not yet established (SYN seen, no reply) 60 s".
+    #[test]
+    fn semantics_timeout_tcp_new_60() {
+        let m = fixture();
+        let mut ct = Conntrack::new();
+        assert!(evaluate(&m, &mut ct, &syn(WEB1, OUT, 80), 0).allowed);
+        let e = ct.iter().next().unwrap().1.clone();
+        assert_eq!(e.state, FlowState::New);
+        assert_eq!(e.timeout_ns(PROTO_TCP, &m.timeouts), 60 * SEC);
+        assert!(
+            evaluate(
+                &m,
+                &mut ct.clone(),
+                &syn(WEB1, OUT, 80).reply(),
+                60 * SEC - 1
+            )
+            .allowed
+        );
+        assert!(!evaluate(&m, &mut ct, &syn(WEB1, OUT, 80).reply(), 60 * SEC).allowed);
+    }
+
+    /// "closing (FIN/RST seen) 10 s".
+    #[test]
+    fn semantics_timeout_tcp_closing_10() {
+        let fin = Packet::tcp(
+            ip(WEB1),
+            ip(OUT),
+            40000,
+            80,
+            TcpFlags {
+                fin: true,
+                ack: true,
+                ..TcpFlags::default()
+            },
+        );
+        expires_after(&fixture(), &syn(WEB1, OUT, 80), 1, Some(&fin), 10);
+        let rst = Packet::tcp(
+            ip(WEB1),
+            ip(OUT),
+            40000,
+            80,
+            TcpFlags {
+                rst: true,
+                ..TcpFlags::default()
+            },
+        );
+        expires_after(&fixture(), &syn(WEB1, OUT, 80), 1, Some(&rst), 10);
+    }
+
+    /// "UDP 30 s, or 180 s once traffic has been seen in both directions (a 'stream')".
+    #[test]
+    fn semantics_timeout_udp_30_and_stream_180() {
+        let q = Packet::udp(ip(WEB1), ip(OUT), 5000, 53);
+        expires_after(&fixture(), &q, 0, None, 30);
+        expires_after(&fixture(), &q, 1, None, 180);
+    }
+
+    /// "ICMP 30 s".
+    #[test]
+    fn semantics_timeout_icmp_30() {
+        expires_after(
+            &fixture(),
+            &Packet::echo_request(ip(WEB1), ip(OUT), 1),
+            1,
+            None,
+            30,
+        );
+    }
+
+    /// "other protocols 600 s".
+    #[test]
+    fn semantics_timeout_other_600() {
+        expires_after(
+            &fixture(),
+            &Packet {
+                src: ip(WEB1),
+                dst: ip(OUT),
+                l4: L4::Other { proto: 47 },
+            },
+            1,
+            None,
+            600,
+        );
+    }
+
+    /// "TCP established 432000 s (configurable 60-432000)".
+    #[test]
+    fn semantics_timeout_tcp_established_configurable() {
+        let json = FIXTURE.replacen('{', r#"{"ConnectionTracking": {"TcpEstablishedTimeout": 120, "UdpStreamTimeout": 60, "UdpTimeout": 40},"#, 1);
+        let m = flat_of(&json);
+        expires_after(&m, &syn(WEB1, OUT, 80), 1, None, 120);
+        expires_after(&m, &Packet::udp(ip(WEB1), ip(OUT), 5000, 53), 0, None, 40);
+        expires_after(&m, &Packet::udp(ip(WEB1), ip(OUT), 5000, 53), 1, None, 60);
+    }
+
+    /// An expired entry is removed on lookup.
+    #[test]
+    fn expired_entry_is_removed_on_lookup() {
+        let m = fixture();
+        let mut ct = Conntrack::new();
+        let p = Packet::udp(ip(WEB1), ip(OUT), 5000, 53);
+        assert!(evaluate(&m, &mut ct, &p, 0).allowed);
+        assert_eq!(ct.len(), 1);
+        assert!(!evaluate(&m, &mut ct, &p.reply(), 31 * SEC).allowed);
+        assert!(ct.is_empty());
+        // expire() does the same in bulk.
+        assert!(evaluate(&m, &mut ct, &p, 0).allowed);
+        ct.expire(&m.timeouts, 29 * SEC);
+        assert_eq!(ct.len(), 1);
+        ct.expire(&m.timeouts, 30 * SEC);
+        assert!(ct.is_empty());
+    }
+
+    /// States: NEW, then ESTABLISHED on the first packet in the other direction, CLOSING on FIN/RST.
+    #[test]
+    fn conntrack_state_machine() {
+        let m = fixture();
+        let mut ct = Conntrack::new();
+        let p = syn(WEB1, OUT, 80);
+        evaluate(&m, &mut ct, &p, 0);
+        let state = |ct: &Conntrack| ct.iter().next().unwrap().1.state;
+        assert_eq!(state(&ct), FlowState::New);
+        // Same direction again: still NEW.
+        evaluate(&m, &mut ct, &p, SEC);
+        assert_eq!(state(&ct), FlowState::New);
+        evaluate(&m, &mut ct, &p.reply(), 2 * SEC);
+        assert_eq!(state(&ct), FlowState::Established);
+        let (_, e) = ct.iter().next().unwrap();
+        assert_eq!(
+            (e.origin, e.created_ns, e.last_seen_ns, e.packets),
+            (SgDirection::Egress, 0, 2 * SEC, 3)
+        );
+        let fin = Packet::tcp(
+            ip(OUT),
+            ip(WEB1),
+            80,
+            40000,
+            TcpFlags {
+                fin: true,
+                ack: true,
+                ..TcpFlags::default()
+            },
+        );
+        evaluate(&m, &mut ct, &fin, 3 * SEC);
+        assert_eq!(state(&ct), FlowState::Closing);
+        evaluate(&m, &mut ct, &p, 4 * SEC);
+        assert_eq!(state(&ct), FlowState::Closing);
+    }
+
+    /// "AWS's 'untracked flow' optimisation ... is not modelled: all flows are tracked."
+    #[test]
+    fn semantics_sg_all_flows_tracked_even_when_open_both_ways() {
+        let mut m = fixture();
+        let open = |dir, g: &str| FirewallRule {
+            remote: "0.0.0.0/0".parse().unwrap(),
+            matcher: Match::All,
+            origin: RuleOrigin {
+                group_id: g.into(),
+                direction: dir,
+                permission: 0,
+            },
+        };
+        let web1 = inst_mut(&mut m, "i-web1");
+        web1.ingress = vec![open(SgDirection::Ingress, "sg-open")];
+        web1.egress = vec![open(SgDirection::Egress, "sg-open")];
+        let mut ct = Conntrack::new();
+        assert!(evaluate(&m, &mut ct, &syn(OUT, WEB1, 22), 0).allowed);
+        assert_eq!(ct.len(), 1);
+        // And so it survives closing the group.
+        let web1 = inst_mut(&mut m, "i-web1");
+        web1.ingress.clear();
+        web1.egress.clear();
+        assert!(evaluate(&m, &mut ct, &syn(OUT, WEB1, 22).reply(), SEC).allowed);
+    }
+
+    /// "Each instance's SG decision is its own: instance A → instance B needs A's
+    /// egress rules (or A's tracking) and B's ingress rules (or B's tracking)."
+    #[test]
+    fn semantics_sg_each_instance_decides_for_itself() {
+        let mut m = fixture();
+        let mut ct = Conntrack::new();
+        let p = syn(WEB1, DB, 5432);
+        assert!(evaluate(&m, &mut ct, &p, 0).allowed);
+        // Two independent entries, one per instance.
+        let owners: Vec<_> = ct.iter().map(|(_, e)| e.instance.clone()).collect();
+        assert_eq!(owners.len(), 2);
+        assert!(owners.contains(&"i-web1".to_string()) && owners.contains(&"i-db".to_string()));
+        // B's tracking lets its reply out although sg-db has no egress rules.
+        let v = evaluate(&m, &mut ct, &p.reply(), SEC);
+        assert_eq!(v.stages[0].by, Decider::Tracked);
+        assert_eq!(v.stages[3].by, Decider::Tracked);
+        // A's egress alone is not enough for a new flow to port 22 (B's ingress denies) ...
+        assert_eq!(
+            evaluate(&m, &mut ct, &syn(WEB1, DB, 22), SEC)
+                .denied_by()
+                .unwrap()
+                .stage,
+            Stage::SgIngress
+        );
+        // ... and B's ingress alone is not enough when A's egress denies.
+        inst_mut(&mut m, "i-web1").egress.clear();
+        let v = evaluate(
+            &m,
+            &mut ct,
+            &Packet::tcp(ip(WEB1), ip(DB), 40001, 5432, TcpFlags::SYN),
+            SEC,
+        );
+        assert_eq!(v.denied_by().unwrap().stage, Stage::SgEgress);
+    }
+
+    // --- Network ACLs ---
+
+    /// "Evaluated in ascending rule number; the first rule that matches decides (allow or deny)".
+    #[test]
+    fn semantics_nacl_first_match_by_rule_number_decides() {
+        let mut m = fixture();
+        let a = subnet_mut(&mut m, "subnet-a");
+        a.inbound = vec![
+            entry(
+                50,
+                RuleAction::Deny,
+                "203.0.113.0/24",
+                Match::Ports {
+                    proto: 6,
+                    from: 443,
+                    to: 443,
+                },
+            ),
+            entry(100, RuleAction::Allow, "0.0.0.0/0", Match::All),
+        ];
+        let v = explain_new_flow(&m, &syn(OUT, WEB1, 443));
+        assert_eq!(stage_names(&v), ["nacl-in deny rule 50"]);
+        assert!(explain_new_flow(&m, &syn("198.51.100.9", WEB1, 443)).allowed);
+        // An allow with a lower number wins over a later deny.
+        let a = subnet_mut(&mut m, "subnet-a");
+        a.inbound[0].rule_number = 200;
+        a.inbound.sort_by_key(|e| e.rule_number);
+        assert!(explain_new_flow(&m, &syn(OUT, WEB1, 443)).allowed);
+    }
+
+    /// "nothing matches = deny (the `*` rule, 32767 for IPv4, 32768 for IPv6)".
+    #[test]
+    fn semantics_nacl_no_match_denies() {
+        let mut m = fixture();
+        subnet_mut(&mut m, "subnet-a")
+            .inbound
+            .retain(|e| e.cidr.addr().is_ipv4());
+        let v = explain_new_flow(
+            &m,
+            &Packet::tcp(ip("2001:db8::1"), ip("fd00:1::10"), 1, 443, TcpFlags::SYN),
+        );
+        assert_eq!(stage_names(&v), ["nacl-in deny rule * (no entry matched)"]);
+    }
+
+    /// "An entry is (... port range for 6/17 ...)": the range is the destination port.
+    #[test]
+    fn semantics_nacl_port_range_is_destination_port() {
+        let mut m = fixture();
+        subnet_mut(&mut m, "subnet-a").outbound = vec![entry(
+            10,
+            RuleAction::Allow,
+            "0.0.0.0/0",
+            Match::Ports {
+                proto: 6,
+                from: 80,
+                to: 80,
+            },
+        )];
+        assert!(explain_new_flow(&m, &syn(WEB1, OUT, 80)).allowed);
+        assert!(
+            !explain_new_flow(&m, &Packet::tcp(ip(WEB1), ip(OUT), 80, 81, TcpFlags::SYN)).allowed
+        );
+    }
+
+    /// "`-1` or any other protocol: ports and ICMP fields are ignored. Protocol
+    /// 58 with an IPv4 CIDR matches all ICMP types. Type or code -1 = any."
+    #[test]
+    fn semantics_nacl_protocol_matching() {
+        let json = FIXTURE.replace(
+            r#"{"RuleNumber": 100, "Protocol": "-1", "RuleAction": "allow", "Egress": false, "CidrBlock": "0.0.0.0/0"}"#,
+            r#"{"RuleNumber": 10, "Protocol": "58", "RuleAction": "allow", "Egress": false, "CidrBlock": "0.0.0.0/0", "IcmpTypeCode": {"Type": 3, "Code": 0}},
+               {"RuleNumber": 20, "Protocol": "1", "RuleAction": "allow", "Egress": false, "CidrBlock": "0.0.0.0/0", "IcmpTypeCode": {"Type": 8, "Code": -1}},
+               {"RuleNumber": 30, "Protocol": "47", "RuleAction": "allow", "Egress": false, "CidrBlock": "0.0.0.0/0", "PortRange": {"From": 1, "To": 1}}"#,
+        );
+        let m = flat_of(&json);
+        let a = &m.subnets[0];
+        assert_eq!(a.inbound[0].matcher, Match::Proto(58));
+        assert_eq!(
+            a.inbound[1].matcher,
+            Match::Icmp {
+                proto: 1,
+                icmp_type: Some(8),
+                code: None
+            }
+        );
+        assert_eq!(a.inbound[2].matcher, Match::Proto(47));
+        let nacl_in = |p: &Packet| nacl_stage(Some(a), Stage::NaclIn, p);
+        assert_eq!(
+            nacl_in(&Packet::icmp(ip(OUT), ip(WEB1), 8, 5, 1)).by,
+            Decider::NaclRule(20)
+        );
+        assert_eq!(
+            nacl_in(&Packet::icmp(ip(OUT), ip(WEB1), 0, 0, 1)).by,
+            Decider::NaclDefaultDeny
+        );
+        assert_eq!(
+            nacl_in(&Packet {
+                src: ip(OUT),
+                dst: ip(WEB1),
+                l4: L4::Other { proto: 47 }
+            })
+            .by,
+            Decider::NaclRule(30)
+        );
+        // Proto 58 on an IPv4 CIDR is a protocol compare: it never matches IPv4 ICMP.
+        assert_eq!(
+            nacl_in(&Packet::icmp(ip(OUT), ip(WEB1), 3, 0, 0)).by,
+            Decider::NaclDefaultDeny
+        );
+    }
+
+    /// ICMP type/code for 58 with an IPv6 CIDR.
+    #[test]
+    fn semantics_nacl_icmpv6_type_code_with_ipv6_cidr() {
+        let mut m = fixture();
+        subnet_mut(&mut m, "subnet-a").inbound = vec![entry(
+            10,
+            RuleAction::Allow,
+            "::/0",
+            Match::Icmp {
+                proto: 58,
+                icmp_type: Some(128),
+                code: None,
+            },
+        )];
+        let a = m.subnets[0].clone();
+        let p = Packet::echo_request(ip("2001:db8::1"), ip("fd00:1::10"), 1);
+        assert_eq!(
+            nacl_stage(Some(&a), Stage::NaclIn, &p).by,
+            Decider::NaclRule(10)
+        );
+        let reply = Packet::icmp(ip("2001:db8::1"), ip("fd00:1::10"), 129, 0, 1);
+        assert_eq!(
+            nacl_stage(Some(&a), Stage::NaclIn, &reply).by,
+            Decider::NaclDefaultDeny
+        );
+    }
+
+    /// "Stateless: every packet is checked, replies included, tracked or not."
+    #[test]
+    fn semantics_nacl_checks_replies_of_tracked_flows() {
+        let mut m = fixture();
+        subnet_mut(&mut m, "subnet-a").inbound = vec![entry(
+            10,
+            RuleAction::Allow,
+            "0.0.0.0/0",
+            Match::Ports {
+                proto: 6,
+                from: 443,
+                to: 443,
+            },
+        )];
+        let mut ct = Conntrack::new();
+        let p = syn(WEB1, OUT, 80);
+        assert!(evaluate(&m, &mut ct, &p, 0).allowed);
+        // The reply's destination port 40000 is not open inbound: NACL denies a tracked flow's reply.
+        let v = evaluate(&m, &mut ct, &p.reply(), SEC);
+        assert_eq!(stage_names(&v), ["nacl-in deny rule * (no entry matched)"]);
+    }
+
+    /// "A NACL change takes effect on established flows at once."
+    #[test]
+    fn semantics_nacl_change_cuts_established_flow() {
+        let mut m = fixture();
+        let mut ct = Conntrack::new();
+        let p = syn(OUT, WEB1, 443);
+        assert!(evaluate(&m, &mut ct, &p, 0).allowed);
+        assert!(evaluate(&m, &mut ct, &p.reply(), SEC).allowed);
+        subnet_mut(&mut m, "subnet-a")
+            .inbound
+            .insert(0, entry(1, RuleAction::Deny, "203.0.113.0/24", Match::All));
+        let data = Packet::tcp(ip(OUT), ip(WEB1), 40000, 443, TcpFlags::ACK);
+        assert_eq!(
+            stage_names(&evaluate(&m, &mut ct, &data, 2 * SEC)),
+            ["nacl-in deny rule 1"]
+        );
+    }
+
+    /// "A NACL is evaluated only when traffic crosses the subnet boundary ...
+    /// Two instances of the same subnet never see NACLs between them."
+    #[test]
+    fn semantics_nacl_same_subnet_never_sees_nacl() {
+        let mut m = fixture();
+        let a = subnet_mut(&mut m, "subnet-a");
+        a.inbound.clear();
+        a.outbound.clear();
+        let v = explain_new_flow(&m, &syn(WEB1, WEB2, 443));
+        assert!(v.allowed);
+        assert_eq!(
+            stage_names(&v),
+            [
+                "sg-egress allow sg-web/egress[0]",
+                "sg-ingress allow sg-web/ingress[0]"
+            ]
+        );
+        // Leaving the subnet does see it.
+        assert_eq!(
+            explain_new_flow(&m, &syn(WEB1, DB, 5432))
+                .denied_by()
+                .unwrap()
+                .stage,
+            Stage::NaclOut
+        );
+    }
+
+    /// "the outbound list of the source subnet when the packet leaves it, the
+    /// inbound list of the destination subnet when it enters it."
+    #[test]
+    fn semantics_nacl_out_of_source_subnet_and_in_of_destination_subnet() {
+        let mut m = fixture();
+        subnet_mut(&mut m, "subnet-a").inbound.clear(); // not consulted for a → b
+        assert!(explain_new_flow(&m, &syn(WEB1, DB, 5432)).allowed);
+        subnet_mut(&mut m, "subnet-b").inbound =
+            vec![entry(7, RuleAction::Deny, "10.0.1.0/24", Match::All)];
+        let v = explain_new_flow(&m, &syn(WEB1, DB, 5432));
+        assert_eq!(v.denied_by().unwrap().stage, Stage::NaclIn);
+        assert_eq!(v.denied_by().unwrap().by, Decider::NaclRule(7));
+        // NACL-out uses the destination as remote.
+        let mut m = fixture();
+        subnet_mut(&mut m, "subnet-a")
+            .outbound
+            .insert(0, entry(1, RuleAction::Deny, "10.0.2.20/32", Match::All));
+        assert_eq!(
+            stage_names(&explain_new_flow(&m, &syn(WEB1, DB, 5432)))[1],
+            "nacl-out deny rule 1"
+        );
+    }
+
+    /// "The VPC's default NACL: rule 100 allow all, IPv4 and (with IPv6) IPv6, both directions."
+    #[test]
+    fn semantics_nacl_default_allows_all() {
+        let m = fixture();
+        let b = &m.subnets[1];
+        assert_eq!(b.nacl_id, crate::validate::IMPLICIT_DEFAULT_NACL_ID);
+        let v = explain_new_flow(
+            &m,
+            &Packet::tcp(ip("2001:db8::1"), ip("fd00:2::20"), 1, 5432, TcpFlags::SYN),
+        );
+        assert_eq!(v.stages[0].by, Decider::NaclRule(101));
+        let v = explain_new_flow(&m, &syn(OUT, DB, 5432));
+        assert_eq!(v.stages[0].by, Decider::NaclRule(100));
+    }
+
+    /// "A new custom NACL has no rules: it denies everything."
+    #[test]
+    fn semantics_nacl_custom_without_rules_denies_everything() {
+        let json = FIXTURE.replace(
+            r#""Associations": [{"SubnetId": "subnet-a"}], "Entries": ["#,
+            r#""Associations": [{"SubnetId": "subnet-a"}], "Entries": [], "X": ["#,
+        );
+        let m = flat_of(&json);
+        assert!(m.subnets[0].inbound.is_empty());
+        assert_eq!(
+            stage_names(&explain_new_flow(&m, &syn(OUT, WEB1, 443))),
+            ["nacl-in deny rule * (no entry matched)"]
+        );
+        assert_eq!(
+            explain_new_flow(&m, &syn(WEB1, OUT, 443))
+                .denied_by()
+                .unwrap()
+                .stage,
+            Stage::NaclOut
+        );
+    }
+
+    // --- Passthrough ---
+
+    /// "Not filtered at all: ... IPv6 neighbour discovery and router solicitation/advertisement (ICMPv6 133-137)".
+    #[test]
+    fn semantics_passthrough_ndp() {
+        let mut m = fixture();
+        let a = subnet_mut(&mut m, "subnet-a");
+        a.inbound.clear();
+        for t in 133..=137 {
+            let p = Packet::icmp(ip("fe80::1"), ip("fd00:1::10"), t, 0, 0);
+            let mut ct = Conntrack::new();
+            let v = evaluate(&m, &mut ct, &p, 0);
+            assert_eq!(
+                (v.allowed, v.passthrough, v.stages.len()),
+                (true, Some(PassthroughClass::Ndp), 0)
+            );
+            assert!(ct.is_empty());
+        }
+        // 132 and 138 are not NDP.
+        assert!(
+            !explain_new_flow(
+                &m,
+                &Packet::icmp(ip("fe80::1"), ip("fd00:1::10"), 138, 0, 0)
+            )
+            .allowed
+        );
+        // IPv4 ICMP type 133 is nothing special.
+        assert_eq!(
+            is_passthrough(&m, &Packet::icmp(ip(OUT), ip(WEB1), 133, 0, 0)),
+            None
+        );
+    }
+
+    /// "DHCP (UDP 67/68)".
+    #[test]
+    fn semantics_passthrough_dhcp() {
+        let mut m = fixture();
+        inst_mut(&mut m, "i-web1").egress.clear();
+        let discover = Packet::udp(ip("0.0.0.0"), ip("255.255.255.255"), 68, 67);
+        assert_eq!(is_passthrough(&m, &discover), Some(PassthroughClass::Dhcp));
+        let mut ct = Conntrack::new();
+        let v = evaluate(
+            &m,
+            &mut ct,
+            &Packet::udp(ip(WEB1), ip("10.0.1.1"), 68, 67),
+            0,
+        );
+        assert_eq!(v.passthrough, Some(PassthroughClass::Dhcp));
+        assert!(v.allowed && ct.is_empty());
+        assert!(
+            evaluate(
+                &m,
+                &mut ct,
+                &Packet::udp(ip("10.0.1.1"), ip(WEB1), 67, 68),
+                0
+            )
+            .allowed
+        );
+        assert!(
+            !evaluate(
+                &m,
+                &mut ct,
+                &Packet::udp(ip(WEB1), ip("10.0.1.1"), 68, 68),
+                0
+            )
+            .allowed
+        );
+    }
+
+    /// "traffic to the instance metadata address 169.254.169.254".
+    #[test]
+    fn semantics_passthrough_metadata() {
+        let mut m = fixture();
+        inst_mut(&mut m, "i-web1").egress.clear();
+        let p = Packet::tcp(ip(WEB1), ip("169.254.169.254"), 40000, 80, TcpFlags::SYN);
+        let v = explain_new_flow(&m, &p);
+        assert_eq!(
+            (v.allowed, v.passthrough),
+            (true, Some(PassthroughClass::Metadata))
+        );
+        assert_eq!(
+            explain_new_flow(&m, &p.reply()).passthrough,
+            Some(PassthroughClass::Metadata)
+        );
+    }
+
+    /// "and, where the model names one, to the subnet's DNS address".
+    #[test]
+    fn semantics_passthrough_subnet_dns() {
+        let mut m = fixture();
+        inst_mut(&mut m, "i-web1").egress.clear();
+        let q = Packet::udp(ip(WEB1), ip("10.0.0.2"), 5353, 53);
+        assert_eq!(
+            explain_new_flow(&m, &q).passthrough,
+            Some(PassthroughClass::Dns)
+        );
+        assert_eq!(
+            explain_new_flow(&m, &q.reply()).passthrough,
+            Some(PassthroughClass::Dns)
+        );
+        // Subnet b names no DNS address: its instances' traffic to 10.0.0.2 is filtered.
+        assert_eq!(
+            explain_new_flow(&m, &Packet::udp(ip(DB), ip("10.0.0.2"), 5353, 53)).passthrough,
+            None
+        );
+    }
+
+    /// "Not filtered at all: ARP" — ARP is not an IP packet; the class exists for the dataplane.
+    #[test]
+    fn semantics_passthrough_arp_class() {
+        assert_eq!(PassthroughClass::Arp.to_string(), "arp");
+    }
+
+    /// The flow key of an ICMP error is none; of queries (id, request type); of other ICMP (type, code).
+    #[test]
+    fn flow_keys() {
+        let k = flow_key(
+            &Packet::icmp(ip(WEB1), ip(OUT), 0, 0, 9),
+            SgDirection::Ingress,
+        )
+        .unwrap();
+        assert_eq!((k.local, k.local_port, k.remote_port), (ip(OUT), 9, 8));
+        let k = flow_key(
+            &Packet::icmp(ip(WEB1), ip(OUT), 5, 1, 9),
+            SgDirection::Egress,
+        )
+        .unwrap();
+        assert_eq!((k.local_port, k.remote_port, k.proto), (5, 1, 1));
+        assert_eq!(
+            flow_key(
+                &Packet::icmp(ip(WEB1), ip(OUT), 11, 0, 0),
+                SgDirection::Egress
+            ),
+            None
+        );
+        let k = flow_key(&syn(WEB1, OUT, 80), SgDirection::Ingress).unwrap();
+        assert_eq!(
+            (k.local, k.remote, k.local_port, k.remote_port),
+            (ip(OUT), ip(WEB1), 80, 40000)
+        );
+    }
+
+    /// Multiple matching rules: the first in the sorted rule list is reported.
+    #[test]
+    fn first_matching_rule_is_reported() {
+        let json = FIXTURE.replace(
+            r#"{"IpProtocol": "-1", "IpRanges": [{"CidrIp": "0.0.0.0/0"}], "Ipv6Ranges": [{"CidrIpv6": "::/0"}]}"#,
+            r#"{"IpProtocol": "tcp", "FromPort": 80, "ToPort": 80, "IpRanges": [{"CidrIp": "203.0.113.0/24"}]},
+               {"IpProtocol": "-1", "IpRanges": [{"CidrIp": "0.0.0.0/0"}], "Ipv6Ranges": [{"CidrIpv6": "::/0"}]}"#,
+        );
+        let m = flat_of(&json);
+        assert_eq!(
+            explain_new_flow(&m, &syn(WEB1, OUT, 80)).stages[0]
+                .by
+                .to_string(),
+            "sg-web/egress[0]"
+        );
+        assert_eq!(
+            explain_new_flow(&m, &syn(WEB1, OUT, 81)).stages[0]
+                .by
+                .to_string(),
+            "sg-web/egress[1]"
+        );
+    }
+
+    #[test]
+    fn ip_net_contains_is_family_strict() {
+        let n: IpNet = "0.0.0.0/0".parse().unwrap();
+        assert!(!n.contains(&ip("::1")));
+    }
+}
