@@ -92,7 +92,7 @@ pub enum Direction {
 /// Why the dataplane let a packet through or dropped it. One enum for the BPF
 /// side, the counters, the event stream and the CLI.
 #[repr(u8)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Reason {
     /// A security-group egress rule allowed a new flow.
     AllowSgEgress = 0,

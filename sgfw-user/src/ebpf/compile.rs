@@ -1,0 +1,632 @@
+//! Compiles a [`FlatModel`] into the contents of the BPF maps.
+//!
+//! This module owns the translation from rules to lookup structures and
+//! nothing else: it is pure, deterministic, and never touches the kernel.
+//!
+//! - **SG**: per (instance, direction) the rule list is interned into a
+//!   policy id. For each distinct remote prefix of a policy, the rules of
+//!   every prefix that contains it are folded in, so the longest-prefix
+//!   match alone gives all applicable rules; that folded rule set is interned
+//!   into a port-set id. A port set becomes LPM entries over
+//!   (set, protocol, 16-bit port): all protocols = the 32-bit prefix, one
+//!   protocol = 40 bits, a port range split into at most ~30 aligned
+//!   prefixes. No per-CIDR port-entry limit.
+//! - **NACL**: per (subnet, direction, family) the entries in rule-number
+//!   order get one bit each (at most [`limits::NACL_ENTRIES`]). The CIDR trie
+//!   maps each entry prefix to the bits of every entry whose CIDR contains
+//!   it; the port trie maps elementary protocol/port intervals to the bits
+//!   of every entry matching them. The dataplane ANDs them and takes the
+//!   lowest bit.
+//!
+//! Ids carry a generation parity in their top bit, so a new policy can be
+//! written beside the one in force and switched to with one write per
+//! instance and subnet.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use sgfw_common::{
+    AddrInfo, AddrKey, CidrKeyV4, CidrKeyV6, InstancePolicy, NaclMeta, PortKey,
+    SUBNET_HAS_DNS_V4, SUBNET_HAS_DNS_V6, SubnetPolicy,
+    limits::{self, AF_INET, AF_INET6},
+};
+
+use crate::flat::{FirewallRule, FlatModel, Match, NaclEntry, RuleAction, RuleOrigin};
+
+/// Why a model cannot be compiled for the BPF dataplane.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CompileError {
+    /// A NACL direction has more entries of one family than one bitmask holds.
+    #[error(
+        "NetworkAcls[{nacl}] ({subnet}): {count} {direction} {family} entries; the eBPF backend supports at most {max} per direction and family"
+    )]
+    TooManyNaclEntries {
+        /// NACL id.
+        nacl: String,
+        /// Subnet id.
+        subnet: String,
+        /// "inbound" or "outbound".
+        direction: &'static str,
+        /// "IPv4" or "IPv6".
+        family: &'static str,
+        /// Entries given.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// More objects than a 31-bit id space holds.
+    #[error("too many {0} for the eBPF backend's id space")]
+    IdSpace(&'static str),
+}
+
+/// Stable numbering of instances and subnets across applies, so counters and
+/// conntrack ownership keep their meaning. Index 0 means "no instance".
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Indices {
+    /// Instance id → index (≥ 1).
+    pub instances: BTreeMap<String, u32>,
+    /// Subnet id → index (≥ 1).
+    pub subnets: BTreeMap<String, u32>,
+}
+
+impl Indices {
+    /// Keeps known ids' indices, gives new ids fresh ones, forgets ids that
+    /// are gone.
+    pub fn update(&mut self, model: &FlatModel) {
+        fn renumber<'a>(map: &mut BTreeMap<String, u32>, ids: impl Iterator<Item = &'a str>) {
+            let ids: Vec<&str> = ids.collect();
+            map.retain(|k, _| ids.contains(&k.as_str()));
+            let mut next = map.values().max().copied().unwrap_or(0) + 1;
+            let mut used: Vec<u32> = map.values().copied().collect();
+            used.sort_unstable();
+            for id in ids {
+                if !map.contains_key(id) {
+                    // Reuse the lowest free index so indices stay dense.
+                    let mut candidate = 1;
+                    for u in &used {
+                        if *u == candidate {
+                            candidate += 1;
+                        } else if *u > candidate {
+                            break;
+                        }
+                    }
+                    if candidate >= next {
+                        candidate = next;
+                        next += 1;
+                    }
+                    used.push(candidate);
+                    used.sort_unstable();
+                    map.insert(id.to_string(), candidate);
+                }
+            }
+        }
+        renumber(&mut self.instances, model.instances.iter().map(|i| i.id.as_str()));
+        renumber(&mut self.subnets, model.subnets.iter().map(|s| s.id.as_str()));
+    }
+}
+
+/// An LPM-trie entry: prefix length in bits, key data, value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LpmEntry<K, V> {
+    /// Significant bits of `key`.
+    pub prefix_len: u32,
+    /// Key data.
+    pub key: K,
+    /// Value.
+    pub value: V,
+}
+
+/// Everything the maps hold for one model, in deterministic order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Compiled {
+    /// Generation parity of every id below (0 or 1).
+    pub parity: u32,
+    /// Address → owner.
+    pub addrs: Vec<(AddrKey, AddrInfo)>,
+    /// Instance index → policies.
+    pub instances: Vec<(u32, InstancePolicy)>,
+    /// Subnet index → NACL tables and DNS.
+    pub subnets: Vec<(u32, SubnetPolicy)>,
+    /// SG remote prefixes, IPv4.
+    pub sg_cidr_v4: Vec<LpmEntry<CidrKeyV4, u32>>,
+    /// SG remote prefixes, IPv6.
+    pub sg_cidr_v6: Vec<LpmEntry<CidrKeyV6, u32>>,
+    /// SG port sets.
+    pub sg_ports: Vec<LpmEntry<PortKey, u32>>,
+    /// NACL CIDR bitmasks, IPv4.
+    pub nacl_cidr_v4: Vec<LpmEntry<CidrKeyV4, u64>>,
+    /// NACL CIDR bitmasks, IPv6.
+    pub nacl_cidr_v6: Vec<LpmEntry<CidrKeyV6, u64>>,
+    /// NACL protocol/port bitmasks.
+    pub nacl_ports: Vec<LpmEntry<PortKey, u64>>,
+    /// NACL table id → decision metadata.
+    pub nacl_meta: Vec<(u32, NaclMeta)>,
+    /// SG rule reference → where it came from (index = reference).
+    pub rule_refs: Vec<RuleOrigin>,
+    /// Instance index → instance id.
+    pub instance_ids: BTreeMap<u32, String>,
+}
+
+/// The top bit of every id: the generation parity.
+pub const PARITY_BIT: u32 = 1 << 31;
+
+/// Whether an id belongs to the generation with this parity.
+pub fn id_has_parity(id: u32, parity: u32) -> bool {
+    (id & PARITY_BIT != 0) == (parity != 0)
+}
+
+struct Interner<T: Ord + Clone> {
+    ids: BTreeMap<T, u32>,
+    parity: u32,
+    what: &'static str,
+}
+
+impl<T: Ord + Clone> Interner<T> {
+    fn new(parity: u32, what: &'static str) -> Self {
+        Self {
+            ids: BTreeMap::new(),
+            parity,
+            what,
+        }
+    }
+    /// Returns (id, newly created).
+    fn intern(&mut self, v: &T) -> Result<(u32, bool), CompileError> {
+        if let Some(id) = self.ids.get(v) {
+            return Ok((*id, false));
+        }
+        let n = u32::try_from(self.ids.len() + 1).map_err(|_| CompileError::IdSpace(self.what))?;
+        if n >= PARITY_BIT {
+            return Err(CompileError::IdSpace(self.what));
+        }
+        let id = n | if self.parity != 0 { PARITY_BIT } else { 0 };
+        self.ids.insert(v.clone(), id);
+        Ok((id, true))
+    }
+}
+
+/// What a matcher covers in the (protocol, 16-bit port) space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Span {
+    /// Every protocol.
+    All,
+    /// One protocol, every port.
+    Proto(u8),
+    /// One protocol, ports (or ICMP `type << 8 | code`) `lo..=hi`.
+    Range(u8, u16, u16),
+}
+
+fn span(m: &Match) -> Span {
+    match *m {
+        Match::All => Span::All,
+        Match::Proto(p) => Span::Proto(p),
+        Match::Ports { proto, from, to } => Span::Range(proto, from, to),
+        Match::Icmp {
+            proto,
+            icmp_type,
+            code,
+        } => match (icmp_type, code) {
+            (None, _) => Span::Proto(proto),
+            (Some(t), None) => Span::Range(proto, u16::from(t) << 8, (u16::from(t) << 8) | 0xff),
+            (Some(t), Some(c)) => {
+                let v = (u16::from(t) << 8) | u16::from(c);
+                Span::Range(proto, v, v)
+            }
+        },
+    }
+}
+
+/// Splits `lo..=hi` into aligned prefixes: (value, prefix length in 0..=16).
+pub fn range_prefixes(lo: u16, hi: u16) -> Vec<(u16, u32)> {
+    let mut out = Vec::new();
+    let mut cur = u32::from(lo);
+    let hi = u32::from(hi);
+    while cur <= hi {
+        // Largest aligned block starting at `cur` that stays within `hi`.
+        let mut size: u32 = if cur == 0 { 1 << 16 } else { cur & cur.wrapping_neg() };
+        while cur + size - 1 > hi {
+            size >>= 1;
+        }
+        let bits = size.trailing_zeros();
+        out.push((cur as u16, 16 - bits));
+        cur += size;
+    }
+    out
+}
+
+fn port_key(set: u32, proto: u8, port: u16) -> PortKey {
+    PortKey {
+        set: set.to_be_bytes(),
+        proto,
+        port: port.to_be_bytes(),
+    }
+}
+
+fn cidr_v4(table: u32, net: &ipnet::Ipv4Net) -> LpmEntry<CidrKeyV4, ()> {
+    LpmEntry {
+        prefix_len: 32 + u32::from(net.prefix_len()),
+        key: CidrKeyV4 {
+            table: table.to_be_bytes(),
+            addr: net.network().octets(),
+        },
+        value: (),
+    }
+}
+
+fn cidr_v6(table: u32, net: &ipnet::Ipv6Net) -> LpmEntry<CidrKeyV6, ()> {
+    LpmEntry {
+        prefix_len: 32 + u32::from(net.prefix_len()),
+        key: CidrKeyV6 {
+            table: table.to_be_bytes(),
+            addr: net.network().octets(),
+        },
+        value: (),
+    }
+}
+
+/// The [`AddrKey`] of an address.
+pub fn addr_key(a: &IpAddr) -> AddrKey {
+    let mut addr = [0u8; 16];
+    let family = match a {
+        IpAddr::V4(v4) => {
+            addr[..4].copy_from_slice(&v4.octets());
+            AF_INET
+        }
+        IpAddr::V6(v6) => {
+            addr = v6.octets();
+            AF_INET6
+        }
+    };
+    AddrKey {
+        family,
+        _pad: [0; 3],
+        addr,
+    }
+}
+
+/// One NACL direction of one family, as the dataplane sees it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct NaclTable {
+    entries: Vec<(u16, bool, IpNet, Span)>,
+}
+
+/// Compiles `model` with ids of generation `parity`.
+pub fn compile(model: &FlatModel, idx: &Indices, parity: u32) -> Result<Compiled, CompileError> {
+    let mut out = Compiled {
+        parity,
+        ..Compiled::default()
+    };
+    let mut rule_refs: Interner<RuleOrigin> = Interner::new(0, "SG rules");
+    let mut policies: Interner<Vec<FirewallRule>> = Interner::new(parity, "SG policies");
+    let mut port_sets: Interner<Vec<(Span, u32)>> = Interner::new(parity, "SG port sets");
+    let mut nacl_tables: Interner<NaclTable> = Interner::new(parity, "NACL tables");
+
+    // Subnets and their NACL tables.
+    for s in &model.subnets {
+        let Some(&sidx) = idx.subnets.get(&s.id) else {
+            continue;
+        };
+        let mut table_ids = [0u32; 4];
+        for (slot, (entries, dir_name, v6)) in [
+            (&s.inbound, "inbound", false),
+            (&s.outbound, "outbound", false),
+            (&s.inbound, "inbound", true),
+            (&s.outbound, "outbound", true),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let table = nacl_table(entries, v6);
+            if table.entries.len() > limits::NACL_ENTRIES {
+                return Err(CompileError::TooManyNaclEntries {
+                    nacl: s.nacl_id.clone(),
+                    subnet: s.id.clone(),
+                    direction: dir_name,
+                    family: if v6 { "IPv6" } else { "IPv4" },
+                    count: table.entries.len(),
+                    max: limits::NACL_ENTRIES,
+                });
+            }
+            let (id, new) = nacl_tables.intern(&table)?;
+            if new {
+                emit_nacl_table(&mut out, id, &table, v6);
+            }
+            table_ids[slot] = id;
+        }
+        let mut sp = SubnetPolicy {
+            nacl_in_v4: table_ids[0],
+            nacl_out_v4: table_ids[1],
+            nacl_in_v6: table_ids[2],
+            nacl_out_v6: table_ids[3],
+            flags: 0,
+            dns_v4: [0; 4],
+            dns_v6: [0; 16],
+        };
+        for d in &s.dns {
+            match d {
+                IpAddr::V4(a) if sp.flags & SUBNET_HAS_DNS_V4 == 0 => {
+                    sp.flags |= SUBNET_HAS_DNS_V4;
+                    sp.dns_v4 = a.octets();
+                }
+                IpAddr::V6(a) if sp.flags & SUBNET_HAS_DNS_V6 == 0 => {
+                    sp.flags |= SUBNET_HAS_DNS_V6;
+                    sp.dns_v6 = a.octets();
+                }
+                _ => {}
+            }
+        }
+        out.subnets.push((sidx, sp));
+    }
+
+    // Instances and their SG policies.
+    for inst in &model.instances {
+        let (Some(&iidx), Some(&sidx)) = (idx.instances.get(&inst.id), idx.subnets.get(&inst.subnet_id)) else {
+            continue;
+        };
+        out.instance_ids.insert(iidx, inst.id.clone());
+        for a in &inst.addrs {
+            out.addrs.push((
+                addr_key(a),
+                AddrInfo {
+                    instance: iidx,
+                    subnet: sidx,
+                },
+            ));
+        }
+        let mut ids = [0u32; 2];
+        for (slot, rules) in [&inst.ingress, &inst.egress].into_iter().enumerate() {
+            let (pid, new) = policies.intern(rules)?;
+            ids[slot] = pid;
+            if new {
+                emit_policy(&mut out, pid, rules, &mut port_sets, &mut rule_refs)?;
+            }
+        }
+        out.instances.push((
+            iidx,
+            InstancePolicy {
+                subnet: sidx,
+                policy_ingress: ids[0],
+                policy_egress: ids[1],
+                _pad: 0,
+            },
+        ));
+    }
+    let mut refs: Vec<(u32, RuleOrigin)> = rule_refs.ids.into_iter().map(|(o, id)| (id, o)).collect();
+    refs.sort_by_key(|(id, _)| *id);
+    // Reference n is at index n; index 0 is never used.
+    out.rule_refs = std::iter::once(RuleOrigin {
+        group_id: String::new(),
+        direction: crate::flat::SgDirection::Ingress,
+        permission: 0,
+    })
+    .chain(refs.into_iter().map(|(_, o)| o))
+    .collect();
+    out.addrs.sort_by(|a, b| (a.0.family, a.0.addr).cmp(&(b.0.family, b.0.addr)));
+    // Two rules of one set may produce the same key: keep one (any is a match).
+    dedup_lpm(&mut out.sg_ports);
+    Ok(out)
+}
+
+fn nacl_table(entries: &[NaclEntry], v6: bool) -> NaclTable {
+    NaclTable {
+        entries: entries
+            .iter()
+            .filter(|e| matches!(e.cidr, IpNet::V6(_)) == v6)
+            // An ICMP entry of the other family can never match: leaving it
+            // out changes no decision and saves a bit.
+            .filter(|e| e.matcher.possible_for(&e.cidr))
+            .map(|e| (e.rule_number, e.action == RuleAction::Allow, e.cidr, span(&e.matcher)))
+            .collect(),
+    }
+}
+
+fn emit_nacl_table(out: &mut Compiled, id: u32, t: &NaclTable, v6: bool) {
+    let mut meta = NaclMeta {
+        allow_mask: 0,
+        rule_numbers: [0; limits::NACL_ENTRIES],
+    };
+    for (i, (num, allow, _, _)) in t.entries.iter().enumerate() {
+        meta.rule_numbers[i] = *num;
+        if *allow {
+            meta.allow_mask |= 1 << i;
+        }
+    }
+    out.nacl_meta.push((id, meta));
+
+    // CIDR bits: each distinct prefix gets the bits of every entry containing it.
+    let mut prefixes: Vec<IpNet> = t.entries.iter().map(|e| e.2).collect();
+    prefixes.sort();
+    prefixes.dedup();
+    for p in prefixes {
+        let mut bits = 0u64;
+        for (i, e) in t.entries.iter().enumerate() {
+            if e.2.contains(&p) {
+                bits |= 1 << i;
+            }
+        }
+        match (p, v6) {
+            (IpNet::V4(n), false) => {
+                let e = cidr_v4(id, &n);
+                out.nacl_cidr_v4.push(LpmEntry {
+                    prefix_len: e.prefix_len,
+                    key: e.key,
+                    value: bits,
+                });
+            }
+            (IpNet::V6(n), true) => {
+                let e = cidr_v6(id, &n);
+                out.nacl_cidr_v6.push(LpmEntry {
+                    prefix_len: e.prefix_len,
+                    key: e.key,
+                    value: bits,
+                });
+            }
+            _ => {}
+        }
+    }
+
+    // Port bits over elementary intervals.
+    let spans: Vec<(usize, Span)> = t.entries.iter().enumerate().map(|(i, e)| (i, e.3)).collect();
+    for (plen, key, bits) in span_masks(id, &spans) {
+        out.nacl_ports.push(LpmEntry {
+            prefix_len: plen,
+            key,
+            value: bits,
+        });
+    }
+}
+
+/// LPM entries (prefix length, key, bitmask) such that the longest match for
+/// any (protocol, port) carries exactly the bits of the spans covering it.
+fn span_masks(set: u32, spans: &[(usize, Span)]) -> Vec<(u32, PortKey, u64)> {
+    let mut out = Vec::new();
+    let all: u64 = spans
+        .iter()
+        .filter(|(_, s)| *s == Span::All)
+        .fold(0, |m, (i, _)| m | 1 << i);
+    out.push((32, port_key(set, 0, 0), all));
+    let mut protos: Vec<u8> = spans
+        .iter()
+        .filter_map(|(_, s)| match s {
+            Span::All => None,
+            Span::Proto(p) | Span::Range(p, _, _) => Some(*p),
+        })
+        .collect();
+    protos.sort_unstable();
+    protos.dedup();
+    for p in protos {
+        let proto_mask = spans
+            .iter()
+            .filter(|(_, s)| *s == Span::Proto(p))
+            .fold(all, |m, (i, _)| m | 1 << i);
+        out.push((40, port_key(set, p, 0), proto_mask));
+        let ranges: Vec<(usize, u16, u16)> = spans
+            .iter()
+            .filter_map(|(i, s)| match s {
+                Span::Range(q, lo, hi) if *q == p => Some((*i, *lo, *hi)),
+                _ => None,
+            })
+            .collect();
+        if ranges.is_empty() {
+            continue;
+        }
+        // Elementary intervals between breakpoints.
+        let mut cuts: Vec<u32> = vec![0, 65536];
+        for (_, lo, hi) in &ranges {
+            cuts.push(u32::from(*lo));
+            cuts.push(u32::from(*hi) + 1);
+        }
+        cuts.sort_unstable();
+        cuts.dedup();
+        let mut merged: Vec<(u32, u32, u64)> = Vec::new();
+        for w in cuts.windows(2) {
+            let (lo, hi) = (w[0], w[1] - 1);
+            let mask = ranges
+                .iter()
+                .filter(|(_, a, b)| u32::from(*a) <= lo && hi <= u32::from(*b))
+                .fold(proto_mask, |m, (i, _, _)| m | 1 << i);
+            match merged.last_mut() {
+                Some(last) if last.2 == mask && last.1 + 1 == lo => last.1 = hi,
+                _ => merged.push((lo, hi, mask)),
+            }
+        }
+        for (lo, hi, mask) in merged {
+            if mask == proto_mask {
+                continue; // the 40-bit protocol entry already answers these
+            }
+            for (v, bits) in range_prefixes(lo as u16, hi as u16) {
+                out.push((40 + bits, port_key(set, p, v), mask));
+            }
+        }
+    }
+    out
+}
+
+fn emit_policy(
+    out: &mut Compiled,
+    pid: u32,
+    rules: &[FirewallRule],
+    port_sets: &mut Interner<Vec<(Span, u32)>>,
+    rule_refs: &mut Interner<RuleOrigin>,
+) -> Result<(), CompileError> {
+    let mut prefixes: Vec<IpNet> = rules.iter().map(|r| r.remote).collect();
+    prefixes.sort();
+    prefixes.dedup();
+    for p in prefixes {
+        // Fold in every rule whose remote contains this prefix.
+        let mut set: BTreeMap<Span, u32> = BTreeMap::new();
+        for r in rules.iter().filter(|r| r.remote.contains(&p)) {
+            let (rref, _) = rule_refs.intern(&r.origin)?;
+            let s = span(&r.matcher);
+            set.entry(s)
+                .and_modify(|v| *v = (*v).min(rref))
+                .or_insert(rref);
+        }
+        let set: Vec<(Span, u32)> = set.into_iter().collect();
+        let (sid, new) = port_sets.intern(&set)?;
+        if new {
+            for (s, rref) in &set {
+                match *s {
+                    Span::All => out.sg_ports.push(LpmEntry {
+                        prefix_len: 32,
+                        key: port_key(sid, 0, 0),
+                        value: *rref,
+                    }),
+                    Span::Proto(pr) => out.sg_ports.push(LpmEntry {
+                        prefix_len: 40,
+                        key: port_key(sid, pr, 0),
+                        value: *rref,
+                    }),
+                    Span::Range(pr, lo, hi) => {
+                        for (v, bits) in range_prefixes(lo, hi) {
+                            out.sg_ports.push(LpmEntry {
+                                prefix_len: 40 + bits,
+                                key: port_key(sid, pr, v),
+                                value: *rref,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        match p {
+            IpNet::V4(n) => {
+                let e = cidr_v4(pid, &n);
+                out.sg_cidr_v4.push(LpmEntry {
+                    prefix_len: e.prefix_len,
+                    key: e.key,
+                    value: sid,
+                });
+            }
+            IpNet::V6(n) => {
+                let e = cidr_v6(pid, &n);
+                out.sg_cidr_v6.push(LpmEntry {
+                    prefix_len: e.prefix_len,
+                    key: e.key,
+                    value: sid,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn dedup_lpm<K: Copy + bytemuck::Pod, V: Copy + Ord>(v: &mut Vec<LpmEntry<K, V>>) {
+    let mut seen: BTreeMap<(u32, Vec<u8>), V> = BTreeMap::new();
+    for e in v.iter() {
+        seen.entry((e.prefix_len, bytemuck::bytes_of(&e.key).to_vec()))
+            .and_modify(|x| *x = (*x).min(e.value))
+            .or_insert(e.value);
+    }
+    v.clear();
+    for ((plen, key), value) in seen {
+        if let Ok(k) = bytemuck::try_pod_read_unaligned::<K>(&key) {
+            v.push(LpmEntry {
+                prefix_len: plen,
+                key: k,
+                value,
+            });
+        }
+    }
+}
+

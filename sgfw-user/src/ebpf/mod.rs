@@ -1,0 +1,799 @@
+//! The eBPF backend: compiles a [`FlatModel`] into BPF maps and keeps TC
+//! classifiers attached to every port of every subnet bridge.
+//!
+//! Owns the BPF object's lifecycle (load, pin under [`PIN_ROOT`], attach with
+//! TCX, teardown) and the atomic update protocol ([`write_generation`]). It
+//! must never leave a half-written policy in force: new entries are written
+//! under ids of the other generation parity, each instance and subnet is then
+//! switched with one hash-map write, and only then are old entries removed;
+//! any failure before the switch completes restores the previous contents.
+
+pub mod compile;
+pub mod testrun;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+
+use aya::maps::{Map, MapData, PerCpuArray};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::{SchedClassifier, TcAttachType};
+use aya::{Ebpf, EbpfLoader};
+use sgfw_common::{
+    AddrKey, CidrKeyV4, CidrKeyV6, Config, CtKey, InstancePolicy, NaclMeta, PortKey, Reason,
+    SubnetPolicy, map_names as mn, program_names as pn,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::flat::FlatModel;
+use crate::sys::{self, Host, KernelMaps, MapOps, SysError};
+use compile::{Compiled, CompileError, Indices, LpmEntry, id_has_parity};
+
+/// Where sgfw pins its maps, programs and links.
+pub const PIN_ROOT: &str = "/sys/fs/bpf/sgfw";
+/// Where sgfw keeps the state a later `apply`, `status` or `flows` needs.
+pub const STATE_PATH: &str = "/run/sgfw/ebpf.json";
+
+/// The BPF object, embedded at build time (empty when built without it).
+pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sgfw.bpf.o"));
+
+/// Errors of the eBPF backend.
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    /// The model does not fit the dataplane's structures.
+    #[error("the model cannot be compiled for the eBPF backend")]
+    Compile(#[from] CompileError),
+    /// This binary was built without the BPF object.
+    #[error("this sgfw binary has no BPF object embedded; build it with `cargo xtask build`")]
+    NotBuilt,
+    /// Loading the object or a program failed (verifier, permissions, kernel).
+    #[error("loading the BPF object failed")]
+    Load(#[source] Box<aya::EbpfError>),
+    /// A program operation failed.
+    #[error("{what} failed")]
+    Program {
+        /// What was being done, naming the program or interface.
+        what: String,
+        /// The cause.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A host interaction failed.
+    #[error(transparent)]
+    Sys(#[from] SysError),
+    /// A map is too small for the new model next to the one in force.
+    #[error(
+        "map {map} holds at most {capacity} entries but this apply needs {needed}; run `sgfw teardown` and apply again to resize"
+    )]
+    Capacity {
+        /// The map.
+        map: &'static str,
+        /// Its max_entries.
+        capacity: u32,
+        /// Entries needed during the switch.
+        needed: usize,
+    },
+    /// The state file is unreadable.
+    #[error("state file {path} is corrupt")]
+    State {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// sgfw is not applied on this host.
+    #[error("sgfw (eBPF backend) is not applied on this host")]
+    NotApplied,
+}
+
+fn prog_err(what: String, e: impl std::error::Error + Send + Sync + 'static) -> EbpfError {
+    EbpfError::Program {
+        what,
+        source: Box::new(e),
+    }
+}
+
+/// What a later run needs to know about the policy in force.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct State {
+    /// Policy generation (bumped by each apply).
+    pub generation: u32,
+    /// Id parity of the generation in force.
+    pub parity: u32,
+    /// Stable instance/subnet numbering.
+    pub indices: Indices,
+    /// SG rule reference → display name.
+    pub rule_refs: Vec<String>,
+    /// Instance index → id.
+    pub instance_ids: BTreeMap<u32, String>,
+    /// Subnet id → bridge.
+    pub bridges: BTreeMap<String, String>,
+    /// Map name → max_entries as loaded.
+    pub capacities: BTreeMap<String, u32>,
+    /// Instance id → bound interface name.
+    pub interfaces: BTreeMap<String, String>,
+}
+
+impl State {
+    /// Reads the state file; `None` when sgfw is not applied.
+    pub fn load(path: &Path) -> Result<Option<State>, EbpfError> {
+        match std::fs::read(path) {
+            Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|source| EbpfError::State {
+                path: path.to_path_buf(),
+                source,
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(SysError::File {
+                what: "reading",
+                path: path.to_path_buf(),
+                source,
+            }
+            .into()),
+        }
+    }
+
+    fn save(&self, path: &Path) -> Result<(), EbpfError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|source| SysError::File {
+                what: "creating",
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        }
+        let tmp = path.with_extension("json.tmp");
+        let bytes = serde_json::to_vec_pretty(self).map_err(|source| EbpfError::State {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        std::fs::write(&tmp, bytes)
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .map_err(|source| {
+                SysError::File {
+                    what: "writing",
+                    path: path.to_path_buf(),
+                    source,
+                }
+                .into()
+            })
+    }
+}
+
+fn lpm_bytes<K: bytemuck::Pod>(prefix_len: u32, key: &K) -> Vec<u8> {
+    let mut v = prefix_len.to_ne_bytes().to_vec();
+    v.extend_from_slice(bytemuck::bytes_of(key));
+    v
+}
+
+/// The map contents an apply writes, as (map, key bytes, value bytes).
+fn lpm_rows<'a, K: bytemuck::Pod, V: bytemuck::Pod>(
+    map: &'static str,
+    rows: &'a [LpmEntry<K, V>],
+) -> impl Iterator<Item = (&'static str, Vec<u8>, Vec<u8>)> + 'a {
+    rows.iter()
+        .map(move |e| (map, lpm_bytes(e.prefix_len, &e.key), bytemuck::bytes_of(&e.value).to_vec()))
+}
+
+/// Key size of each id-carrying map, with where the id sits in the key.
+const GENERATIONAL: &[(&str, usize, usize)] = &[
+    // (map, key size incl. prefixlen, offset of the big-endian id)
+    (mn::SG_CIDR_V4, 4 + size_of::<CidrKeyV4>(), 4),
+    (mn::SG_CIDR_V6, 4 + size_of::<CidrKeyV6>(), 4),
+    (mn::SG_PORTS, 4 + size_of::<PortKey>(), 4),
+    (mn::NACL_CIDR_V4, 4 + size_of::<CidrKeyV4>(), 4),
+    (mn::NACL_CIDR_V6, 4 + size_of::<CidrKeyV6>(), 4),
+    (mn::NACL_PORTS, 4 + size_of::<PortKey>(), 4),
+];
+
+/// The `CONFIG` element for a model and generation.
+pub fn config_for(model: &FlatModel, generation: u32, flags: u32) -> Config {
+    let t = model.timeouts;
+    let ns = |s: u32| u64::from(s) * 1_000_000_000;
+    Config {
+        time_override_ns: 0,
+        tcp_established_ns: ns(t.tcp_established),
+        tcp_new_ns: ns(t.tcp_new),
+        tcp_closing_ns: ns(t.tcp_closing),
+        udp_ns: ns(t.udp),
+        udp_stream_ns: ns(t.udp_stream),
+        icmp_ns: ns(t.icmp),
+        other_ns: ns(t.other),
+        flags,
+        events_per_sec: 1000,
+        generation,
+        _pad: 0,
+    }
+}
+
+/// Writes a compiled generation into the maps with the switch protocol
+/// described in the module docs. `ports` is ifindex → instance index for
+/// bound ports. On error, the previous contents are restored (best effort
+/// for the restore itself) and the error is returned.
+pub fn write_generation(
+    maps: &mut dyn MapOps,
+    c: &Compiled,
+    ports: &[(u32, u32)],
+    config: &Config,
+) -> Result<(), SysError> {
+    // Snapshot what the switch overwrites, to restore on failure.
+    let switched: [(&str, usize, usize); 4] = [
+        (mn::ADDRS, size_of::<AddrKey>(), 8),
+        (mn::INSTANCES, 4, size_of::<InstancePolicy>()),
+        (mn::SUBNETS, 4, size_of::<SubnetPolicy>()),
+        (mn::PORTS, 4, 4),
+    ];
+    let mut before: Vec<(&str, BTreeMap<Vec<u8>, Vec<u8>>)> = Vec::new();
+    for (map, ks, vs) in switched {
+        let mut m = BTreeMap::new();
+        for k in maps.keys(map, ks)? {
+            if let Some(v) = maps.lookup(map, &k, vs)? {
+                m.insert(k, v);
+            }
+        }
+        before.push((map, m));
+    }
+    let old_config = maps.lookup(mn::CONFIG, &0u32.to_ne_bytes(), size_of::<Config>())?;
+
+    let result = write_and_switch(maps, c, ports, config);
+    if let Err(e) = result {
+        // Roll back: the previous generation's entries were never touched.
+        for (map, old) in &before {
+            let ks = switched.iter().find(|s| s.0 == *map).map_or(0, |s| s.1);
+            if let Ok(keys) = maps.keys(map, ks) {
+                for k in keys {
+                    match old.get(&k) {
+                        Some(_) => {}
+                        None => {
+                            let _ = maps.delete(map, &k);
+                        }
+                    }
+                }
+            }
+            for (k, v) in old {
+                let _ = maps.update(map, k, v);
+            }
+        }
+        if let Some(cfg) = old_config {
+            let _ = maps.update(mn::CONFIG, &0u32.to_ne_bytes(), &cfg);
+        }
+        let _ = delete_parity(maps, c.parity);
+        return Err(e);
+    }
+    // The new generation is in force: drop the old one.
+    delete_parity(maps, 1 - c.parity)?;
+    Ok(())
+}
+
+fn delete_parity(maps: &mut dyn MapOps, parity: u32) -> Result<(), SysError> {
+    for (map, ks, off) in GENERATIONAL {
+        for k in maps.keys(map, *ks)? {
+            let id = u32::from_be_bytes([k[*off], k[off + 1], k[off + 2], k[off + 3]]);
+            if id_has_parity(id, parity) {
+                maps.delete(map, &k)?;
+            }
+        }
+    }
+    for k in maps.keys(mn::NACL_META, 4)? {
+        let id = u32::from_ne_bytes([k[0], k[1], k[2], k[3]]);
+        if id_has_parity(id, parity) {
+            maps.delete(mn::NACL_META, &k)?;
+        }
+    }
+    Ok(())
+}
+
+fn write_and_switch(
+    maps: &mut dyn MapOps,
+    c: &Compiled,
+    ports: &[(u32, u32)],
+    config: &Config,
+) -> Result<(), SysError> {
+    // 1. The new generation's lookup structures, beside the old ones.
+    let rows = lpm_rows(mn::SG_CIDR_V4, &c.sg_cidr_v4)
+        .chain(lpm_rows(mn::SG_CIDR_V6, &c.sg_cidr_v6))
+        .chain(lpm_rows(mn::SG_PORTS, &c.sg_ports))
+        .chain(lpm_rows(mn::NACL_CIDR_V4, &c.nacl_cidr_v4))
+        .chain(lpm_rows(mn::NACL_CIDR_V6, &c.nacl_cidr_v6))
+        .chain(lpm_rows(mn::NACL_PORTS, &c.nacl_ports));
+    for (map, k, v) in rows {
+        maps.update(map, &k, &v)?;
+    }
+    for (id, meta) in &c.nacl_meta {
+        maps.update(mn::NACL_META, &id.to_ne_bytes(), bytemuck::bytes_of::<NaclMeta>(meta))?;
+    }
+    // 2. Switch: subnets, then instances (one atomic hash write each), then
+    //    the address and port ownership.
+    for (idx, sp) in &c.subnets {
+        maps.update(mn::SUBNETS, &idx.to_ne_bytes(), bytemuck::bytes_of(sp))?;
+    }
+    for (idx, ip) in &c.instances {
+        maps.update(mn::INSTANCES, &idx.to_ne_bytes(), bytemuck::bytes_of(ip))?;
+    }
+    for (k, v) in &c.addrs {
+        maps.update(mn::ADDRS, bytemuck::bytes_of(k), bytemuck::bytes_of(v))?;
+    }
+    for (ifx, inst) in ports {
+        maps.update(mn::PORTS, &ifx.to_ne_bytes(), &inst.to_ne_bytes())?;
+    }
+    // 3. Remove what the new model no longer has.
+    let keep: BTreeSet<Vec<u8>> = c.addrs.iter().map(|(k, _)| bytemuck::bytes_of(k).to_vec()).collect();
+    for k in maps.keys(mn::ADDRS, size_of::<AddrKey>())? {
+        if !keep.contains(&k) {
+            maps.delete(mn::ADDRS, &k)?;
+        }
+    }
+    let keep: BTreeSet<Vec<u8>> = ports.iter().map(|(i, _)| i.to_ne_bytes().to_vec()).collect();
+    for k in maps.keys(mn::PORTS, 4)? {
+        if !keep.contains(&k) {
+            maps.delete(mn::PORTS, &k)?;
+        }
+    }
+    for (map, live) in [
+        (mn::INSTANCES, c.instances.iter().map(|(i, _)| *i).collect::<BTreeSet<u32>>()),
+        (mn::SUBNETS, c.subnets.iter().map(|(i, _)| *i).collect::<BTreeSet<u32>>()),
+    ] {
+        for k in maps.keys(map, 4)? {
+            let id = u32::from_ne_bytes([k[0], k[1], k[2], k[3]]);
+            if !live.contains(&id) {
+                maps.delete(map, &k)?;
+            }
+        }
+    }
+    // 4. A new generation: every conntrack fast-path cache is re-validated.
+    maps.update(mn::CONFIG, &0u32.to_ne_bytes(), bytemuck::bytes_of(config))?;
+    Ok(())
+}
+
+/// Map capacities for a first load: generous, since LPM tries allocate on
+/// demand and two generations coexist during a switch.
+fn capacities(c: &Compiled, conntrack_max: u32) -> BTreeMap<&'static str, u32> {
+    let cap = |n: usize, min: u32| -> u32 {
+        u32::try_from(n.saturating_mul(4).saturating_add(1024))
+            .unwrap_or(u32::MAX)
+            .max(min)
+    };
+    let mut m = BTreeMap::new();
+    m.insert(mn::ADDRS, cap(c.addrs.len(), 4096));
+    m.insert(mn::INSTANCES, cap(c.instances.len(), 4096));
+    m.insert(mn::SUBNETS, cap(c.subnets.len(), 1024));
+    m.insert(mn::PORTS, cap(c.instances.len(), 4096));
+    m.insert(mn::SG_CIDR_V4, cap(c.sg_cidr_v4.len(), 65_536));
+    m.insert(mn::SG_CIDR_V6, cap(c.sg_cidr_v6.len(), 65_536));
+    m.insert(mn::SG_PORTS, cap(c.sg_ports.len(), 262_144));
+    m.insert(mn::NACL_CIDR_V4, cap(c.nacl_cidr_v4.len(), 16_384));
+    m.insert(mn::NACL_CIDR_V6, cap(c.nacl_cidr_v6.len(), 16_384));
+    m.insert(mn::NACL_PORTS, cap(c.nacl_ports.len(), 65_536));
+    m.insert(mn::NACL_META, cap(c.nacl_meta.len(), 4096));
+    m.insert(mn::CONNTRACK, conntrack_max);
+    m.insert(mn::COUNTERS, (cap(c.instances.len(), 4096) + 1) * Reason::COUNT as u32);
+    m
+}
+
+/// Entries each map needs while both generations coexist.
+fn needed(c: &Compiled, old: &BTreeMap<String, usize>) -> Vec<(&'static str, usize)> {
+    let o = |m: &str| old.get(m).copied().unwrap_or(0);
+    vec![
+        (mn::ADDRS, c.addrs.len() + o(mn::ADDRS)),
+        (mn::INSTANCES, c.instances.len() + o(mn::INSTANCES)),
+        (mn::SUBNETS, c.subnets.len() + o(mn::SUBNETS)),
+        (mn::SG_CIDR_V4, c.sg_cidr_v4.len() + o(mn::SG_CIDR_V4)),
+        (mn::SG_CIDR_V6, c.sg_cidr_v6.len() + o(mn::SG_CIDR_V6)),
+        (mn::SG_PORTS, c.sg_ports.len() + o(mn::SG_PORTS)),
+        (mn::NACL_CIDR_V4, c.nacl_cidr_v4.len() + o(mn::NACL_CIDR_V4)),
+        (mn::NACL_CIDR_V6, c.nacl_cidr_v6.len() + o(mn::NACL_CIDR_V6)),
+        (mn::NACL_PORTS, c.nacl_ports.len() + o(mn::NACL_PORTS)),
+        (mn::NACL_META, c.nacl_meta.len() + o(mn::NACL_META)),
+    ]
+}
+
+/// Every map the object defines.
+pub const ALL_MAPS: &[&str] = &[
+    mn::ADDRS,
+    mn::INSTANCES,
+    mn::SUBNETS,
+    mn::PORTS,
+    mn::SG_CIDR_V4,
+    mn::SG_CIDR_V6,
+    mn::SG_PORTS,
+    mn::NACL_CIDR_V4,
+    mn::NACL_CIDR_V6,
+    mn::NACL_PORTS,
+    mn::NACL_META,
+    mn::CONNTRACK,
+    mn::CONFIG,
+    mn::COUNTERS,
+    mn::EVENTS,
+    mn::PORT_COUNTS,
+    "SGFW_EVENT_RATE",
+    "SGFW_SCRATCH",
+];
+
+/// Options of an apply.
+#[derive(Debug, Clone)]
+pub struct ApplyOptions {
+    /// Conntrack capacity at first load.
+    pub conntrack_max: u32,
+    /// Also report accepted new flows as events.
+    pub emit_accepts: bool,
+}
+
+impl Default for ApplyOptions {
+    fn default() -> Self {
+        ApplyOptions {
+            conntrack_max: 262_144,
+            emit_accepts: false,
+        }
+    }
+}
+
+/// What an apply did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ApplyReport {
+    /// Generation now in force.
+    pub generation: u32,
+    /// Whether the object was loaded by this apply (first apply).
+    pub loaded: bool,
+    /// Ports newly attached.
+    pub attached: Vec<String>,
+    /// Entries written per map.
+    pub entries: BTreeMap<String, usize>,
+}
+
+/// The eBPF backend, rooted at a pin directory and a state file.
+#[derive(Debug, Clone)]
+pub struct EbpfBackend {
+    /// Pin directory (normally [`PIN_ROOT`]).
+    pub pin_root: PathBuf,
+    /// State file (normally [`STATE_PATH`]).
+    pub state_path: PathBuf,
+}
+
+impl Default for EbpfBackend {
+    fn default() -> Self {
+        EbpfBackend {
+            pin_root: PathBuf::from(PIN_ROOT),
+            state_path: PathBuf::from(STATE_PATH),
+        }
+    }
+}
+
+fn map_pin(root: &Path, name: &str) -> PathBuf {
+    root.join("maps").join(name)
+}
+
+/// Loads the embedded object with the given map sizes (not attached, not pinned).
+pub fn load_object(caps: &BTreeMap<&'static str, u32>) -> Result<Ebpf, EbpfError> {
+    if BPF_OBJECT.is_empty() {
+        return Err(EbpfError::NotBuilt);
+    }
+    let mut loader = EbpfLoader::new();
+    for (name, n) in caps {
+        loader.map_max_entries(name, *n);
+    }
+    let mut ebpf = loader.load(BPF_OBJECT).map_err(|e| EbpfError::Load(Box::new(e)))?;
+    for name in [pn::FROM_INSTANCE, pn::TO_INSTANCE, pn::PORT_COUNT_INGRESS, pn::PORT_COUNT_EGRESS, pn::NOOP] {
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or_else(|| prog_err(format!("finding program {name}"), SysError::NoSuchMap(name.into())))?
+            .try_into()
+            .map_err(|e| prog_err(format!("program {name}"), e))?;
+        prog.load().map_err(|e| prog_err(format!("loading program {name}"), e))?;
+    }
+    Ok(ebpf)
+}
+
+/// Opens the maps of a loaded object for [`MapOps`].
+pub fn kernel_maps_of(ebpf: &Ebpf) -> Result<KernelMaps, EbpfError> {
+    let mut km = KernelMaps::default();
+    for (name, map) in ebpf.maps() {
+        let fd = map_fd(map)?;
+        km.insert(name, fd);
+    }
+    Ok(km)
+}
+
+fn map_fd(map: &Map) -> Result<std::os::fd::OwnedFd, EbpfError> {
+    let data: &MapData = match map {
+        Map::Array(d)
+        | Map::HashMap(d)
+        | Map::LruHashMap(d)
+        | Map::LpmTrie(d)
+        | Map::PerCpuArray(d)
+        | Map::PerCpuHashMap(d)
+        | Map::RingBuf(d) => d,
+        _ => return Err(prog_err("opening a map".into(), SysError::NoSuchMap("unexpected map type".into()))),
+    };
+    data.fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| prog_err("duplicating a map fd".into(), e))
+}
+
+impl EbpfBackend {
+    fn state(&self) -> Result<Option<State>, EbpfError> {
+        State::load(&self.state_path)
+    }
+
+    /// Whether sgfw's pins exist.
+    pub fn is_applied(&self) -> bool {
+        map_pin(&self.pin_root, mn::CONFIG).exists()
+    }
+
+    /// Opens the pinned maps.
+    pub fn open_maps(&self) -> Result<KernelMaps, EbpfError> {
+        let mut km = KernelMaps::default();
+        for name in ALL_MAPS {
+            let path = map_pin(&self.pin_root, name);
+            if !path.exists() {
+                continue;
+            }
+            let data = MapData::from_pin(&path).map_err(|e| prog_err(format!("opening {}", path.display()), e))?;
+            let fd = data
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| prog_err("duplicating a map fd".into(), e))?;
+            km.insert(name, fd);
+        }
+        Ok(km)
+    }
+
+    /// Validated model in, enforcement out: compiles, loads and pins on first
+    /// use, writes the new generation atomically, attaches every bridge port.
+    /// Nothing is changed when compiling fails or the maps are too small.
+    pub fn apply(&self, model: &FlatModel, host: &dyn Host, opts: &ApplyOptions) -> Result<ApplyReport, EbpfError> {
+        let prev = self.state()?.filter(|_| self.is_applied());
+        let mut state = prev.clone().unwrap_or_default();
+        state.indices.update(model);
+        let parity = prev.as_ref().map_or(0, |p| 1 - p.parity);
+        let compiled = compile::compile(model, &state.indices, parity)?;
+        let mut report = ApplyReport::default();
+
+        sys::ensure_bpffs()?;
+        let mut maps = if let Some(prev) = &prev {
+            let mut km = self.open_maps()?;
+            // Capacity check before anything is written.
+            let mut old = BTreeMap::new();
+            for (map, _, _) in GENERATIONAL {
+                let ks = GENERATIONAL.iter().find(|g| g.0 == *map).map_or(0, |g| g.1);
+                old.insert(map.to_string(), km.keys(map, ks)?.len());
+            }
+            old.insert(mn::ADDRS.into(), km.keys(mn::ADDRS, size_of::<AddrKey>())?.len());
+            old.insert(mn::INSTANCES.into(), km.keys(mn::INSTANCES, 4)?.len());
+            old.insert(mn::SUBNETS.into(), km.keys(mn::SUBNETS, 4)?.len());
+            old.insert(mn::NACL_META.into(), km.keys(mn::NACL_META, 4)?.len());
+            for (map, need) in needed(&compiled, &old) {
+                let capacity = prev.capacities.get(map).copied().unwrap_or(0);
+                if need > capacity as usize {
+                    return Err(EbpfError::Capacity {
+                        map,
+                        capacity,
+                        needed: need,
+                    });
+                }
+            }
+            km
+        } else {
+            let caps = capacities(&compiled, opts.conntrack_max);
+            for (map, need) in needed(&compiled, &BTreeMap::new()) {
+                let capacity = caps.get(map).copied().unwrap_or(0);
+                if need > capacity as usize {
+                    return Err(EbpfError::Capacity {
+                        map,
+                        capacity,
+                        needed: need,
+                    });
+                }
+            }
+            let mut ebpf = load_object(&caps)?;
+            let km = kernel_maps_of(&ebpf)?;
+            self.pin_object(&mut ebpf)?;
+            state.capacities = caps.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+            report.loaded = true;
+            km
+        };
+
+        // Bound ports: an instance's interface that exists now.
+        let mut ports = Vec::new();
+        state.interfaces.clear();
+        for inst in &model.instances {
+            if let (Some(ifname), Some(idx)) = (&inst.interface, state.indices.instances.get(&inst.id)) {
+                state.interfaces.insert(inst.id.clone(), ifname.clone());
+                if let Some(ifx) = host.ifindex(ifname)? {
+                    ports.push((ifx, *idx));
+                }
+            }
+        }
+        let generation = state.generation.wrapping_add(1).max(1);
+        let flags = if opts.emit_accepts { sgfw_common::CONFIG_EMIT_ACCEPTS } else { 0 };
+        let config = config_for(model, generation, flags);
+        if let Err(e) = write_generation(&mut maps, &compiled, &ports, &config) {
+            if report.loaded {
+                // Nothing was in force before: leave nothing behind.
+                let _ = self.teardown();
+            }
+            return Err(e.into());
+        }
+
+        state.generation = generation;
+        state.parity = parity;
+        state.rule_refs = compiled.rule_refs.iter().map(ToString::to_string).collect();
+        state.instance_ids = compiled.instance_ids.clone();
+        state.bridges = model.subnets.iter().map(|s| (s.id.clone(), s.bridge.clone())).collect();
+        state.save(&self.state_path)?;
+
+        report.attached = self.attach_ports(host)?;
+        report.generation = generation;
+        report.entries = [
+            (mn::ADDRS, compiled.addrs.len()),
+            (mn::INSTANCES, compiled.instances.len()),
+            (mn::SUBNETS, compiled.subnets.len()),
+            (mn::SG_CIDR_V4, compiled.sg_cidr_v4.len()),
+            (mn::SG_CIDR_V6, compiled.sg_cidr_v6.len()),
+            (mn::SG_PORTS, compiled.sg_ports.len()),
+            (mn::NACL_CIDR_V4, compiled.nacl_cidr_v4.len()),
+            (mn::NACL_CIDR_V6, compiled.nacl_cidr_v6.len()),
+            (mn::NACL_PORTS, compiled.nacl_ports.len()),
+            (mn::NACL_META, compiled.nacl_meta.len()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        Ok(report)
+    }
+
+    fn pin_object(&self, ebpf: &mut Ebpf) -> Result<(), EbpfError> {
+        for dir in ["maps", "progs", "links"] {
+            let d = self.pin_root.join(dir);
+            std::fs::create_dir_all(&d).map_err(|source| SysError::File {
+                what: "creating",
+                path: d,
+                source,
+            })?;
+        }
+        for (name, map) in ebpf.maps() {
+            let path = map_pin(&self.pin_root, name);
+            map.pin(&path).map_err(|e| prog_err(format!("pinning map {name}"), e))?;
+        }
+        for name in [pn::FROM_INSTANCE, pn::TO_INSTANCE] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or_else(|| prog_err(format!("finding program {name}"), SysError::NoSuchMap(name.into())))?
+                .try_into()
+                .map_err(|e| prog_err(format!("program {name}"), e))?;
+            let path = self.pin_root.join("progs").join(name);
+            prog.pin(&path).map_err(|e| prog_err(format!("pinning program {name}"), e))?;
+        }
+        Ok(())
+    }
+
+    fn link_pin(&self, port: &sys::Port, dir: &str) -> PathBuf {
+        self.pin_root.join("links").join(format!("{}@{}.{dir}", port.name, port.ifindex))
+    }
+
+    /// Attaches the classifiers to every port of every bridge in the state
+    /// that is not attached yet; forgets links of ports that are gone.
+    /// Returns the names of the ports newly attached.
+    pub fn attach_ports(&self, host: &dyn Host) -> Result<Vec<String>, EbpfError> {
+        let Some(state) = self.state()? else {
+            return Err(EbpfError::NotApplied);
+        };
+        let links_dir = self.pin_root.join("links");
+        // Forget links of interfaces that no longer exist.
+        if let Ok(entries) = std::fs::read_dir(&links_dir) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let Some((ifname, rest)) = name.split_once('@') else { continue };
+                let Some(ifx) = rest.split('.').next().and_then(|s| s.parse::<u32>().ok()) else {
+                    continue;
+                };
+                if host.ifindex(ifname)? != Some(ifx) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        let mut attached = Vec::new();
+        let mut progs: Option<(SchedClassifier, SchedClassifier)> = None;
+        let bridges: BTreeSet<&String> = state.bridges.values().collect();
+        for bridge in bridges {
+            for port in host.bridge_ports(bridge)? {
+                let pin_in = self.link_pin(&port, "ingress");
+                let pin_out = self.link_pin(&port, "egress");
+                if pin_in.exists() && pin_out.exists() {
+                    continue;
+                }
+                if progs.is_none() {
+                    let open = |name: &str| {
+                        SchedClassifier::from_pin(self.pin_root.join("progs").join(name))
+                            .map_err(|e| prog_err(format!("opening pinned program {name}"), e))
+                    };
+                    progs = Some((open(pn::FROM_INSTANCE)?, open(pn::TO_INSTANCE)?));
+                }
+                let Some((from, to)) = progs.as_mut() else { continue };
+                for (prog, kind, pin) in [(from, TcAttachType::Ingress, &pin_in), (to, TcAttachType::Egress, &pin_out)] {
+                    if pin.exists() {
+                        continue;
+                    }
+                    let id = prog
+                        .attach(&port.name, kind)
+                        .map_err(|e| prog_err(format!("attaching to {} ({kind:?})", port.name), e))?;
+                    let link = prog
+                        .take_link(id)
+                        .map_err(|e| prog_err(format!("taking link of {}", port.name), e))?;
+                    let fd: FdLink = link
+                        .try_into()
+                        .map_err(|e| prog_err(format!("link of {} is not a TCX link", port.name), e))?;
+                    fd.pin(pin).map_err(|e| prog_err(format!("pinning link {}", pin.display()), e))?;
+                }
+                attached.push(port.name.clone());
+            }
+        }
+        Ok(attached)
+    }
+
+    /// Removes every trace: links (detaching the programs), programs, maps,
+    /// the pin directory and the state file. Succeeds when nothing is there.
+    pub fn teardown(&self) -> Result<(), EbpfError> {
+        let links = self.pin_root.join("links");
+        if let Ok(entries) = std::fs::read_dir(&links) {
+            for e in entries.flatten() {
+                // Unpinning the last reference detaches the TCX link.
+                if let Ok(l) = PinnedLink::from_pin(e.path()) {
+                    let _ = l.unpin();
+                } else {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        if self.pin_root.exists() {
+            std::fs::remove_dir_all(&self.pin_root).map_err(|source| SysError::File {
+                what: "removing",
+                path: self.pin_root.clone(),
+                source,
+            })?;
+        }
+        match std::fs::remove_file(&self.state_path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(SysError::File {
+                    what: "removing",
+                    path: self.state_path.clone(),
+                    source,
+                }
+                .into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Sums the per-CPU counters: (instance index, reason) → packets.
+    pub fn counters(&self) -> Result<BTreeMap<(u32, Reason), u64>, EbpfError> {
+        let path = map_pin(&self.pin_root, mn::COUNTERS);
+        let data = MapData::from_pin(&path).map_err(|e| prog_err(format!("opening {}", path.display()), e))?;
+        let arr: PerCpuArray<MapData, u64> = PerCpuArray::try_from(Map::PerCpuArray(data))
+            .map_err(|e| prog_err("reading counters".into(), e))?;
+        let mut out = BTreeMap::new();
+        let state = self.state()?.unwrap_or_default();
+        let mut idxs: Vec<u32> = state.instance_ids.keys().copied().collect();
+        idxs.push(0);
+        for inst in idxs {
+            for r in Reason::ALL {
+                let i = sgfw_common::counter_index(inst, r);
+                if let Ok(vals) = arr.get(&i, 0) {
+                    let total: u64 = vals.iter().sum();
+                    if total > 0 {
+                        out.insert((inst, r), total);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Number of conntrack entries.
+    pub fn conntrack_len(&self) -> Result<usize, EbpfError> {
+        let mut km = self.open_maps()?;
+        Ok(km.keys(mn::CONNTRACK, size_of::<CtKey>())?.len())
+    }
+}

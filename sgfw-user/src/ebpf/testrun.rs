@@ -1,0 +1,266 @@
+//! Runs the classifiers on synthetic packets with `BPF_PROG_TEST_RUN`.
+//!
+//! Owns a private, unpinned, unattached instance of the BPF object whose
+//! maps hold a compiled model, and the encoding of a [`Packet`] into an
+//! Ethernet frame. The differential test and the benchmarks drive the
+//! dataplane through it; it never touches the host's interfaces.
+
+use std::net::IpAddr;
+
+use aya::Ebpf;
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use sgfw_common::{Config, Direction, map_names as mn, program_names as pn};
+
+use super::compile::{self, Indices};
+use super::{EbpfError, config_for, kernel_maps_of, load_object, prog_err, write_generation};
+use crate::flat::FlatModel;
+use crate::packet::{L4, Packet};
+use crate::sys::{KernelMaps, MapOps};
+
+/// `TC_ACT_OK`.
+pub const TC_ACT_OK: u32 = 0;
+/// `TC_ACT_SHOT`.
+pub const TC_ACT_SHOT: u32 = 2;
+
+/// A loaded, unattached dataplane for test runs.
+pub struct TestDataplane {
+    ebpf: Ebpf,
+    maps: KernelMaps,
+    indices: Indices,
+    parity: u32,
+    generation: u32,
+    config: Config,
+}
+
+impl std::fmt::Debug for TestDataplane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestDataplane").field("generation", &self.generation).finish()
+    }
+}
+
+impl TestDataplane {
+    /// Loads a private copy of the object (conntrack sized `conntrack_max`)
+    /// and writes `model` into it.
+    pub fn new(model: &FlatModel, conntrack_max: u32) -> Result<Self, EbpfError> {
+        let mut indices = Indices::default();
+        indices.update(model);
+        let compiled = compile::compile(model, &indices, 0)?;
+        let mut caps = super::capacities(&compiled, conntrack_max);
+        // Room for many re-applies of growing test models.
+        for v in caps.values_mut() {
+            *v = (*v).max(1024);
+        }
+        let ebpf = load_object(&caps)?;
+        let maps = kernel_maps_of(&ebpf)?;
+        let config = config_for(model, 1, 0);
+        let mut dp = TestDataplane {
+            ebpf,
+            maps,
+            indices,
+            parity: 1,
+            generation: 0,
+            config,
+        };
+        dp.apply(model)?;
+        Ok(dp)
+    }
+
+    /// Re-applies a (changed) model with the same switch protocol as a real apply.
+    pub fn apply(&mut self, model: &FlatModel) -> Result<(), EbpfError> {
+        self.indices.update(model);
+        let parity = 1 - self.parity;
+        let compiled = compile::compile(model, &self.indices, parity)?;
+        self.generation += 1;
+        let mut config = config_for(model, self.generation, 0);
+        config.time_override_ns = self.config.time_override_ns;
+        write_generation(&mut self.maps, &compiled, &[], &config)?;
+        self.parity = parity;
+        self.config = config;
+        Ok(())
+    }
+
+    /// Sets the dataplane clock (ns); 0 returns to the kernel clock.
+    pub fn set_time(&mut self, now_ns: u64) -> Result<(), EbpfError> {
+        self.config.time_override_ns = now_ns;
+        self.maps
+            .update(mn::CONFIG, &0u32.to_ne_bytes(), bytemuck::bytes_of(&self.config))?;
+        Ok(())
+    }
+
+    /// Runs one hook on a frame `repeat` times; returns (TC action, mean ns per run).
+    pub fn run_frame(&mut self, program: &str, frame: &[u8], repeat: u32) -> Result<(u32, u64), EbpfError> {
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(program)
+            .ok_or_else(|| prog_err(format!("finding {program}"), crate::sys::SysError::NoSuchMap(program.into())))?
+            .try_into()
+            .map_err(|e| prog_err(format!("program {program}"), e))?;
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        opts.repeat = repeat;
+        let r = prog
+            .test_run(opts)
+            .map_err(|e| prog_err(format!("BPF_PROG_TEST_RUN of {program}"), e))?;
+        Ok((r.return_value, r.duration.as_nanos() as u64))
+    }
+
+    /// The hook program for a direction.
+    pub fn program(dir: Direction) -> &'static str {
+        match dir {
+            Direction::Egress => pn::FROM_INSTANCE,
+            Direction::Ingress => pn::TO_INSTANCE,
+        }
+    }
+
+    /// What the dataplane does to `pkt` end to end: the sender's hook (if
+    /// the source is an instance), then the receiver's (if the destination
+    /// is one and the sender's hook passed it). True = delivered.
+    pub fn deliver(&mut self, model: &FlatModel, pkt: &Packet) -> Result<bool, EbpfError> {
+        let frame = frame(pkt);
+        if model.instance_by_addr(pkt.src).is_some() {
+            let (act, _) = self.run_frame(pn::FROM_INSTANCE, &frame, 1)?;
+            if act != TC_ACT_OK {
+                return Ok(false);
+            }
+        }
+        if model.instance_by_addr(pkt.dst).is_some() {
+            let (act, _) = self.run_frame(pn::TO_INSTANCE, &frame, 1)?;
+            if act != TC_ACT_OK {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Empties connection tracking.
+    pub fn clear_conntrack(&mut self) -> Result<(), EbpfError> {
+        for k in self.maps.keys(mn::CONNTRACK, size_of::<sgfw_common::CtKey>())? {
+            self.maps.delete(mn::CONNTRACK, &k)?;
+        }
+        Ok(())
+    }
+
+    /// Number of conntrack entries.
+    pub fn conntrack_len(&mut self) -> Result<usize, EbpfError> {
+        Ok(self.maps.keys(mn::CONNTRACK, size_of::<sgfw_common::CtKey>())?.len())
+    }
+
+    /// Raw map access (benchmarks fill conntrack directly).
+    pub fn maps(&mut self) -> &mut KernelMaps {
+        &mut self.maps
+    }
+
+    /// Runs the no-op floor program.
+    pub fn run_noop(&mut self, frame: &[u8], repeat: u32) -> Result<u64, EbpfError> {
+        Ok(self.run_frame(pn::NOOP, frame, repeat)?.1)
+    }
+}
+
+fn csum_fold(mut sum: u32) -> u16 {
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn l4_bytes(pkt: &Packet) -> (u8, Vec<u8>) {
+    match &pkt.l4 {
+        L4::Tcp { sport, dport, flags } => {
+            let mut b = vec![0u8; 20];
+            b[0..2].copy_from_slice(&sport.to_be_bytes());
+            b[2..4].copy_from_slice(&dport.to_be_bytes());
+            b[12] = 5 << 4;
+            let mut f = 0u8;
+            if flags.fin {
+                f |= 0x01;
+            }
+            if flags.syn {
+                f |= 0x02;
+            }
+            if flags.rst {
+                f |= 0x04;
+            }
+            if flags.ack {
+                f |= 0x10;
+            }
+            b[13] = f;
+            (6, b)
+        }
+        L4::Udp { sport, dport } => {
+            let mut b = vec![0u8; 8];
+            b[0..2].copy_from_slice(&sport.to_be_bytes());
+            b[2..4].copy_from_slice(&dport.to_be_bytes());
+            b[4..6].copy_from_slice(&8u16.to_be_bytes());
+            (17, b)
+        }
+        L4::Icmp {
+            icmp_type,
+            code,
+            id,
+            quoted,
+        } => {
+            let mut b = vec![0u8; 8];
+            b[0] = *icmp_type;
+            b[1] = *code;
+            b[4..6].copy_from_slice(&id.to_be_bytes());
+            if let Some(inner) = quoted {
+                let inner_frame = ip_packet(inner);
+                // The quote: IP header and the first 8 bytes of L4.
+                let hdr = if inner.is_v6() { 40 } else { 20 };
+                let n = (hdr + 8).min(inner_frame.len());
+                b.extend_from_slice(&inner_frame[..n]);
+            }
+            (if pkt.is_v6() { 58 } else { 1 }, b)
+        }
+        L4::Other { proto } => (*proto, vec![0u8; 8]),
+    }
+}
+
+/// The IP packet (no Ethernet header) for `pkt`.
+pub fn ip_packet(pkt: &Packet) -> Vec<u8> {
+    let (proto, l4) = l4_bytes(pkt);
+    match (pkt.src, pkt.dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let mut h = vec![0u8; 20];
+            h[0] = 0x45;
+            let total = (20 + l4.len()) as u16;
+            h[2..4].copy_from_slice(&total.to_be_bytes());
+            h[8] = 64;
+            h[9] = proto;
+            h[12..16].copy_from_slice(&s.octets());
+            h[16..20].copy_from_slice(&d.octets());
+            let sum: u32 = h.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], c[1]]))).sum();
+            let c = csum_fold(sum);
+            h[10..12].copy_from_slice(&c.to_be_bytes());
+            h.extend_from_slice(&l4);
+            h
+        }
+        (s, d) => {
+            let to16 = |a: IpAddr| match a {
+                IpAddr::V6(v) => v.octets(),
+                IpAddr::V4(v) => v.to_ipv6_mapped().octets(),
+            };
+            let mut h = vec![0u8; 40];
+            h[0] = 0x60;
+            h[4..6].copy_from_slice(&(l4.len() as u16).to_be_bytes());
+            h[6] = proto;
+            h[7] = 64;
+            h[8..24].copy_from_slice(&to16(s));
+            h[24..40].copy_from_slice(&to16(d));
+            h.extend_from_slice(&l4);
+            h
+        }
+    }
+}
+
+/// The Ethernet frame for `pkt`.
+pub fn frame(pkt: &Packet) -> Vec<u8> {
+    let mut f = vec![0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1];
+    f.extend_from_slice(&(if pkt.is_v6() { 0x86ddu16 } else { 0x0800u16 }).to_be_bytes());
+    f.extend_from_slice(&ip_packet(pkt));
+    // Pad to the Ethernet minimum like a real NIC would.
+    while f.len() < 60 {
+        f.push(0);
+    }
+    f
+}

@@ -1,0 +1,383 @@
+//! The one seam between sgfw and the kernel.
+//!
+//! Every interaction with the host that a backend needs — BPF map element
+//! operations, finding a bridge's ports, running `nft` — passes through the
+//! traits here, so unprivileged tests can replace the host with a fake and
+//! exercise failures without root. Loading and attaching BPF programs goes
+//! through aya in [`crate::ebpf`]; this module owns the raw `bpf(2)` map
+//! element calls, with the syscall named in every error.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// A failed interaction with the host.
+#[derive(Debug, thiserror::Error)]
+pub enum SysError {
+    /// A `bpf(2)` command failed.
+    #[error("bpf({cmd}) on map {map} failed")]
+    Bpf {
+        /// The command's name.
+        cmd: &'static str,
+        /// The map.
+        map: String,
+        /// The errno.
+        #[source]
+        source: io::Error,
+    },
+    /// Reading or writing a file (sysfs, bpffs, state).
+    #[error("{what} {path}")]
+    File {
+        /// What was being done.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// A helper program could not be run or failed.
+    #[error("{program} failed: {stderr}")]
+    Command {
+        /// The program.
+        program: String,
+        /// What it printed on stderr (trimmed).
+        stderr: String,
+    },
+    /// A helper program could not be started.
+    #[error("could not run {program}")]
+    Spawn {
+        /// The program.
+        program: String,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// No map with this name is open.
+    #[error("map {0} is not open")]
+    NoSuchMap(String),
+}
+
+/// A port of a bridge: the host end of an instance's veth.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Port {
+    /// Interface name.
+    pub name: String,
+    /// Interface index.
+    pub ifindex: u32,
+}
+
+/// Network-facing host operations.
+pub trait Host {
+    /// The ports enslaved to `bridge` (empty when the bridge does not exist).
+    fn bridge_ports(&self, bridge: &str) -> Result<Vec<Port>, SysError>;
+    /// The ifindex of an interface, `None` when it does not exist.
+    fn ifindex(&self, name: &str) -> Result<Option<u32>, SysError>;
+    /// Runs `nft` with `args`, feeding `stdin`; returns its stdout.
+    fn nft(&self, args: &[&str], stdin: Option<&str>) -> Result<String, SysError>;
+}
+
+/// The real host: sysfs for links, the `nft` program for nftables.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RealHost;
+
+fn read_trim(path: &Path) -> Result<String, SysError> {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .map_err(|source| SysError::File {
+            what: "reading",
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+impl Host for RealHost {
+    fn bridge_ports(&self, bridge: &str) -> Result<Vec<Port>, SysError> {
+        let dir = Path::new("/sys/class/net").join(bridge).join("brif");
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => {
+                return Err(SysError::File {
+                    what: "listing",
+                    path: dir,
+                    source,
+                });
+            }
+        };
+        let mut ports = Vec::new();
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(ifindex) = self.ifindex(&name)? {
+                ports.push(Port { name, ifindex });
+            }
+        }
+        ports.sort();
+        Ok(ports)
+    }
+
+    fn ifindex(&self, name: &str) -> Result<Option<u32>, SysError> {
+        let path = Path::new("/sys/class/net").join(name).join("ifindex");
+        match std::fs::read_to_string(&path) {
+            Ok(s) => Ok(s.trim().parse().ok()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(SysError::File {
+                what: "reading",
+                path,
+                source,
+            }),
+        }
+    }
+
+    fn nft(&self, args: &[&str], stdin: Option<&str>) -> Result<String, SysError> {
+        use std::io::Write;
+        let mut child = Command::new("nft")
+            .args(args)
+            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| SysError::Spawn {
+                program: "nft".into(),
+                source,
+            })?;
+        if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            pipe.write_all(input.as_bytes()).map_err(|source| SysError::Spawn {
+                program: "nft".into(),
+                source,
+            })?;
+        }
+        let out = child.wait_with_output().map_err(|source| SysError::Spawn {
+            program: "nft".into(),
+            source,
+        })?;
+        if !out.status.success() {
+            return Err(SysError::Command {
+                program: format!("nft {}", args.join(" ")),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+/// Element operations on BPF maps, by map name and raw bytes. LPM-trie keys
+/// are the kernel's `{u32 prefixlen; data}` layout.
+pub trait MapOps {
+    /// Inserts or replaces an element.
+    fn update(&mut self, map: &str, key: &[u8], value: &[u8]) -> Result<(), SysError>;
+    /// Deletes an element; a missing element is not an error.
+    fn delete(&mut self, map: &str, key: &[u8]) -> Result<(), SysError>;
+    /// Every key of the map.
+    fn keys(&mut self, map: &str, key_size: usize) -> Result<Vec<Vec<u8>>, SysError>;
+    /// One element's value.
+    fn lookup(&mut self, map: &str, key: &[u8], value_size: usize) -> Result<Option<Vec<u8>>, SysError>;
+}
+
+/// Real maps, by file descriptor.
+#[derive(Debug, Default)]
+pub struct KernelMaps {
+    fds: BTreeMap<String, OwnedFd>,
+}
+
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+
+/// `union bpf_attr` as the map element commands read it.
+#[repr(C)]
+#[derive(Default)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+fn bpf_elem(cmd: libc::c_long, attr: &ElemAttr) -> io::Result<()> {
+    // SAFETY: `attr` is a valid bpf_attr prefix for the map element commands;
+    // the pointers in it outlive the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *const ElemAttr,
+            size_of::<ElemAttr>() as libc::c_uint,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+impl KernelMaps {
+    /// Adds an open map under its name.
+    pub fn insert(&mut self, name: &str, fd: OwnedFd) {
+        self.fds.insert(name.to_string(), fd);
+    }
+
+    fn fd(&self, map: &str) -> Result<u32, SysError> {
+        self.fds
+            .get(map)
+            .map(|f| f.as_raw_fd() as u32)
+            .ok_or_else(|| SysError::NoSuchMap(map.to_string()))
+    }
+}
+
+impl MapOps for KernelMaps {
+    fn update(&mut self, map: &str, key: &[u8], value: &[u8]) -> Result<(), SysError> {
+        let attr = ElemAttr {
+            map_fd: self.fd(map)?,
+            key: key.as_ptr() as u64,
+            value: value.as_ptr() as u64,
+            ..ElemAttr::default()
+        };
+        bpf_elem(BPF_MAP_UPDATE_ELEM, &attr).map_err(|source| SysError::Bpf {
+            cmd: "BPF_MAP_UPDATE_ELEM",
+            map: map.to_string(),
+            source,
+        })
+    }
+
+    fn delete(&mut self, map: &str, key: &[u8]) -> Result<(), SysError> {
+        let attr = ElemAttr {
+            map_fd: self.fd(map)?,
+            key: key.as_ptr() as u64,
+            ..ElemAttr::default()
+        };
+        match bpf_elem(BPF_MAP_DELETE_ELEM, &attr) {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            Err(source) => Err(SysError::Bpf {
+                cmd: "BPF_MAP_DELETE_ELEM",
+                map: map.to_string(),
+                source,
+            }),
+        }
+    }
+
+    fn keys(&mut self, map: &str, key_size: usize) -> Result<Vec<Vec<u8>>, SysError> {
+        let fd = self.fd(map)?;
+        let mut out = Vec::new();
+        let mut cur: Option<Vec<u8>> = None;
+        loop {
+            let mut next = vec![0u8; key_size];
+            let attr = ElemAttr {
+                map_fd: fd,
+                key: cur.as_ref().map_or(0, |k| k.as_ptr() as u64),
+                value: next.as_mut_ptr() as u64,
+                ..ElemAttr::default()
+            };
+            match bpf_elem(BPF_MAP_GET_NEXT_KEY, &attr) {
+                Ok(()) => {
+                    out.push(next.clone());
+                    cur = Some(next);
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+                Err(source) => {
+                    return Err(SysError::Bpf {
+                        cmd: "BPF_MAP_GET_NEXT_KEY",
+                        map: map.to_string(),
+                        source,
+                    });
+                }
+            }
+        }
+    }
+
+    fn lookup(&mut self, map: &str, key: &[u8], value_size: usize) -> Result<Option<Vec<u8>>, SysError> {
+        let mut value = vec![0u8; value_size];
+        let attr = ElemAttr {
+            map_fd: self.fd(map)?,
+            key: key.as_ptr() as u64,
+            value: value.as_mut_ptr() as u64,
+            ..ElemAttr::default()
+        };
+        match bpf_elem(BPF_MAP_LOOKUP_ELEM, &attr) {
+            Ok(()) => Ok(Some(value)),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+            Err(source) => Err(SysError::Bpf {
+                cmd: "BPF_MAP_LOOKUP_ELEM",
+                map: map.to_string(),
+                source,
+            }),
+        }
+    }
+}
+
+/// In-memory maps for unprivileged tests; can be told to fail an operation.
+#[derive(Debug, Default, Clone)]
+pub struct FakeMaps {
+    /// Map name → key → value.
+    pub maps: BTreeMap<String, BTreeMap<Vec<u8>, Vec<u8>>>,
+    /// Fail the n-th update (0-based) from now on, once.
+    pub fail_update_at: Option<usize>,
+    /// Updates performed so far.
+    pub updates: usize,
+}
+
+impl MapOps for FakeMaps {
+    fn update(&mut self, map: &str, key: &[u8], value: &[u8]) -> Result<(), SysError> {
+        if self.fail_update_at == Some(self.updates) {
+            self.fail_update_at = None;
+            return Err(SysError::Bpf {
+                cmd: "BPF_MAP_UPDATE_ELEM",
+                map: map.to_string(),
+                source: io::Error::from_raw_os_error(libc::E2BIG),
+            });
+        }
+        self.updates += 1;
+        self.maps
+            .entry(map.to_string())
+            .or_default()
+            .insert(key.to_vec(), value.to_vec());
+        Ok(())
+    }
+    fn delete(&mut self, map: &str, key: &[u8]) -> Result<(), SysError> {
+        if let Some(m) = self.maps.get_mut(map) {
+            m.remove(key);
+        }
+        Ok(())
+    }
+    fn keys(&mut self, map: &str, _key_size: usize) -> Result<Vec<Vec<u8>>, SysError> {
+        Ok(self
+            .maps
+            .get(map)
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default())
+    }
+    fn lookup(&mut self, map: &str, key: &[u8], _value_size: usize) -> Result<Option<Vec<u8>>, SysError> {
+        Ok(self.maps.get(map).and_then(|m| m.get(key).cloned()))
+    }
+}
+
+/// Makes sure a BPF filesystem is mounted at `/sys/fs/bpf`.
+pub fn ensure_bpffs() -> Result<(), SysError> {
+    let mounts = read_trim(Path::new("/proc/mounts"))?;
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "))
+    {
+        return Ok(());
+    }
+    let out = Command::new("mount")
+        .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+        .output()
+        .map_err(|source| SysError::Spawn {
+            program: "mount".into(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(SysError::Command {
+            program: "mount -t bpf bpf /sys/fs/bpf".into(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(())
+}
