@@ -54,14 +54,15 @@ pub fn key(p: &Pkt, dir: Direction) -> CtKey {
 }
 
 /// The key of the flow an ICMP error quotes, for the instance whose address
-/// is `local`.
+/// is `local`; `None` when the quote does not involve `local`.
 #[inline(always)]
-pub fn inner_key(family: u8, i: &Inner, local: &[u8; 16]) -> CtKey {
-    let from_local = i.src == *local;
-    let (l, r, lport, rport) = if from_local {
+pub fn inner_key(family: u8, i: &Inner, local: &[u8; 16]) -> Option<CtKey> {
+    let (l, r, lport, rport) = if i.src == *local {
         (i.src, i.dst, i.sport, i.dport)
-    } else {
+    } else if i.dst == *local {
         (i.dst, i.src, i.dport, i.sport)
+    } else {
+        return None;
     };
     let is_icmp = (family == AF_INET && i.proto == IPPROTO_ICMP)
         || (family != AF_INET && i.proto == IPPROTO_ICMPV6);
@@ -76,7 +77,7 @@ pub fn inner_key(family: u8, i: &Inner, local: &[u8; 16]) -> CtKey {
         }
         _ => (0, 0),
     };
-    CtKey {
+    Some(CtKey {
         local: l,
         remote: r,
         local_port,
@@ -84,7 +85,7 @@ pub fn inner_key(family: u8, i: &Inner, local: &[u8; 16]) -> CtKey {
         proto: i.proto,
         family,
         _pad: [0; 2],
-    }
+    })
 }
 
 #[inline(always)]

@@ -215,9 +215,10 @@ fn sg_stage(
         return SgOutcome::Tracked(e);
     }
     if p.is_icmp_error && p.has_inner {
-        let ik = conntrack::inner_key(p.family, &p.inner, local);
-        if conntrack::lookup_live(&ik, cfg, now).is_some() {
-            return SgOutcome::Related;
+        if let Some(ik) = conntrack::inner_key(p.family, &p.inner, local) {
+            if conntrack::lookup_live(&ik, cfg, now).is_some() {
+                return SgOutcome::Related;
+            }
         }
     }
     let _ = key;

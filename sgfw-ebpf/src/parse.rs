@@ -157,6 +157,7 @@ fn be16(b: [u8; 2]) -> u16 {
 
 /// Parses the frame into `p` (a per-CPU scratch slot: the BPF stack is too
 /// small for a packet and its quoted inner flow). Every field is rewritten.
+#[inline(always)]
 pub fn parse(ctx: &TcContext, p: &mut Pkt) -> Result<Frame, Reason> {
     let eth: EthHdr = read(ctx, 0)?;
     let ethertype = u16::from_be(eth.ether_type);

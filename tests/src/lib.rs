@@ -1,1 +1,9 @@
-//! Test bed.
+//! What sgfw's privileged integration tests share: the privilege check, the
+//! seeded random model and packet generators of the differential test, and
+//! the network-namespace test bed.
+#![deny(missing_docs)]
+
+pub mod random;
+pub mod privilege;
+
+pub use privilege::require_root;

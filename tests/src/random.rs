@@ -1,0 +1,342 @@
+//! Random valid models and packets for the differential test, from a seed
+//! that reproduces them exactly.
+
+use std::net::IpAddr;
+
+use sgfw::model::{
+    IpPermission, Instance, IpRange, Ipv6Range, Model, NaclAssociation, NetworkAcl, NetworkAclEntry,
+    PortRange, IcmpTypeCode, SecurityGroup, Subnet, UserIdGroupPair,
+};
+use sgfw::packet::{L4, Packet, TcpFlags};
+
+/// xorshift64*: small, fast, and the same everywhere.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator for `seed` (0 is mapped to a fixed non-zero state).
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    /// Next 64 random bits.
+    pub fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    /// Uniform in `0..n` (n > 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+    /// True with probability `p` percent.
+    pub fn chance(&mut self, p: u32) -> bool {
+        self.below(100) < p as usize
+    }
+    /// One element of a non-empty slice.
+    pub fn pick<'a, T>(&mut self, v: &'a [T]) -> &'a T {
+        &v[self.below(v.len())]
+    }
+}
+
+/// Addresses outside every subnet.
+pub const OUTSIDE_V4: &[&str] = &["192.0.2.1", "198.51.100.7", "10.99.0.5"];
+/// IPv6 addresses outside every subnet.
+pub const OUTSIDE_V6: &[&str] = &["2001:db8::1", "2001:db8:5::9"];
+
+const PORTS: &[(i64, i64)] = &[(22, 22), (80, 80), (443, 443), (1000, 2000), (0, 65535), (-1, -1), (5000, 5100), (53, 53)];
+const ICMP: &[(i64, i64)] = &[(-1, -1), (8, -1), (8, 0), (0, -1), (3, -1), (3, 4), (11, 0), (128, -1), (129, 0), (1, -1)];
+
+/// A random valid model with 2–3 subnets, 2–6 instances and 2–5 groups.
+pub fn model(rng: &mut Rng) -> Model {
+    let nsub = 2 + rng.below(2);
+    let mut m = Model::default();
+    for s in 0..nsub {
+        m.subnets.push(Subnet {
+            subnet_id: format!("subnet-{s}"),
+            cidr_block: format!("10.{s}.0.0/16"),
+            ipv6_cidr_block: Some(format!("fd00:{s}::/64")),
+            bridge: format!("br{s}"),
+            dns_address: if rng.chance(30) { vec![format!("10.{s}.0.2")] } else { vec![] },
+        });
+    }
+    let ngroups = 2 + rng.below(4);
+    let ninst = 2 + rng.below(5);
+    let mut addrs_v4 = Vec::new();
+    for i in 0..ninst {
+        let s = rng.below(nsub);
+        let mut groups: Vec<String> = (0..1 + rng.below(2)).map(|_| format!("sg-{}", rng.below(ngroups))).collect();
+        groups.sort();
+        groups.dedup();
+        let v4 = format!("10.{s}.1.{}", 10 + i);
+        addrs_v4.push(v4.clone());
+        m.instances.push(Instance {
+            instance_id: format!("i-{i}"),
+            subnet_id: format!("subnet-{s}"),
+            private_ip_address: v4,
+            secondary_private_ip_addresses: vec![],
+            ipv6_addresses: if rng.chance(70) { vec![format!("fd00:{s}::{:x}", 0x10 + i)] } else { vec![] },
+            security_group_ids: groups,
+            interface: None,
+        });
+    }
+    for g in 0..ngroups {
+        let mut sg = SecurityGroup {
+            group_id: format!("sg-{g}"),
+            ..SecurityGroup::default()
+        };
+        // Like AWS's default egress rule, often.
+        if rng.chance(50) {
+            sg.ip_permissions_egress.push(IpPermission::all().from_cidr("0.0.0.0/0"));
+        }
+        for egress in [false, true] {
+            let n = rng.below(6);
+            for _ in 0..n {
+                let perm = permission(rng, ngroups, nsub, &addrs_v4);
+                if egress {
+                    sg.ip_permissions_egress.push(perm);
+                } else {
+                    sg.ip_permissions.push(perm);
+                }
+            }
+        }
+        m.security_groups.push(sg);
+    }
+    // NACLs: sometimes a custom one per subnet.
+    for s in 0..nsub {
+        if rng.chance(60) {
+            let mut acl = NetworkAcl {
+                network_acl_id: format!("acl-{s}"),
+                is_default: false,
+                associations: vec![NaclAssociation {
+                    subnet_id: format!("subnet-{s}"),
+                    ..NaclAssociation::default()
+                }],
+                entries: vec![],
+                ..NetworkAcl::default()
+            };
+            let mut used = Vec::new();
+            for _ in 0..rng.below(7) {
+                let num = 1 + rng.below(200) as i64;
+                let egress = rng.chance(50);
+                if used.contains(&(num, egress)) {
+                    continue;
+                }
+                used.push((num, egress));
+                acl.entries.push(nacl_entry(rng, num, egress, nsub));
+            }
+            // Mostly let the rest through, so SG behaviour is exercised too.
+            if rng.chance(80) {
+                for egress in [false, true] {
+                    acl.entries.push(allow_all(1000, egress, false));
+                    acl.entries.push(allow_all(1001, egress, true));
+                }
+            }
+            m.network_acls.push(acl);
+        }
+    }
+    m
+}
+
+fn allow_all(num: i64, egress: bool, v6: bool) -> NetworkAclEntry {
+    NetworkAclEntry {
+        rule_number: num,
+        protocol: "-1".into(),
+        rule_action: "allow".into(),
+        egress,
+        cidr_block: if v6 { None } else { Some("0.0.0.0/0".into()) },
+        ipv6_cidr_block: if v6 { Some("::/0".into()) } else { None },
+        port_range: None,
+        icmp_type_code: None,
+        ..NetworkAclEntry::default()
+    }
+}
+
+fn cidr_pool(rng: &mut Rng, nsub: usize, addrs_v4: &[String]) -> (bool, String) {
+    let s = rng.below(nsub);
+    match rng.below(9) {
+        0 => (false, "0.0.0.0/0".into()),
+        1 => (false, format!("10.{s}.0.0/16")),
+        2 => (false, format!("{}/32", rng.pick(addrs_v4))),
+        3 => (false, format!("{}/32", rng.pick(OUTSIDE_V4))),
+        4 => (false, "192.0.2.0/24".into()),
+        5 => (true, "::/0".into()),
+        6 => (true, format!("fd00:{s}::/64")),
+        7 => (true, "2001:db8::/32".into()),
+        _ => (false, "10.0.0.0/8".into()),
+    }
+}
+
+fn permission(rng: &mut Rng, ngroups: usize, nsub: usize, addrs_v4: &[String]) -> IpPermission {
+    let mut p = match rng.below(7) {
+        0 | 1 => {
+            let (f, t) = *rng.pick(PORTS);
+            IpPermission::with_ports("tcp", f, t)
+        }
+        2 => {
+            let (f, t) = *rng.pick(PORTS);
+            IpPermission::with_ports("udp", f, t)
+        }
+        3 => {
+            let (f, t) = *rng.pick(ICMP);
+            IpPermission::with_ports("icmp", f, t)
+        }
+        4 => {
+            let (f, t) = *rng.pick(ICMP);
+            IpPermission::with_ports("icmpv6", f, t)
+        }
+        5 => IpPermission::all(),
+        _ => IpPermission {
+            ip_protocol: "47".into(),
+            ..IpPermission::default()
+        },
+    };
+    for _ in 0..1 + rng.below(2) {
+        if rng.chance(25) {
+            p.user_id_group_pairs.push(UserIdGroupPair {
+                group_id: format!("sg-{}", rng.below(ngroups)),
+                ..UserIdGroupPair::default()
+            });
+        } else {
+            let (v6, c) = cidr_pool(rng, nsub, addrs_v4);
+            if v6 {
+                p.ipv6_ranges.push(Ipv6Range {
+                    cidr_ipv6: c,
+                    ..Ipv6Range::default()
+                });
+            } else {
+                p.ip_ranges.push(IpRange {
+                    cidr_ip: c,
+                    ..IpRange::default()
+                });
+            }
+        }
+    }
+    p
+}
+
+fn nacl_entry(rng: &mut Rng, num: i64, egress: bool, nsub: usize) -> NetworkAclEntry {
+    let (v6, cidr) = cidr_pool(rng, nsub, &["10.0.1.10".to_string()]);
+    let proto = *rng.pick(&["6", "17", "1", "58", "-1", "47"]);
+    let mut e = NetworkAclEntry {
+        rule_number: num,
+        protocol: proto.into(),
+        rule_action: if rng.chance(50) { "allow".into() } else { "deny".into() },
+        egress,
+        cidr_block: if v6 { None } else { Some(cidr.clone()) },
+        ipv6_cidr_block: if v6 { Some(cidr) } else { None },
+        port_range: None,
+        icmp_type_code: None,
+        ..NetworkAclEntry::default()
+    };
+    match proto {
+        "6" | "17" => {
+            let (f, t) = *rng.pick(&[(22, 22), (80, 80), (1000, 2000), (0, 65535), (443, 443), (1024, 65535)]);
+            e.port_range = Some(PortRange {
+                from: Some(f),
+                to: Some(t),
+            });
+        }
+        "1" | "58" => {
+            let (t, c) = *rng.pick(ICMP);
+            e.icmp_type_code = Some(IcmpTypeCode {
+                r#type: Some(t),
+                code: Some(c),
+            });
+        }
+        _ => {}
+    }
+    e
+}
+
+/// A random packet between the model's instances and outside addresses.
+pub fn packet(rng: &mut Rng, model: &sgfw::flat::FlatModel, history: &[Packet]) -> Packet {
+    // Replies and ICMP errors about earlier packets.
+    if !history.is_empty() && rng.chance(50) {
+        let prev = rng.pick(history).clone();
+        if rng.chance(15) {
+            let v6 = prev.is_v6();
+            let (t, c) = if v6 { *rng.pick(&[(1u8, 4u8), (2, 0), (3, 0)]) } else { *rng.pick(&[(3u8, 3u8), (3, 4), (11, 0)]) };
+            // The error travels back from the destination (or a router) to the source.
+            let from = if rng.chance(70) { prev.dst } else { outside(rng, v6) };
+            return Packet {
+                src: from,
+                dst: prev.src,
+                l4: L4::Icmp {
+                    icmp_type: t,
+                    code: c,
+                    id: 0,
+                    quoted: Some(Box::new(prev)),
+                },
+            };
+        }
+        let mut r = prev.reply();
+        if let L4::Tcp { flags, .. } = &mut r.l4 {
+            if rng.chance(10) {
+                flags.fin = true;
+            }
+            if rng.chance(5) {
+                flags.rst = true;
+            }
+        }
+        return r;
+    }
+    let v6 = rng.chance(35);
+    let mut addrs: Vec<IpAddr> = model
+        .instances
+        .iter()
+        .flat_map(|i| i.addrs.iter().copied())
+        .filter(|a| a.is_ipv6() == v6)
+        .collect();
+    addrs.push(outside(rng, v6));
+    if !v6 && rng.chance(3) {
+        addrs.push("169.254.169.254".parse().unwrap_or(IpAddr::from([169, 254, 169, 254])));
+    }
+    for s in &model.subnets {
+        for d in &s.dns {
+            if d.is_ipv6() == v6 && rng.chance(20) {
+                addrs.push(*d);
+            }
+        }
+    }
+    let src = *rng.pick(&addrs);
+    let mut dst = *rng.pick(&addrs);
+    if dst == src {
+        dst = outside(rng, v6);
+    }
+    let port = |rng: &mut Rng| *rng.pick(&[22u16, 80, 443, 1500, 5050, 53, 40000, 67, 68, 65535, 0]);
+    let l4 = match rng.below(6) {
+        0 | 1 => L4::Tcp {
+            sport: port(rng),
+            dport: port(rng),
+            flags: TcpFlags {
+                syn: rng.chance(70),
+                ..TcpFlags::default()
+            },
+        },
+        2 => L4::Udp {
+            sport: port(rng),
+            dport: port(rng),
+        },
+        3 | 4 => {
+            let t = if v6 { *rng.pick(&[128u8, 129, 135, 1, 4, 200]) } else { *rng.pick(&[8u8, 0, 13, 3, 5, 11]) };
+            L4::Icmp {
+                icmp_type: t,
+                code: *rng.pick(&[0u8, 1, 4]),
+                id: rng.below(4) as u16,
+                quoted: None,
+            }
+        }
+        _ => L4::Other {
+            proto: *rng.pick(&[47u8, 50, 132]),
+        },
+    };
+    Packet { src, dst, l4 }
+}
+
+fn outside(rng: &mut Rng, v6: bool) -> IpAddr {
+    let s = if v6 { *rng.pick(OUTSIDE_V6) } else { *rng.pick(OUTSIDE_V4) };
+    s.parse().unwrap_or(IpAddr::from([192, 0, 2, 1]))
+}
