@@ -3,7 +3,8 @@
 //! the network-namespace test bed.
 #![deny(missing_docs)]
 
-pub mod random;
 pub mod privilege;
+pub mod random;
+pub mod testbed;
 
 pub use privilege::require_root;
