@@ -1796,3 +1796,430 @@ pub(crate) mod tests {
         assert!(!n.contains(&ip("::1")));
     }
 }
+
+#[cfg(test)]
+pub(crate) mod props {
+    //! Properties that hold for all inputs (small random models, so that
+    //! 10,000 cases per property run in seconds).
+    use super::*;
+    use crate::flat::{FirewallRule, Match, NaclEntry};
+    use crate::packet::TcpFlags;
+    use ipnet::IpNet;
+    use proptest::prelude::*;
+    use proptest::test_runner::Config;
+
+    /// `PROPTEST_CASES` is honoured (proptest reads it); under CI at least 10,000.
+    pub(crate) fn config() -> Config {
+        let mut c = Config::default();
+        if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") && c.cases < 10_000 {
+            c.cases = 10_000;
+        }
+        // Keep the repository free of regression files; failures print the case.
+        c.failure_persistence = None;
+        c
+    }
+
+    const INSTANCES: [(&str, usize, &str, Option<&str>); 3] = [
+        ("i-0", 0, "10.0.1.10", Some("fd00:1::10")),
+        ("i-1", 0, "10.0.1.11", Some("fd00:1::11")),
+        ("i-2", 1, "10.0.2.20", Some("fd00:2::20")),
+    ];
+    const ADDRS_V4: [&str; 5] = [
+        "10.0.1.10",
+        "10.0.1.11",
+        "10.0.2.20",
+        "203.0.113.7",
+        "10.0.2.99",
+    ];
+    const ADDRS_V6: [&str; 5] = [
+        "fd00:1::10",
+        "fd00:1::11",
+        "fd00:2::20",
+        "2001:db8::7",
+        "fd00:2::99",
+    ];
+    const NETS: [&str; 12] = [
+        "0.0.0.0/0",
+        "10.0.0.0/16",
+        "10.0.1.0/24",
+        "10.0.2.20/32",
+        "203.0.113.0/24",
+        "10.0.1.10/32",
+        "::/0",
+        "fd00::/16",
+        "fd00:1::/64",
+        "fd00:2::20/128",
+        "2001:db8::/32",
+        "fd00:1::11/128",
+    ];
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    /// Draws small numbers out of random words. Proptest generating a few
+    /// words is far cheaper (in debug builds) than a tree of strategies, and
+    /// words shrinking towards zero still shrink the model towards the empty one.
+    #[derive(Debug, Clone)]
+    struct Draw {
+        words: Vec<u64>,
+        next: usize,
+        cur: u64,
+        budget: u64,
+    }
+
+    impl Draw {
+        fn new(words: Vec<u64>) -> Draw {
+            Draw {
+                words,
+                next: 0,
+                cur: 0,
+                budget: 0,
+            }
+        }
+
+        /// A number in `0..n`.
+        fn pick(&mut self, n: u64) -> u64 {
+            if self.budget < n {
+                self.cur = self.words.get(self.next).copied().unwrap_or(0);
+                self.next += 1;
+                self.budget = u64::MAX;
+            }
+            let v = self.cur % n;
+            self.cur /= n;
+            self.budget /= n;
+            v
+        }
+
+        fn of<T: Copy>(&mut self, items: &[T]) -> T {
+            items[self.pick(items.len() as u64) as usize]
+        }
+    }
+
+    fn match_of(d: &mut Draw) -> Match {
+        match d.pick(4) {
+            0 => Match::All,
+            1 => Match::Proto(d.of(&[6, 17, 1, 58, 47])),
+            2 => {
+                let proto = d.of(&[6, 17]);
+                let from = 20 + d.pick(6) as u16;
+                Match::Ports {
+                    proto,
+                    from,
+                    to: from + d.pick(3) as u16,
+                }
+            }
+            _ => {
+                let proto = d.of(&[1, 58]);
+                let icmp_type = if d.pick(2) == 0 {
+                    None
+                } else {
+                    Some(d.of(&[0, 3, 8, 128, 129]))
+                };
+                let code = if icmp_type.is_some() && d.pick(2) == 1 {
+                    Some(d.pick(2) as u8)
+                } else {
+                    None
+                };
+                Match::Icmp {
+                    proto,
+                    icmp_type,
+                    code,
+                }
+            }
+        }
+    }
+
+    fn rule_of(d: &mut Draw, dir: SgDirection) -> FirewallRule {
+        FirewallRule {
+            remote: NET_POOL[d.pick(NETS.len() as u64) as usize],
+            matcher: match_of(d),
+            origin: RuleOrigin {
+                group_id: "sg-p".into(),
+                direction: dir,
+                permission: d.pick(3) as usize,
+            },
+        }
+    }
+
+    fn rules_of(d: &mut Draw, dir: SgDirection) -> Vec<FirewallRule> {
+        (0..d.pick(4)).map(|_| rule_of(d, dir)).collect()
+    }
+
+    fn nacl_of(d: &mut Draw) -> Vec<NaclEntry> {
+        let mut entries = BTreeMap::new();
+        for _ in 0..d.pick(5) {
+            let rule_number = 1 + d.pick(39) as u16;
+            let action = if d.pick(2) == 0 {
+                RuleAction::Allow
+            } else {
+                RuleAction::Deny
+            };
+            let cidr = NET_POOL[d.pick(NETS.len() as u64) as usize];
+            entries.insert(
+                rule_number,
+                NaclEntry {
+                    rule_number,
+                    action,
+                    cidr,
+                    matcher: match_of(d),
+                },
+            );
+        }
+        entries.into_values().collect()
+    }
+
+    fn words() -> impl Strategy<Value = Draw> {
+        prop::collection::vec(any::<u64>(), 16).prop_map(Draw::new)
+    }
+
+    fn arb_rule(dir: SgDirection) -> impl Strategy<Value = FirewallRule> {
+        words().prop_map(move |mut d| rule_of(&mut d, dir))
+    }
+
+    fn arb_nacl() -> impl Strategy<Value = Vec<NaclEntry>> {
+        words().prop_map(|mut d| nacl_of(&mut d))
+    }
+
+    fn subnet(
+        id: &str,
+        v4: &str,
+        v6: &str,
+        inbound: Vec<NaclEntry>,
+        outbound: Vec<NaclEntry>,
+    ) -> SubnetFirewall {
+        SubnetFirewall {
+            id: id.into(),
+            bridge: format!("br-{id}"),
+            cidr_v4: v4.parse().unwrap(),
+            cidr_v6: Some(v6.parse().unwrap()),
+            dns: vec![],
+            nacl_id: format!("acl-{id}"),
+            inbound,
+            outbound,
+        }
+    }
+
+    /// Two subnets, three instances (two in the first subnet), random NACLs and SG rules.
+    pub(crate) fn arb_model() -> impl Strategy<Value = FlatModel> {
+        words().prop_map(|mut d| {
+            let mut m = BASE_MODEL.clone();
+            for s in &mut m.subnets {
+                s.inbound = nacl_of(&mut d);
+                s.outbound = nacl_of(&mut d);
+            }
+            for inst in &mut m.instances {
+                inst.ingress = rules_of(&mut d, SgDirection::Ingress);
+                inst.egress = rules_of(&mut d, SgDirection::Egress);
+            }
+            m
+        })
+    }
+
+    /// Parsed once: parsing in every generated case dominates the run time in debug builds.
+    static NET_POOL: std::sync::LazyLock<Vec<IpNet>> =
+        std::sync::LazyLock::new(|| NETS.iter().map(|s| s.parse().unwrap()).collect());
+    static V4_POOL: std::sync::LazyLock<Vec<IpAddr>> =
+        std::sync::LazyLock::new(|| ADDRS_V4.iter().map(|s| ip(s)).collect());
+    static V6_POOL: std::sync::LazyLock<Vec<IpAddr>> =
+        std::sync::LazyLock::new(|| ADDRS_V6.iter().map(|s| ip(s)).collect());
+    static BASE_MODEL: std::sync::LazyLock<FlatModel> = std::sync::LazyLock::new(|| FlatModel {
+        subnets: vec![
+            subnet("a", "10.0.1.0/24", "fd00:1::/64", vec![], vec![]),
+            subnet("b", "10.0.2.0/24", "fd00:2::/64", vec![], vec![]),
+        ],
+        instances: INSTANCES
+            .iter()
+            .map(|(id, subnet_index, v4, v6)| InstanceRules {
+                id: (*id).into(),
+                subnet_id: if *subnet_index == 0 {
+                    "a".into()
+                } else {
+                    "b".into()
+                },
+                subnet_index: *subnet_index,
+                addrs: std::iter::once(ip(v4)).chain(v6.map(ip)).collect(),
+                interface: None,
+                ingress: vec![],
+                egress: vec![],
+            })
+            .collect(),
+        timeouts: ConntrackTimeouts::default(),
+    });
+
+    fn arb_l4() -> impl Strategy<Value = L4> {
+        prop_oneof![
+            (20u16..26, 20u16..26, any::<[bool; 4]>()).prop_map(
+                |(sport, dport, [syn, ack, fin, rst])| L4::Tcp {
+                    sport,
+                    dport,
+                    flags: TcpFlags { syn, ack, fin, rst }
+                }
+            ),
+            (20u16..26, 20u16..26).prop_map(|(sport, dport)| L4::Udp { sport, dport }),
+            (
+                prop::sample::select(vec![0u8, 3, 8, 11, 128, 129, 1, 2, 5]),
+                0u8..2,
+                0u16..2
+            )
+                .prop_map(|(icmp_type, code, id)| L4::Icmp {
+                    icmp_type,
+                    code,
+                    id,
+                    quoted: None
+                }),
+            Just(L4::Other { proto: 47 }),
+        ]
+    }
+
+    /// A packet between two of the model's addresses (or outside ones) of one family.
+    pub(crate) fn arb_packet() -> impl Strategy<Value = Packet> {
+        (any::<bool>(), 0usize..5, 0usize..5, arb_l4()).prop_map(|(v6, s, d, l4)| {
+            let pool = if v6 { &V6_POOL } else { &V4_POOL };
+            Packet {
+                src: pool[s],
+                dst: pool[d],
+                l4,
+            }
+        })
+    }
+
+    fn allow_all() -> Vec<NaclEntry> {
+        vec![
+            NaclEntry {
+                rule_number: 100,
+                action: RuleAction::Allow,
+                cidr: "0.0.0.0/0".parse().unwrap(),
+                matcher: Match::All,
+            },
+            NaclEntry {
+                rule_number: 101,
+                action: RuleAction::Allow,
+                cidr: "::/0".parse().unwrap(),
+                matcher: Match::All,
+            },
+        ]
+    }
+
+    fn is_error(p: &Packet) -> bool {
+        matches!(&p.l4, L4::Icmp { icmp_type, .. } if is_icmp_error(p.is_v6(), *icmp_type))
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        /// "Rules only allow": adding an SG rule never turns an allow into a deny.
+        #[test]
+        fn adding_an_sg_rule_never_turns_allow_into_deny(
+            m in arb_model(), p in arb_packet(), who in 0usize..3, egress in any::<bool>(),
+            extra in arb_rule(SgDirection::Ingress), pos in 0usize..5,
+        ) {
+            let before = explain_new_flow(&m, &p);
+            let mut m2 = m;
+            let list = if egress { &mut m2.instances[who].egress } else { &mut m2.instances[who].ingress };
+            let at = pos.min(list.len());
+            list.insert(at, extra);
+            let after = explain_new_flow(&m2, &p);
+            prop_assert!(!before.allowed || after.allowed, "before {before:?}\nafter {after:?}");
+        }
+
+        /// "the first rule that matches decides": a lower-numbered matching deny beats a higher-numbered allow.
+        #[test]
+        fn lower_numbered_nacl_deny_beats_higher_allow(
+            mut m in arb_model(), p in arb_packet(), which in 0usize..4, lo in 1u16..40, gap in 1u16..40,
+        ) {
+            let subnet = &mut m.subnets[which / 2];
+            let (stage, list, remote) = if which % 2 == 0 {
+                (Stage::NaclIn, &mut subnet.inbound, p.src)
+            } else {
+                (Stage::NaclOut, &mut subnet.outbound, p.dst)
+            };
+            let hi = lo + gap;
+            list.retain(|e| e.rule_number != lo && e.rule_number != hi);
+            list.push(NaclEntry { rule_number: lo, action: RuleAction::Deny, cidr: IpNet::from(remote), matcher: Match::All });
+            list.push(NaclEntry { rule_number: hi, action: RuleAction::Allow, cidr: IpNet::from(remote), matcher: Match::All });
+            list.sort_by_key(|e| e.rule_number);
+            let r = nacl_stage(Some(&m.subnets[which / 2]), stage, &p);
+            let decided = match r.by { Decider::NaclRule(n) => n, _ => u16::MAX };
+            prop_assert!(decided <= lo, "{r:?}");
+            if decided == lo {
+                prop_assert!(!r.allowed);
+            }
+            // And in a whole evaluation, that subnet's stage is never decided by the shadowed allow.
+            let end = if stage == Stage::NaclIn { p.dst } else { p.src };
+            let applies = m.instance_by_addr(end).is_some_and(|i| i.subnet_index == which / 2);
+            let v = explain_new_flow(&m, &p);
+            prop_assert!(!applies || !v.stages.iter().any(|s| s.stage == stage && s.by == Decider::NaclRule(hi)), "{v:?}");
+        }
+
+        /// "Two instances of the same subnet never see NACLs between them", whatever the NACL
+        /// and across a whole sequence of packets (conntrack included).
+        #[test]
+        fn traffic_inside_one_subnet_never_depends_on_its_nacl(
+            m in arb_model(), other in arb_nacl(), other_out in arb_nacl(),
+            pkts in prop::collection::vec((any::<bool>(), any::<bool>(), arb_l4(), any::<bool>()), 1..6),
+        ) {
+            let mut m2 = m.clone();
+            m2.subnets[0].inbound = other;
+            m2.subnets[0].outbound = other_out;
+            let (mut ct1, mut ct2) = (Conntrack::new(), Conntrack::new());
+            for (k, (v6, forward, l4, reply)) in pkts.into_iter().enumerate() {
+                let (a, b) = if v6 { (V6_POOL[0], V6_POOL[1]) } else { (V4_POOL[0], V4_POOL[1]) };
+                let (src, dst) = if forward { (a, b) } else { (b, a) };
+                let mut p = Packet { src, dst, l4 };
+                if reply { p = p.reply(); }
+                let now = k as u64 * 1_000_000_000;
+                let v1 = evaluate(&m, &mut ct1, &p, now);
+                let v2 = evaluate(&m2, &mut ct2, &p, now);
+                prop_assert_eq!(&v1, &v2);
+                prop_assert!(v1.stages.iter().all(|s| matches!(s.stage, Stage::SgEgress | Stage::SgIngress)));
+            }
+            prop_assert_eq!(ct1, ct2);
+        }
+
+        /// "A packet of a flow that this instance's SG already allowed ... is allowed in both
+        /// directions, whatever the rules say now" (NACLs allowing all).
+        #[test]
+        fn reply_of_allowed_tracked_flow_is_allowed_whatever_the_rules(
+            mut m in arb_model(), p in arb_packet(), new_rules in arb_model(),
+        ) {
+            prop_assume!(!is_error(&p));
+            for s in &mut m.subnets {
+                s.inbound = allow_all();
+                s.outbound = allow_all();
+            }
+            // Whatever rules there were, one of them lets the first packet out and in.
+            for inst in &mut m.instances {
+                for (dir, list) in [(SgDirection::Ingress, &mut inst.ingress), (SgDirection::Egress, &mut inst.egress)] {
+                    for net in ["0.0.0.0/0", "::/0"] {
+                        list.push(FirewallRule {
+                            remote: net.parse().unwrap(),
+                            matcher: Match::All,
+                            origin: RuleOrigin { group_id: "sg-open".into(), direction: dir, permission: 0 },
+                        });
+                    }
+                }
+            }
+            let mut ct = Conntrack::new();
+            let first = evaluate(&m, &mut ct, &p, 0);
+            prop_assert!(first.allowed);
+            for (inst, new) in m.instances.iter_mut().zip(new_rules.instances) {
+                inst.ingress = new.ingress;
+                inst.egress = new.egress;
+            }
+            let v = evaluate(&m, &mut ct, &p.reply(), 1_000_000_000);
+            prop_assert!(v.allowed, "first {first:?}\nreply {v:?}");
+        }
+
+        /// Evaluation is a function of its inputs.
+        #[test]
+        fn evaluate_is_deterministic(m in arb_model(), pkts in prop::collection::vec(arb_packet(), 1..5)) {
+            let (mut c1, mut c2) = (Conntrack::new(), Conntrack::new());
+            for (k, p) in pkts.iter().enumerate() {
+                let now = k as u64;
+                prop_assert_eq!(evaluate(&m, &mut c1, p, now), evaluate(&m, &mut c2, p, now));
+            }
+            prop_assert_eq!(c1, c2);
+        }
+    }
+}

@@ -460,3 +460,383 @@ fn sorted_rules(rules: BTreeMap<(IpNet, Match), RuleOrigin>) -> Vec<FirewallRule
     v.sort_by(|a, b| (&a.origin, a.remote, a.matcher).cmp(&(&b.origin, b.remote, b.matcher)));
     v
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::eval::props::config;
+    use crate::eval::tests::{FIXTURE, flat_of, ip};
+    use crate::model::{
+        IpPermission, Model, NaclAssociation, NetworkAcl, NetworkAclEntry, PortRange, PrefixList,
+        PrefixListEntry, SecurityGroup,
+    };
+    use crate::validate::{ValidRemote, validate};
+    use proptest::prelude::*;
+
+    fn rules_of<'a>(m: &'a FlatModel, id: &str, ingress: bool) -> &'a [FirewallRule] {
+        let i = m.instance(id).unwrap();
+        if ingress { &i.ingress } else { &i.egress }
+    }
+
+    /// "a referenced security group (= every private IPv4/IPv6 address of every
+    /// instance that has that group attached, in the model)".
+    #[test]
+    fn semantics_sg_referenced_group_resolves_to_member_addresses() {
+        let m = flat_of(FIXTURE);
+        let remotes: Vec<String> = rules_of(&m, "i-db", true)
+            .iter()
+            .map(|r| r.remote.to_string())
+            .collect();
+        assert_eq!(remotes, ["10.0.1.10/32", "10.0.1.11/32", "fd00:1::10/128"]);
+        assert!(rules_of(&m, "i-db", true).iter().all(|r| r.matcher
+            == Match::Ports {
+                proto: 6,
+                from: 5432,
+                to: 5432
+            }));
+    }
+
+    /// "or a prefix list (= its CIDR entries)".
+    #[test]
+    fn semantics_sg_prefix_list_resolves_to_its_cidrs() {
+        let json = FIXTURE.replacen('{', r#"{"PrefixLists": [{"PrefixListId": "pl-1", "Entries": [{"Cidr": "192.0.2.0/24"}, {"Cidr": "2001:db8::/32"}]}],"#, 1)
+            .replace(r#""UserIdGroupPairs": [{"GroupId": "sg-web"}]"#, r#""PrefixListIds": [{"PrefixListId": "pl-1"}]"#);
+        let m = flat_of(&json);
+        let remotes: Vec<String> = rules_of(&m, "i-db", true)
+            .iter()
+            .map(|r| r.remote.to_string())
+            .collect();
+        assert_eq!(remotes, ["192.0.2.0/24", "2001:db8::/32"]);
+    }
+
+    /// "IPv4 and IPv6 apart": an icmp rule with an IPv6 remote can never match and is left out.
+    #[test]
+    fn rules_that_cannot_match_their_family_are_left_out() {
+        let json = FIXTURE.replace(
+            r#"{"IpProtocol": "icmp", "FromPort": 8, "ToPort": -1, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}"#,
+            r#"{"IpProtocol": "icmp", "FromPort": 8, "ToPort": -1, "IpRanges": [{"CidrIp": "0.0.0.0/0"}], "Ipv6Ranges": [{"CidrIpv6": "::/0"}]}"#,
+        );
+        let m = flat_of(&json);
+        let icmp: Vec<_> = rules_of(&m, "i-web1", true)
+            .iter()
+            .filter(|r| matches!(r.matcher, Match::Icmp { .. }))
+            .collect();
+        assert_eq!(icmp.len(), 1);
+        assert_eq!(icmp[0].remote.to_string(), "0.0.0.0/0");
+    }
+
+    /// "duplicates merged": the same (remote, matcher) from two permissions or groups keeps the smallest origin.
+    #[test]
+    fn duplicates_are_merged_keeping_the_smallest_origin() {
+        let json = FIXTURE.replace(
+            r#"{"IpProtocol": "icmp", "FromPort": 8, "ToPort": -1, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}"#,
+            r#"{"IpProtocol": "icmp", "FromPort": 8, "ToPort": -1, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]},
+               {"IpProtocol": "6", "FromPort": 443, "ToPort": 443, "IpRanges": [{"CidrIp": "0.0.0.17/0"}]}"#,
+        );
+        let m = flat_of(&json);
+        let https: Vec<_> = rules_of(&m, "i-web1", true)
+            .iter()
+            .filter(|r| {
+                r.remote.to_string() == "0.0.0.0/0"
+                    && r.matcher
+                        != Match::Icmp {
+                            proto: 1,
+                            icmp_type: Some(8),
+                            code: None,
+                        }
+            })
+            .collect();
+        assert_eq!(https.len(), 1);
+        assert_eq!(https[0].origin.to_string(), "sg-web/ingress[0]");
+    }
+
+    #[test]
+    fn instances_subnets_and_addresses_are_sorted_and_indexed() {
+        let m = flat_of(FIXTURE);
+        let ids: Vec<_> = m.instances.iter().map(|i| i.id.as_str()).collect();
+        assert_eq!(ids, ["i-db", "i-web1", "i-web2"]);
+        let db = m.instance("i-db").unwrap();
+        assert_eq!(m.subnets[db.subnet_index].id, "subnet-b");
+        assert_eq!(db.addrs, [ip("10.0.2.20"), ip("fd00:2::20")]);
+        assert_eq!(m.instance_by_addr(ip("fd00:1::10")).unwrap().id, "i-web1");
+        assert!(m.instance_by_addr(ip("10.0.1.99")).is_none());
+        assert_eq!(m.subnets[0].dns, [ip("10.0.0.2")]);
+    }
+
+    #[test]
+    fn origin_and_match_display() {
+        let o = RuleOrigin {
+            group_id: "sg-web".into(),
+            direction: SgDirection::Ingress,
+            permission: 0,
+        };
+        assert_eq!(o.to_string(), "sg-web/ingress[0]");
+        assert_eq!(
+            Match::Ports {
+                proto: 6,
+                from: 80,
+                to: 80
+            }
+            .to_string(),
+            "tcp 80"
+        );
+        assert_eq!(
+            Match::Ports {
+                proto: 17,
+                from: 1,
+                to: 9
+            }
+            .to_string(),
+            "udp 1-9"
+        );
+        assert_eq!(
+            Match::Icmp {
+                proto: 58,
+                icmp_type: None,
+                code: None
+            }
+            .to_string(),
+            "icmpv6 any"
+        );
+        assert_eq!(
+            Match::Icmp {
+                proto: 1,
+                icmp_type: Some(3),
+                code: Some(4)
+            }
+            .to_string(),
+            "icmp type 3 code 4"
+        );
+        assert_eq!(Match::All.to_string(), "all");
+        assert_eq!(Match::Proto(47).to_string(), "47");
+    }
+
+    #[test]
+    fn default_timeouts_follow_semantics() {
+        let t = ConntrackTimeouts::default();
+        assert_eq!(
+            (
+                t.tcp_established,
+                t.tcp_new,
+                t.tcp_closing,
+                t.udp,
+                t.udp_stream,
+                t.icmp,
+                t.other
+            ),
+            (432_000, 60, 10, 30, 180, 30, 600)
+        );
+    }
+
+    #[test]
+    fn flat_model_serialises_to_json() {
+        let v = serde_json::to_value(flat_of(FIXTURE)).unwrap();
+        assert_eq!(
+            v["instances"][0]["ingress"][0]["origin"]["group_id"],
+            "sg-db"
+        );
+        assert_eq!(v["subnets"][0]["inbound"][0]["action"], "allow");
+    }
+
+    // --- properties: canonicalisation is idempotent, flattening is deterministic ---
+
+    fn arb_cidr() -> impl Strategy<Value = String> {
+        prop_oneof![
+            (any::<u32>(), 0u8..=32)
+                .prop_map(|(a, p)| format!("{}/{p}", std::net::Ipv4Addr::from(a))),
+            (any::<u128>(), 0u8..=128)
+                .prop_map(|(a, p)| format!("{}/{p}", std::net::Ipv6Addr::from(a))),
+        ]
+    }
+
+    fn arb_permission() -> impl Strategy<Value = (String, Option<i64>, Option<i64>)> {
+        let port = prop_oneof![0i64..=65535, Just(0), Just(65535)];
+        let ports = prop_oneof![
+            Just((-1i64, -1i64)),
+            (port.clone(), port).prop_map(|(a, b)| (a.min(b), a.max(b)))
+        ];
+        let icmp = prop_oneof![Just(-1i64), 0i64..=255];
+        prop_oneof![
+            Just(("-1".to_string(), None, None)),
+            (prop::sample::select(vec!["tcp", "udp", "6", "17"]), ports).prop_map(|(p, (a, b))| (
+                p.to_string(),
+                Some(a),
+                Some(b)
+            )),
+            (
+                prop::sample::select(vec!["icmp", "icmpv6", "1", "58"]),
+                icmp.clone(),
+                icmp
+            )
+                .prop_map(|(p, t, c)| (
+                    p.to_string(),
+                    Some(t),
+                    Some(if t == -1 { -1 } else { c })
+                )),
+            (0u8..=255)
+                .prop_filter("ports needed", |p| ![1, 6, 17, 58].contains(p))
+                .prop_map(|p| (p.to_string(), None, None)),
+        ]
+    }
+
+    static BASE: std::sync::LazyLock<Model> =
+        std::sync::LazyLock::new(|| Model::from_json(FIXTURE).unwrap());
+
+    /// One SG whose single ingress permission is `perm` with remote `cidr`.
+    fn one_rule_model(perm: &(String, Option<i64>, Option<i64>), cidr: &str) -> Model {
+        let mut m = BASE.clone();
+        let p = IpPermission {
+            ip_protocol: perm.0.clone(),
+            from_port: perm.1,
+            to_port: perm.2,
+            ..Default::default()
+        };
+        m.security_groups[0].ip_permissions = vec![p.from_cidr(cidr)];
+        m
+    }
+
+    /// A random valid model: the fixture plus random groups, prefix lists and NACL entries.
+    fn arb_model() -> impl Strategy<Value = Model> {
+        let perm = (arb_permission(), arb_cidr(), 0usize..3, any::<bool>());
+        (
+            prop::collection::vec(perm, 0..6),
+            prop::collection::vec(arb_cidr(), 0..3),
+            prop::collection::btree_map(
+                1i64..200,
+                (any::<bool>(), arb_cidr(), any::<bool>(), 0i64..1000),
+                0..6,
+            ),
+        )
+            .prop_map(|(perms, pl, nacl)| {
+                let mut m = BASE.clone();
+                m.prefix_lists.push(PrefixList {
+                    prefix_list_id: "pl-r".into(),
+                    entries: pl
+                        .into_iter()
+                        .map(|cidr| PrefixListEntry {
+                            cidr,
+                            description: None,
+                        })
+                        .collect(),
+                });
+                let mut g = SecurityGroup {
+                    group_id: "sg-r".into(),
+                    ..Default::default()
+                };
+                for ((proto, from, to), cidr, kind, egress) in perms {
+                    let p = IpPermission {
+                        ip_protocol: proto,
+                        from_port: from,
+                        to_port: to,
+                        ..Default::default()
+                    };
+                    let p = match kind {
+                        0 => p.from_cidr(&cidr),
+                        1 => p.from_group("sg-web"),
+                        _ => p.from_prefix_list("pl-r"),
+                    };
+                    if egress {
+                        g.ip_permissions_egress.push(p)
+                    } else {
+                        g.ip_permissions.push(p)
+                    }
+                }
+                m.security_groups.push(g);
+                m.instances[2].security_group_ids.push("sg-r".into());
+                let entries = nacl
+                    .into_iter()
+                    .map(|(n, (allow, cidr, egress, port))| {
+                        let v6 = cidr.contains(':');
+                        NetworkAclEntry {
+                            rule_number: n,
+                            protocol: "6".into(),
+                            rule_action: if allow { "allow" } else { "deny" }.into(),
+                            egress,
+                            cidr_block: (!v6).then(|| cidr.clone()),
+                            ipv6_cidr_block: v6.then_some(cidr),
+                            port_range: Some(PortRange {
+                                from: Some(port),
+                                to: Some(port + 5),
+                            }),
+                            icmp_type_code: None,
+                        }
+                    })
+                    .collect();
+                m.network_acls.push(NetworkAcl {
+                    network_acl_id: "acl-r".into(),
+                    associations: vec![NaclAssociation {
+                        subnet_id: "subnet-b".into(),
+                        network_acl_association_id: None,
+                    }],
+                    entries,
+                    ..Default::default()
+                });
+                m
+            })
+    }
+
+    fn shuffled(m: &Model, seed: u64) -> Model {
+        fn rotate<T>(v: &mut [T], by: u64) {
+            if !v.is_empty() {
+                let k = (by as usize) % v.len();
+                v.rotate_left(k);
+                if by % 2 == 1 {
+                    v.reverse();
+                }
+            }
+        }
+        let mut m = m.clone();
+        rotate(&mut m.subnets, seed);
+        rotate(&mut m.instances, seed / 3);
+        rotate(&mut m.security_groups, seed / 5);
+        rotate(&mut m.network_acls, seed / 7);
+        rotate(&mut m.prefix_lists, seed / 11);
+        for a in &mut m.network_acls {
+            rotate(&mut a.entries, seed / 13);
+        }
+        for p in &mut m.prefix_lists {
+            rotate(&mut p.entries, seed / 17);
+        }
+        for i in &mut m.instances {
+            rotate(&mut i.security_group_ids, seed / 19);
+            rotate(&mut i.secondary_private_ip_addresses, seed / 23);
+        }
+        m
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        /// "CIDRs are canonicalised": canonicalising a canonical CIDR changes nothing.
+        #[test]
+        fn canonicalisation_is_idempotent(perm in arb_permission(), cidr in arb_cidr()) {
+            let Ok((once, _)) = validate(&one_rule_model(&perm, &cidr)) else {
+                return Err(TestCaseError::fail(format!("generated input must be valid: {perm:?} {cidr}")));
+            };
+            let rule = &once.groups["sg-web"].ingress[0];
+            let ValidRemote::Cidr(net) = rule.remotes[0] else { unreachable!() };
+            prop_assert_eq!(net, net.trunc());
+            // Write the canonical form back and validate again: the same rule.
+            let again = validate(&one_rule_model(&rule.matcher.to_sg_fields(), &net.to_string())).unwrap().0;
+            prop_assert_eq!(&again.groups["sg-web"].ingress[0], rule);
+        }
+
+        /// Flattening is deterministic: the same model, listed in any order, gives the same view.
+        #[test]
+        fn flatten_is_deterministic(m in arb_model(), seed in any::<u64>()) {
+            let (v1, w1) = validate(&m).unwrap();
+            let (v2, w2) = validate(&shuffled(&m, seed)).unwrap();
+            prop_assert_eq!(w1.len(), w2.len());
+            let (f1, f2) = (v1.flatten(), v2.flatten());
+            prop_assert_eq!(&f1, &v1.flatten());
+            prop_assert_eq!(&f1, &f2);
+            for inst in &f1.instances {
+                let mut sorted = inst.ingress.clone();
+                sorted.sort_by(|a, b| (&a.origin, a.remote, a.matcher).cmp(&(&b.origin, b.remote, b.matcher)));
+                prop_assert_eq!(&sorted, &inst.ingress);
+                let keys: std::collections::BTreeSet<_> = inst.ingress.iter().map(|r| (r.remote, r.matcher)).collect();
+                prop_assert_eq!(keys.len(), inst.ingress.len(), "duplicates merged");
+            }
+        }
+    }
+}
