@@ -580,6 +580,65 @@ fn apply(
     }
 }
 
+/// What decided a stage, for people: the SG rule (`sg-web/egress[0]`), or
+/// the NACL and its rule (`acl-web rule 100`), or why nothing matched.
+pub fn decider_text(model: &FlatModel, pkt: &Packet, stage: &StageResult) -> String {
+    let nacl_end = match stage.stage {
+        Stage::NaclOut => Some(pkt.src),
+        Stage::NaclIn => Some(pkt.dst),
+        Stage::SgEgress | Stage::SgIngress => None,
+    };
+    match nacl_end
+        .and_then(|a| model.instance_by_addr(a))
+        .and_then(|i| model.subnet_of(i))
+    {
+        Some(subnet) => format!("{} {}", subnet.nacl_id, stage.by),
+        None => stage.by.to_string(),
+    }
+}
+
+/// The verdict as `sgfw explain` prints it: `ALLOW` or `DENY`, then one line
+/// per stage (`sg-egress   allow  sg-web/egress[0]`), or the passthrough class.
+pub fn explain_text(model: &FlatModel, pkt: &Packet, verdict: &Verdict) -> String {
+    let mut out = String::from(if verdict.allowed { "ALLOW\n" } else { "DENY\n" });
+    if let Some(class) = verdict.passthrough {
+        out.push_str(&format!("{:<12}{class}\n", "passthrough"));
+    } else if verdict.stages.is_empty() {
+        out.push_str("no stage: neither address belongs to an instance of the model\n");
+    }
+    for s in &verdict.stages {
+        let word = if s.allowed { "allow" } else { "deny" };
+        out.push_str(&format!(
+            "{:<12}{word:<7}{}\n",
+            s.stage.name(),
+            decider_text(model, pkt, s)
+        ));
+    }
+    out
+}
+
+/// The verdict as `sgfw explain --json` prints it:
+/// `{"verdict": "allow"|"deny", "stages": [{"stage", "verdict", "rule"}], "passthrough": null|"dhcp"|...}`.
+pub fn explain_json(model: &FlatModel, pkt: &Packet, verdict: &Verdict) -> serde_json::Value {
+    let word = |allowed: bool| if allowed { "allow" } else { "deny" };
+    let stages: Vec<serde_json::Value> = verdict
+        .stages
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "stage": s.stage.name(),
+                "verdict": word(s.allowed),
+                "rule": decider_text(model, pkt, s),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "verdict": word(verdict.allowed),
+        "stages": stages,
+        "passthrough": verdict.passthrough.map(PassthroughClass::name),
+    })
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     //! Each test names the SEMANTICS.md statement it checks.
@@ -1787,6 +1846,40 @@ pub(crate) mod tests {
                 .by
                 .to_string(),
             "sg-web/egress[1]"
+        );
+    }
+
+    /// `sgfw explain` output: first line ALLOW/DENY, then one line per stage with the rule that decided.
+    #[test]
+    fn explain_text_and_json() {
+        let m = fixture();
+        let p = syn(WEB1, DB, 22);
+        let v = explain_new_flow(&m, &p);
+        assert_eq!(
+            explain_text(&m, &p, &v),
+            "DENY\n\
+             sg-egress   allow  sg-web/egress[0]\n\
+             nacl-out    allow  acl-a rule 100\n\
+             nacl-in     allow  implicit-default rule 100\n\
+             sg-ingress  deny   no rule matched\n"
+        );
+        assert_eq!(
+            explain_json(&m, &p, &v),
+            serde_json::json!({"verdict": "deny", "passthrough": null, "stages": [
+                {"stage": "sg-egress", "verdict": "allow", "rule": "sg-web/egress[0]"},
+                {"stage": "nacl-out", "verdict": "allow", "rule": "acl-a rule 100"},
+                {"stage": "nacl-in", "verdict": "allow", "rule": "implicit-default rule 100"},
+                {"stage": "sg-ingress", "verdict": "deny", "rule": "no rule matched"}]})
+        );
+        let dhcp = Packet::udp(ip(WEB1), ip("10.0.1.1"), 68, 67);
+        let v = explain_new_flow(&m, &dhcp);
+        assert_eq!(explain_text(&m, &dhcp, &v), "ALLOW\npassthrough dhcp\n");
+        assert_eq!(explain_json(&m, &dhcp, &v)["passthrough"], "dhcp");
+        let outside = syn(OUT, "198.51.100.1", 80);
+        let v = explain_new_flow(&m, &outside);
+        assert_eq!(
+            explain_text(&m, &outside, &v),
+            "ALLOW\nno stage: neither address belongs to an instance of the model\n"
         );
     }
 

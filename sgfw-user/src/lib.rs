@@ -42,3 +42,15 @@ pub mod model;
 pub mod packet;
 pub mod sys;
 pub mod validate;
+
+// The `validate` and `explain` subcommands are modules of the `sgfw` binary;
+// compiling them here too lets their tests run with the library's, without
+// privileges, however the binary wires them up.
+#[cfg(test)]
+#[allow(dead_code, reason = "the binary calls run(); the library only runs the tests")]
+mod cli {
+    #[path = "explain.rs"]
+    pub(crate) mod explain;
+    #[path = "validate.rs"]
+    pub(crate) mod validate;
+}

@@ -1656,6 +1656,24 @@ mod tests {
         );
     }
 
+    /// The shipped example models are valid and warning-free.
+    #[test]
+    fn examples_are_valid() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "json") {
+                let model = crate::model::load_path(&path).unwrap();
+                let (_, w) =
+                    validate(&model).unwrap_or_else(|e| panic!("{}:\n{e}", path.display()));
+                assert!(w.is_empty(), "{}: {w:?}", path.display());
+                n += 1;
+            }
+        }
+        assert!(n >= 3);
+    }
+
     #[test]
     fn names_and_ids() {
         assert!(is_valid_id("sg-0a1B_2.x"));
