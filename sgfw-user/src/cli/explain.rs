@@ -317,6 +317,114 @@ mod tests {
         );
     }
 
+    /// The examples of docs-model-format.md (the README's model section), verbatim.
+    #[test]
+    fn readme_examples() {
+        let cases: [(&[&str], &str); 5] = [
+            (
+                &[
+                    "--src",
+                    "10.0.1.11",
+                    "--dst",
+                    "10.0.2.20",
+                    "--proto",
+                    "tcp",
+                    "--dport",
+                    "5432",
+                ],
+                "DENY\n\
+                 sg-egress   allow  sg-web/egress[1]\n\
+                 nacl-out    allow  acl-default rule 100\n\
+                 nacl-in     deny   acl-db rule 100\n",
+            ),
+            (
+                &[
+                    "--src",
+                    "203.0.113.9",
+                    "--dst",
+                    "10.0.1.10",
+                    "--proto",
+                    "tcp",
+                    "--dport",
+                    "443",
+                ],
+                "ALLOW\n\
+                 nacl-in     allow  acl-default rule 100\n\
+                 sg-ingress  allow  sg-web/ingress[0]\n",
+            ),
+            (
+                &[
+                    "--src",
+                    "2001:db8:ffff::5",
+                    "--dst",
+                    "2001:db8:1234:2::20",
+                    "--proto",
+                    "tcp",
+                    "--dport",
+                    "22",
+                ],
+                "DENY\n\
+                 nacl-in     deny   acl-db rule * (no entry matched)\n",
+            ),
+            (
+                &[
+                    "--src",
+                    "10.0.1.10",
+                    "--dst",
+                    "10.0.1.11",
+                    "--proto",
+                    "icmp",
+                ],
+                "DENY\n\
+                 sg-egress   deny   no rule matched\n",
+            ),
+            (
+                &[
+                    "--src",
+                    "10.0.1.10",
+                    "--dst",
+                    "10.0.0.2",
+                    "--proto",
+                    "udp",
+                    "--dport",
+                    "53",
+                ],
+                "ALLOW\n\
+                 passthrough dns\n",
+            ),
+        ];
+        for (argv, want) in cases {
+            assert_eq!(
+                explain(argv),
+                (0, want.to_string(), String::new()),
+                "{argv:?}"
+            );
+        }
+    }
+
+    /// The `--json` example of docs-model-format.md, byte for byte.
+    #[test]
+    fn readme_json_example() {
+        let (code, out, _) = explain(&[
+            "--src",
+            "203.0.113.9",
+            "--dst",
+            "10.0.1.10",
+            "--proto",
+            "tcp",
+            "--dport",
+            "443",
+            "--json",
+        ]);
+        assert_eq!(code, 0);
+        assert_eq!(
+            out,
+            r#"{"passthrough":null,"stages":[{"rule":"acl-default rule 100","stage":"nacl-in","verdict":"allow"},{"rule":"sg-web/ingress[0]","stage":"sg-ingress","verdict":"allow"}],"verdict":"allow"}"#
+                .to_owned()
+                + "\n"
+        );
+    }
+
     #[test]
     fn json_output() {
         let (code, out, _) = explain(&[
