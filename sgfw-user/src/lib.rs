@@ -35,10 +35,12 @@
 #[allow(unused_extern_crates, reason = "used only when the CLI modules are compiled into the library")]
 extern crate self as sgfw;
 
+pub mod backend;
 pub mod ebpf;
 pub mod eval;
 pub mod flat;
 pub mod model;
+pub mod nft;
 pub mod packet;
 pub mod sys;
 pub mod validate;

@@ -77,6 +77,51 @@ pub trait Host {
     fn ifindex(&self, name: &str) -> Result<Option<u32>, SysError>;
     /// Runs `nft` with `args`, feeding `stdin`; returns its stdout.
     fn nft(&self, args: &[&str], stdin: Option<&str>) -> Result<String, SysError>;
+    /// Reads a sysctl by its path under `/proc/sys` (e.g.
+    /// `net/bridge/bridge-nf-call-iptables`), trimmed; `None` when it does not
+    /// exist (for that one: `br_netfilter` is not loaded).
+    ///
+    /// The default implementation fails: hosts that do not implement it
+    /// cannot run the nftables backend.
+    fn read_sysctl(&self, key: &str) -> Result<Option<String>, SysError> {
+        Err(unsupported("reading (not supported by this host)", key))
+    }
+    /// Writes a sysctl by its path under `/proc/sys`.
+    ///
+    /// The default implementation fails, like [`Host::read_sysctl`].
+    fn write_sysctl(&self, key: &str, value: &str) -> Result<(), SysError> {
+        let _ = value;
+        Err(unsupported("writing (not supported by this host)", key))
+    }
+}
+
+fn unsupported(what: &'static str, key: &str) -> SysError {
+    SysError::File {
+        what,
+        path: Path::new("/proc/sys").join(key),
+        source: io::Error::from(io::ErrorKind::Unsupported),
+    }
+}
+
+/// The file of a sysctl key; keys are sgfw's own constants, still checked so
+/// that no key can leave `/proc/sys`.
+fn sysctl_path(key: &str) -> Result<PathBuf, SysError> {
+    let ok = !key.is_empty()
+        && key.split('/').all(|c| {
+            !c.is_empty()
+                && c != "."
+                && c != ".."
+                && c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        });
+    if ok {
+        Ok(Path::new("/proc/sys").join(key))
+    } else {
+        Err(SysError::File {
+            what: "refusing sysctl key",
+            path: PathBuf::from(key),
+            source: io::Error::from(io::ErrorKind::InvalidInput),
+        })
+    }
 }
 
 /// The real host: sysfs for links, the `nft` program for nftables.
@@ -160,6 +205,28 @@ impl Host for RealHost {
             });
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn read_sysctl(&self, key: &str) -> Result<Option<String>, SysError> {
+        let path = sysctl_path(key)?;
+        match std::fs::read_to_string(&path) {
+            Ok(s) => Ok(Some(s.trim().to_string())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(SysError::File {
+                what: "reading",
+                path,
+                source,
+            }),
+        }
+    }
+
+    fn write_sysctl(&self, key: &str, value: &str) -> Result<(), SysError> {
+        let path = sysctl_path(key)?;
+        std::fs::write(&path, value).map_err(|source| SysError::File {
+            what: "writing",
+            path,
+            source,
+        })
     }
 }
 

@@ -1,0 +1,292 @@
+//! Which backend enforces: eBPF, nftables, or none (metadata only).
+//!
+//! This module owns the decision only. Whether BPF can be loaded and
+//! attached and whether `nft` runs with the needed rights are probed
+//! elsewhere ([`crate::nft::probe_nftables`] for nftables) and come in as
+//! [`Probes`], so every branch is tested without privileges. It must never
+//! probe anything itself, and never turn a failed probe into a mode that
+//! claims to enforce.
+//!
+//! - The CLI ([`select`]): `--backend auto|ebpf|nftables|off`; `auto` takes
+//!   eBPF when it works, else nftables, else fails with both reasons.
+//! - The library ([`select_for_library`]): opt-in through `SGFW_ENFORCEMENT`
+//!   (unset or `off` = disabled, silently); anything that cannot be honoured
+//!   degrades to [`EnforcementMode::Disabled`] with exactly one warning that
+//!   says why and what would fix it.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::Serialize;
+
+/// The environment variable through which the library opts in to enforcement.
+pub const ENFORCEMENT_ENV: &str = "SGFW_ENFORCEMENT";
+
+/// What enforces the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub enum EnforcementMode {
+    /// TC classifiers on the bridge ports ([`crate::ebpf`]).
+    Ebpf,
+    /// `table inet sgfw` ([`crate::nft`]).
+    Nftables,
+    /// Nothing is enforced: the model is metadata only.
+    Disabled,
+}
+
+impl fmt::Display for EnforcementMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            EnforcementMode::Ebpf => "ebpf",
+            EnforcementMode::Nftables => "nftables",
+            EnforcementMode::Disabled => "disabled",
+        })
+    }
+}
+
+/// What the user asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize)]
+pub enum BackendChoice {
+    /// The best backend that works here.
+    #[default]
+    Auto,
+    /// eBPF or nothing.
+    Ebpf,
+    /// nftables or nothing.
+    Nftables,
+    /// No enforcement.
+    Off,
+}
+
+impl fmt::Display for BackendChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BackendChoice::Auto => "auto",
+            BackendChoice::Ebpf => "ebpf",
+            BackendChoice::Nftables => "nftables",
+            BackendChoice::Off => "off",
+        })
+    }
+}
+
+/// A backend name that is not `auto`, `ebpf`, `nftables` or `off`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown backend {0:?}: expected auto, ebpf, nftables or off")]
+pub struct ParseChoiceError(pub String);
+
+impl FromStr for BackendChoice {
+    type Err = ParseChoiceError;
+
+    /// `auto`, `ebpf`, `nftables` or `off`, ASCII case-insensitive, surrounding
+    /// whitespace ignored.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(BackendChoice::Auto),
+            "ebpf" => Ok(BackendChoice::Ebpf),
+            "nftables" => Ok(BackendChoice::Nftables),
+            "off" => Ok(BackendChoice::Off),
+            _ => Err(ParseChoiceError(s.to_string())),
+        }
+    }
+}
+
+/// The results of the two capability probes, each `Err(why)` when that
+/// backend cannot work here (the reason should name the fix).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probes {
+    /// Can the BPF object be loaded and attached here.
+    pub ebpf: Result<(), String>,
+    /// Can `nft` run with the needed rights ([`crate::nft::probe_nftables`]).
+    pub nftables: Result<(), String>,
+}
+
+/// Why the CLI cannot enforce what was asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SelectError {
+    /// `--backend ebpf`, and eBPF does not work here.
+    #[error("the eBPF backend cannot run here: {0}")]
+    Ebpf(String),
+    /// `--backend nftables`, and nftables does not work here.
+    #[error("the nftables backend cannot run here: {0}")]
+    Nftables(String),
+    /// `--backend auto`, and neither works.
+    #[error("no enforcement backend can run here: eBPF: {ebpf}; nftables: {nftables}")]
+    Neither {
+        /// Why eBPF does not work.
+        ebpf: String,
+        /// Why nftables does not work.
+        nftables: String,
+    },
+}
+
+/// The CLI's choice: the mode and a one-line reason for it.
+///
+/// # Errors
+///
+/// [`SelectError`] when the requested backend (or, for `auto`, both) cannot
+/// run, with the probes' reasons.
+pub fn select(
+    choice: BackendChoice,
+    probes: &Probes,
+) -> Result<(EnforcementMode, String), SelectError> {
+    match choice {
+        BackendChoice::Off => Ok((
+            EnforcementMode::Disabled,
+            "enforcement is off (--backend off)".into(),
+        )),
+        BackendChoice::Ebpf => match &probes.ebpf {
+            Ok(()) => Ok((EnforcementMode::Ebpf, "eBPF requested and available".into())),
+            Err(why) => Err(SelectError::Ebpf(why.clone())),
+        },
+        BackendChoice::Nftables => match &probes.nftables {
+            Ok(()) => Ok((
+                EnforcementMode::Nftables,
+                "nftables requested and available".into(),
+            )),
+            Err(why) => Err(SelectError::Nftables(why.clone())),
+        },
+        BackendChoice::Auto => match (&probes.ebpf, &probes.nftables) {
+            (Ok(()), _) => Ok((EnforcementMode::Ebpf, "auto: eBPF is available".into())),
+            (Err(ebpf), Ok(())) => Ok((
+                EnforcementMode::Nftables,
+                format!("auto: eBPF is not available ({ebpf}); using nftables"),
+            )),
+            (Err(ebpf), Err(nftables)) => Err(SelectError::Neither {
+                ebpf: ebpf.clone(),
+                nftables: nftables.clone(),
+            }),
+        },
+    }
+}
+
+/// The library's choice from `SGFW_ENFORCEMENT` (passed in, `None` = unset)
+/// and the probes: the mode, and at most one warning to show once.
+///
+/// - unset, empty or `off`: [`EnforcementMode::Disabled`], no warning;
+/// - `auto`: the best backend that works, else disabled with a warning;
+/// - `ebpf` / `nftables`: that backend, else disabled with a warning naming
+///   the cause and the fix;
+/// - anything else: disabled with a warning naming the value.
+pub fn select_for_library(
+    env: Option<&str>,
+    probes: &Probes,
+) -> (EnforcementMode, Option<String>) {
+    let Some(raw) = env.filter(|v| !v.trim().is_empty()) else {
+        return (EnforcementMode::Disabled, None);
+    };
+    let choice = match raw.parse::<BackendChoice>() {
+        Ok(c) => c,
+        Err(_) => {
+            return (
+                EnforcementMode::Disabled,
+                Some(format!(
+                    "sgfw: {ENFORCEMENT_ENV}={raw:?} is not one of auto, ebpf, nftables, off; enforcement is disabled (the model is metadata only): set {ENFORCEMENT_ENV} to one of those values"
+                )),
+            );
+        }
+    };
+    if choice == BackendChoice::Off {
+        return (EnforcementMode::Disabled, None);
+    }
+    match select(choice, probes) {
+        Ok((mode, _)) => (mode, None),
+        Err(e) => (
+            EnforcementMode::Disabled,
+            Some(format!(
+                "sgfw: {ENFORCEMENT_ENV}={choice}, but {e}; enforcement is disabled (the model is metadata only) until that is fixed"
+            )),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn probes(ebpf: bool, nft: bool) -> Probes {
+        Probes {
+            ebpf: if ebpf { Ok(()) } else { Err("BPF_PROG_LOAD: EPERM; run as root or grant CAP_BPF".into()) },
+            nftables: if nft { Ok(()) } else { Err("br_netfilter is not loaded; modprobe br_netfilter".into()) },
+        }
+    }
+
+    #[test]
+    fn choice_parses_the_four_names_only() {
+        assert_eq!("auto".parse(), Ok(BackendChoice::Auto));
+        assert_eq!("ebpf".parse(), Ok(BackendChoice::Ebpf));
+        assert_eq!(" NFTables ".parse(), Ok(BackendChoice::Nftables));
+        assert_eq!("off".parse(), Ok(BackendChoice::Off));
+        assert_eq!(
+            "iptables".parse::<BackendChoice>(),
+            Err(ParseChoiceError("iptables".into()))
+        );
+        assert!("".parse::<BackendChoice>().is_err());
+        for c in [BackendChoice::Auto, BackendChoice::Ebpf, BackendChoice::Nftables, BackendChoice::Off] {
+            assert_eq!(c.to_string().parse(), Ok(c));
+        }
+    }
+
+    #[test]
+    fn cli_auto_prefers_ebpf_then_nftables_then_fails_with_both_reasons() {
+        assert_eq!(select(BackendChoice::Auto, &probes(true, true)).unwrap().0, EnforcementMode::Ebpf);
+        assert_eq!(select(BackendChoice::Auto, &probes(true, false)).unwrap().0, EnforcementMode::Ebpf);
+        let (mode, why) = select(BackendChoice::Auto, &probes(false, true)).unwrap();
+        assert_eq!(mode, EnforcementMode::Nftables);
+        assert!(why.contains("CAP_BPF"), "{why}");
+        let e = select(BackendChoice::Auto, &probes(false, false)).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("CAP_BPF") && msg.contains("modprobe br_netfilter"), "{msg}");
+    }
+
+    #[test]
+    fn cli_explicit_backend_is_that_backend_or_an_error() {
+        assert_eq!(select(BackendChoice::Ebpf, &probes(true, false)).unwrap().0, EnforcementMode::Ebpf);
+        assert_eq!(
+            select(BackendChoice::Ebpf, &probes(false, true)),
+            Err(SelectError::Ebpf(probes(false, true).ebpf.unwrap_err()))
+        );
+        assert_eq!(select(BackendChoice::Nftables, &probes(false, true)).unwrap().0, EnforcementMode::Nftables);
+        assert!(matches!(
+            select(BackendChoice::Nftables, &probes(true, false)),
+            Err(SelectError::Nftables(_))
+        ));
+        assert_eq!(select(BackendChoice::Off, &probes(false, false)).unwrap().0, EnforcementMode::Disabled);
+    }
+
+    #[test]
+    fn library_unset_empty_or_off_is_disabled_silently() {
+        for env in [None, Some(""), Some("  "), Some("off"), Some("OFF")] {
+            assert_eq!(select_for_library(env, &probes(true, true)), (EnforcementMode::Disabled, None), "{env:?}");
+        }
+    }
+
+    #[test]
+    fn library_auto_takes_the_best_or_warns_once() {
+        assert_eq!(select_for_library(Some("auto"), &probes(true, true)), (EnforcementMode::Ebpf, None));
+        assert_eq!(select_for_library(Some("auto"), &probes(false, true)), (EnforcementMode::Nftables, None));
+        let (mode, warning) = select_for_library(Some("auto"), &probes(false, false));
+        assert_eq!(mode, EnforcementMode::Disabled);
+        let w = warning.unwrap();
+        assert!(w.contains("CAP_BPF") && w.contains("modprobe br_netfilter") && w.contains("metadata only"), "{w}");
+    }
+
+    #[test]
+    fn library_requested_backend_unavailable_warns_with_cause_and_fix() {
+        assert_eq!(select_for_library(Some("ebpf"), &probes(true, false)), (EnforcementMode::Ebpf, None));
+        assert_eq!(select_for_library(Some("nftables"), &probes(false, true)), (EnforcementMode::Nftables, None));
+        let (mode, w) = select_for_library(Some("ebpf"), &probes(false, true));
+        assert_eq!(mode, EnforcementMode::Disabled);
+        let w = w.unwrap();
+        assert!(w.contains("SGFW_ENFORCEMENT=ebpf") && w.contains("CAP_BPF"), "{w}");
+        let (mode, w) = select_for_library(Some("nftables"), &probes(true, false));
+        assert_eq!(mode, EnforcementMode::Disabled);
+        assert!(w.unwrap().contains("modprobe br_netfilter"));
+    }
+
+    #[test]
+    fn library_invalid_value_warns_naming_it() {
+        let (mode, w) = select_for_library(Some("iptables"), &probes(true, true));
+        assert_eq!(mode, EnforcementMode::Disabled);
+        let w = w.unwrap();
+        assert!(w.contains("\"iptables\"") && w.contains("auto, ebpf, nftables, off"), "{w}");
+    }
+}

@@ -1,0 +1,859 @@
+//! [`FlatModel`] → nftables ruleset text, deterministically.
+//!
+//! This module owns the text of `table inet sgfw`. Every value written into
+//! it comes from a typed value: addresses and prefixes ([`IpAddr`],
+//! [`IpNet`]), protocol numbers and ICMP types/codes (`u8`), ports (`u16`),
+//! timeouts (`u32`) and names derived from indices (`sg_in_3`). Instance,
+//! subnet and group ids appear only in `#` comments and counter comments, and
+//! only after [`sanitize`] has reduced them to `[A-Za-z0-9._-]`: a hostile id
+//! can never close a string, a block or a line. It must never widen a rule:
+//! a matcher that cannot be expressed is a [`RenderError`], never "match all".
+//!
+//! The layout (see the module docs of [`crate::nft`] for why):
+//! 1. passthrough (`accept`, before anything);
+//! 2. NACLs, every packet: `ip saddr vmap @nacl_out_v4` → `nacl_out_<subnet>`,
+//!    `ip daddr vmap @nacl_in_v4` → `nacl_in_<subnet>` (and `ip6`);
+//! 3. `ct state established,related` / `ct status confirmed`: accept;
+//! 4. SGs: `ip saddr vmap @sg_out_v4` → `sg_out_<instance>`,
+//!    `ip daddr vmap @sg_in_v4` → `sg_in_<instance>`; each chain `return`s
+//!    on its first match and ends in `drop`;
+//! 5. a new flow that passed everything: conntrack timeouts.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Display;
+use std::net::IpAddr;
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+use crate::eval::METADATA_ADDR;
+use crate::flat::{FirewallRule, FlatModel, Match, NaclEntry, RuleAction};
+use crate::packet::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
+
+/// The one table sgfw owns. Nothing else is ever touched.
+pub const TABLE: &str = "inet sgfw";
+
+/// The NFLOG group every drop is logged to (prefix `sgfw drop <stage> <who> `).
+pub const NFLOG_GROUP: u16 = 3210;
+
+/// Base-chain priority: before the usual `filter` chains (priority 0) of
+/// other tables, so sgfw's drops happen first.
+pub const HOOK_PRIORITY: &str = "filter - 10";
+
+/// Why a model cannot be rendered. Validation rejects all of these first; the
+/// renderer still refuses them rather than widen anything.
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    /// An instance names a subnet index that does not exist.
+    #[error("instance #{instance} refers to subnet index {subnet_index}, which does not exist")]
+    UnknownSubnet {
+        /// Index of the instance in the model.
+        instance: usize,
+        /// The bad subnet index.
+        subnet_index: usize,
+    },
+    /// Two instances share an address.
+    #[error("address {addr} belongs to instances #{first} and #{second}")]
+    DuplicateAddress {
+        /// The address.
+        addr: IpAddr,
+        /// Index of the first instance.
+        first: usize,
+        /// Index of the second instance.
+        second: usize,
+    },
+    /// A matcher this renderer cannot express exactly.
+    #[error("cannot express matcher {matcher} exactly in nftables")]
+    Matcher {
+        /// The matcher.
+        matcher: Match,
+    },
+}
+
+/// IPv4 or IPv6, as nft spells the pieces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    const ALL: [Family; 2] = [Family::V4, Family::V6];
+
+    fn of_net(net: &IpNet) -> Family {
+        match net {
+            IpNet::V4(_) => Family::V4,
+            IpNet::V6(_) => Family::V6,
+        }
+    }
+    fn of_addr(addr: &IpAddr) -> Family {
+        match addr {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
+    /// `ip` / `ip6` (the payload expression's protocol).
+    fn l3(self) -> &'static str {
+        match self {
+            Family::V4 => "ip",
+            Family::V6 => "ip6",
+        }
+    }
+    /// `ipv4` / `ipv6` (`meta nfproto`).
+    fn nfproto(self) -> &'static str {
+        match self {
+            Family::V4 => "ipv4",
+            Family::V6 => "ipv6",
+        }
+    }
+    /// `ipv4_addr` / `ipv6_addr` (set types).
+    fn addr_type(self) -> &'static str {
+        match self {
+            Family::V4 => "ipv4_addr",
+            Family::V6 => "ipv6_addr",
+        }
+    }
+    /// `v4` / `v6` (name suffixes).
+    fn suffix(self) -> &'static str {
+        match self {
+            Family::V4 => "v4",
+            Family::V6 => "v6",
+        }
+    }
+    /// `ip` / `ip6` (`l3proto` of a ct timeout object).
+    fn l3proto(self) -> &'static str {
+        self.l3()
+    }
+}
+
+/// Which address of the packet is the remote one.
+#[derive(Debug, Clone, Copy)]
+enum Side {
+    Saddr,
+    Daddr,
+}
+
+impl Side {
+    fn word(self) -> &'static str {
+        match self {
+            Side::Saddr => "saddr",
+            Side::Daddr => "daddr",
+        }
+    }
+}
+
+/// Reduces a user string to `[A-Za-z0-9._-]` (anything else becomes `_`),
+/// at most 64 characters, so it is inert in a `#` comment or a quoted
+/// comment. Ids are validated to that alphabet already; this does not rely on it.
+pub fn sanitize(s: &str) -> String {
+    let mut out: String = s
+        .chars()
+        .take(64)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if out.is_empty() {
+        out.push('_');
+    }
+    out
+}
+
+/// The stage names used in chain, counter and log names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum ChainKind {
+    NaclOut,
+    NaclIn,
+    SgOut,
+    SgIn,
+}
+
+impl ChainKind {
+    pub(crate) const ALL: [ChainKind; 4] = [
+        ChainKind::NaclOut,
+        ChainKind::NaclIn,
+        ChainKind::SgOut,
+        ChainKind::SgIn,
+    ];
+    /// Chain/map/counter name prefix.
+    pub(crate) fn prefix(self) -> &'static str {
+        match self {
+            ChainKind::NaclOut => "nacl_out",
+            ChainKind::NaclIn => "nacl_in",
+            ChainKind::SgOut => "sg_out",
+            ChainKind::SgIn => "sg_in",
+        }
+    }
+    /// The flow-log stage name (as [`crate::eval::Stage::name`]).
+    pub(crate) fn stage(self) -> crate::eval::Stage {
+        match self {
+            ChainKind::NaclOut => crate::eval::Stage::NaclOut,
+            ChainKind::NaclIn => crate::eval::Stage::NaclIn,
+            ChainKind::SgOut => crate::eval::Stage::SgEgress,
+            ChainKind::SgIn => crate::eval::Stage::SgIngress,
+        }
+    }
+    /// Which packet address picks the chain from the verdict map: the
+    /// sender's for outbound/egress, the receiver's for inbound/ingress.
+    fn key_side(self) -> Side {
+        match self {
+            ChainKind::NaclOut | ChainKind::SgOut => Side::Saddr,
+            ChainKind::NaclIn | ChainKind::SgIn => Side::Daddr,
+        }
+    }
+    /// Which packet address is the remote one inside the chain.
+    fn remote_side(self) -> Side {
+        match self.key_side() {
+            Side::Saddr => Side::Daddr,
+            Side::Daddr => Side::Saddr,
+        }
+    }
+    /// `s` (subnet) or `i` (instance) in log prefixes.
+    fn who(self) -> &'static str {
+        match self {
+            ChainKind::NaclOut | ChainKind::NaclIn => "s",
+            ChainKind::SgOut | ChainKind::SgIn => "i",
+        }
+    }
+}
+
+/// Text with tab indentation, one statement per line.
+#[derive(Default)]
+struct Out {
+    text: String,
+}
+
+impl Out {
+    fn line(&mut self, depth: usize, s: impl Display) {
+        for _ in 0..depth {
+            self.text.push('\t');
+        }
+        self.text.push_str(&s.to_string());
+        self.text.push('\n');
+    }
+    fn blank(&mut self) {
+        self.text.push('\n');
+    }
+}
+
+/// An address for nft: plain for a host, `a/len` for a prefix.
+fn net_text(net: &IpNet) -> String {
+    if net.prefix_len() == net.max_prefix_len() {
+        net.addr().to_string()
+    } else {
+        net.to_string()
+    }
+}
+
+/// `{ a, b }`, or the single element without braces.
+fn set_text(items: &[String]) -> String {
+    match items {
+        [one] => one.clone(),
+        many => format!("{{ {} }}", many.join(", ")),
+    }
+}
+
+/// Minimal covering list of CIDRs (overlaps and neighbours merged), sorted.
+fn aggregate(family: Family, nets: &[IpNet]) -> Vec<IpNet> {
+    match family {
+        Family::V4 => {
+            let v: Vec<Ipv4Net> = nets
+                .iter()
+                .filter_map(|n| match n {
+                    IpNet::V4(n) => Some(*n),
+                    IpNet::V6(_) => None,
+                })
+                .collect();
+            Ipv4Net::aggregate(&v).into_iter().map(IpNet::V4).collect()
+        }
+        Family::V6 => {
+            let v: Vec<Ipv6Net> = nets
+                .iter()
+                .filter_map(|n| match n {
+                    IpNet::V6(n) => Some(*n),
+                    IpNet::V4(_) => None,
+                })
+                .collect();
+            Ipv6Net::aggregate(&v).into_iter().map(IpNet::V6).collect()
+        }
+    }
+}
+
+/// The address part of a rule: `ip daddr { ... }`, or only the family when
+/// the set covers the whole family (`meta nfproto ipv4`).
+fn addr_match(family: Family, side: Side, nets: &[IpNet]) -> String {
+    if nets.iter().any(|n| n.prefix_len() == 0) {
+        return format!("meta nfproto {}", family.nfproto());
+    }
+    let items: Vec<String> = nets.iter().map(net_text).collect();
+    format!("{} {} {}", family.l3(), side.word(), set_text(&items))
+}
+
+/// Merges inclusive port ranges (overlapping or adjacent), sorted.
+fn merge_ports(mut ranges: Vec<(u16, u16)>) -> Vec<(u16, u16)> {
+    ranges.sort_unstable();
+    let mut out: Vec<(u16, u16)> = Vec::new();
+    for (from, to) in ranges {
+        match out.last_mut() {
+            Some(last) if u32::from(from) <= u32::from(last.1) + 1 => last.1 = last.1.max(to),
+            _ => out.push((from, to)),
+        }
+    }
+    out
+}
+
+fn port_text((from, to): (u16, u16)) -> String {
+    if from == to {
+        from.to_string()
+    } else {
+        format!("{from}-{to}")
+    }
+}
+
+fn l4_name(proto: u8) -> Option<&'static str> {
+    match proto {
+        PROTO_TCP => Some("tcp"),
+        PROTO_UDP => Some("udp"),
+        _ => None,
+    }
+}
+
+/// The protocol part of a rule for a packet of `family`. `Ok(None)`: the
+/// matcher can never match a packet of this family (an ICMP matcher of the
+/// other family), so the rule is left out — leaving out a rule that cannot
+/// match changes nothing. `Ok(Some(""))`: every protocol.
+fn proto_match(family: Family, m: &Match) -> Result<Option<String>, RenderError> {
+    Ok(Some(match *m {
+        Match::All => String::new(),
+        Match::Proto(p) => format!("meta l4proto {p}"),
+        Match::Ports { proto, from, to } => {
+            let name = l4_name(proto).ok_or(RenderError::Matcher { matcher: *m })?;
+            format!("{name} dport {}", port_text((from, to)))
+        }
+        Match::Icmp {
+            proto,
+            icmp_type,
+            code,
+        } => {
+            let word = match (proto, family) {
+                (PROTO_ICMP, Family::V4) => "icmp",
+                (PROTO_ICMPV6, Family::V6) => "icmpv6",
+                (PROTO_ICMP | PROTO_ICMPV6, _) => return Ok(None),
+                _ => return Err(RenderError::Matcher { matcher: *m }),
+            };
+            let mut s = format!("meta l4proto {proto}");
+            if let Some(t) = icmp_type {
+                s.push_str(&format!(" {word} type {t}"));
+            }
+            if let Some(c) = code {
+                s.push_str(&format!(" {word} code {c}"));
+            }
+            s
+        }
+    }))
+}
+
+fn join_nonempty(parts: &[&str]) -> String {
+    parts
+        .iter()
+        .filter(|p| !p.is_empty())
+        .copied()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn counter_name(kind: ChainKind, index: usize, allowed: bool) -> String {
+    format!(
+        "{}_{index}_{}",
+        kind.prefix(),
+        if allowed { "allow" } else { "drop" }
+    )
+}
+
+fn log_drop(kind: ChainKind, index: usize, rule: Option<u16>) -> String {
+    let rule = rule.map_or_else(|| "*".to_string(), |n| format!("r{n}"));
+    format!(
+        "log prefix \"sgfw drop {} {}{index} {rule} \" group {NFLOG_GROUP}",
+        kind.stage().name(),
+        kind.who()
+    )
+}
+
+/// Per-subnet and per-instance indices, checked.
+struct Index<'a> {
+    model: &'a FlatModel,
+    /// (family) → subnet → its instances' addresses.
+    subnet_addrs: BTreeMap<(Family, usize), BTreeSet<IpAddr>>,
+    /// Every instance address → (instance index, subnet index).
+    owner: BTreeMap<IpAddr, (usize, usize)>,
+}
+
+impl<'a> Index<'a> {
+    fn new(model: &'a FlatModel) -> Result<Index<'a>, RenderError> {
+        let mut subnet_addrs: BTreeMap<(Family, usize), BTreeSet<IpAddr>> = BTreeMap::new();
+        let mut owner = BTreeMap::new();
+        for (i, inst) in model.instances.iter().enumerate() {
+            if inst.subnet_index >= model.subnets.len() {
+                return Err(RenderError::UnknownSubnet {
+                    instance: i,
+                    subnet_index: inst.subnet_index,
+                });
+            }
+            for addr in &inst.addrs {
+                if let Some((first, _)) = owner.insert(*addr, (i, inst.subnet_index)) {
+                    return Err(RenderError::DuplicateAddress {
+                        addr: *addr,
+                        first,
+                        second: i,
+                    });
+                }
+                subnet_addrs
+                    .entry((Family::of_addr(addr), inst.subnet_index))
+                    .or_default()
+                    .insert(*addr);
+            }
+        }
+        Ok(Index {
+            model,
+            subnet_addrs,
+            owner,
+        })
+    }
+
+    fn addrs_of(&self, family: Family) -> impl Iterator<Item = (&IpAddr, &(usize, usize))> {
+        self.owner
+            .iter()
+            .filter(move |(a, _)| Family::of_addr(a) == family)
+    }
+
+    /// (instance address, DNS address of its subnet) pairs of one family.
+    fn dns_pairs(&self, family: Family) -> BTreeSet<(IpAddr, IpAddr)> {
+        let mut pairs = BTreeSet::new();
+        for (addr, (_, subnet)) in self.addrs_of(family) {
+            let Some(s) = self.model.subnets.get(*subnet) else {
+                continue;
+            };
+            for dns in s.dns.iter().filter(|d| Family::of_addr(d) == family) {
+                pairs.insert((*addr, *dns));
+                pairs.insert((*dns, *addr));
+            }
+        }
+        pairs
+    }
+}
+
+/// Writes a named set or map declaration with its elements, one per line.
+fn declare(out: &mut Out, kind: &str, name: &str, ty: &str, elements: &[String]) {
+    out.line(1, format!("{kind} {name} {{"));
+    out.line(2, format!("type {ty}"));
+    if !elements.is_empty() {
+        out.line(2, "elements = {");
+        let last = elements.len() - 1;
+        for (i, e) in elements.iter().enumerate() {
+            out.line(3, format!("{e}{}", if i == last { "" } else { "," }));
+        }
+        out.line(2, "}");
+    }
+    out.line(1, "}");
+}
+
+/// Renders the model as the text of `table inet sgfw`. Deterministic: the
+/// same model always gives byte-identical text.
+///
+/// # Errors
+///
+/// [`RenderError`] when the model is inconsistent (an instance in a subnet
+/// that does not exist, an address owned twice) or a matcher cannot be
+/// expressed exactly; validated, flattened models never are.
+pub fn render(model: &FlatModel) -> Result<String, RenderError> {
+    let ix = Index::new(model)?;
+    let mut out = Out::default();
+    out.line(0, "# sgfw: AWS VPC security groups and network ACLs (generated; do not edit).");
+    out.line(0, "# Decision order: passthrough, NACLs (every packet), tracked flows, SG egress, SG ingress.");
+    for (i, s) in model.subnets.iter().enumerate() {
+        out.line(
+            0,
+            format!("# subnet {i}: {} (nacl {})", sanitize(&s.id), sanitize(&s.nacl_id)),
+        );
+    }
+    for (i, inst) in model.instances.iter().enumerate() {
+        out.line(
+            0,
+            format!("# instance {i}: {} (subnet {})", sanitize(&inst.id), inst.subnet_index),
+        );
+    }
+    out.line(0, format!("table {TABLE} {{"));
+
+    render_timeouts(&mut out, model);
+    out.blank();
+    render_counters(&mut out, model);
+    out.blank();
+    render_sets(&mut out, &ix);
+    out.blank();
+    render_entry(&mut out);
+    for (i, s) in model.subnets.iter().enumerate() {
+        out.blank();
+        render_nacl_chain(&mut out, &ix, ChainKind::NaclOut, i, &s.outbound)?;
+        out.blank();
+        render_nacl_chain(&mut out, &ix, ChainKind::NaclIn, i, &s.inbound)?;
+    }
+    for (i, inst) in model.instances.iter().enumerate() {
+        out.blank();
+        render_sg_chain(&mut out, ChainKind::SgOut, i, &inst.egress)?;
+        out.blank();
+        render_sg_chain(&mut out, ChainKind::SgIn, i, &inst.ingress)?;
+    }
+    out.line(0, "}");
+    Ok(out.text)
+}
+
+fn render_timeouts(out: &mut Out, model: &FlatModel) {
+    let t = model.timeouts;
+    out.line(1, "# Conntrack timeouts of SEMANTICS.md, set on each new flow sgfw allowed (chain ct_new).");
+    out.line(1, "# ICMP and other protocols: kernel timeouts (nft cannot set them per flow here).");
+    for f in Family::ALL {
+        out.line(
+            1,
+            format!(
+                "ct timeout tcp_{} {{ protocol tcp; l3proto {}; policy = {{ established: {}, syn_sent: {n}, syn_recv: {n}, fin_wait: {c}, close_wait: {c}, last_ack: {c}, time_wait: {c}, close: {c} }}; }}",
+                f.suffix(),
+                f.l3proto(),
+                t.tcp_established,
+                n = t.tcp_new,
+                c = t.tcp_closing,
+            ),
+        );
+        out.line(
+            1,
+            format!(
+                "ct timeout udp_{} {{ protocol udp; l3proto {}; policy = {{ unreplied: {}, replied: {} }}; }}",
+                f.suffix(),
+                f.l3proto(),
+                t.udp,
+                t.udp_stream
+            ),
+        );
+    }
+}
+
+fn render_counters(out: &mut Out, model: &FlatModel) {
+    out.line(1, "counter passthrough { comment \"passthrough\"; }");
+    out.line(1, "counter tracked { comment \"tracked\"; }");
+    for kind in ChainKind::ALL {
+        let ids: Vec<&str> = match kind {
+            ChainKind::NaclOut | ChainKind::NaclIn => {
+                model.subnets.iter().map(|s| s.id.as_str()).collect()
+            }
+            ChainKind::SgOut | ChainKind::SgIn => {
+                model.instances.iter().map(|i| i.id.as_str()).collect()
+            }
+        };
+        for (i, id) in ids.iter().enumerate() {
+            for allowed in [true, false] {
+                out.line(
+                    1,
+                    format!(
+                        "counter {} {{ comment \"{}\"; }}",
+                        counter_name(kind, i, allowed),
+                        sanitize(id)
+                    ),
+                );
+            }
+        }
+    }
+}
+
+fn render_sets(out: &mut Out, ix: &Index<'_>) {
+    for f in Family::ALL {
+        let all: Vec<String> = ix.addrs_of(f).map(|(a, _)| a.to_string()).collect();
+        declare(out, "set", &format!("instances_{}", f.suffix()), f.addr_type(), &all);
+    }
+    for (s, _) in ix.model.subnets.iter().enumerate() {
+        for f in Family::ALL {
+            let addrs: Vec<String> = ix
+                .subnet_addrs
+                .get(&(f, s))
+                .into_iter()
+                .flatten()
+                .map(ToString::to_string)
+                .collect();
+            declare(out, "set", &format!("subnet_{s}_{}", f.suffix()), f.addr_type(), &addrs);
+        }
+    }
+    for f in Family::ALL {
+        let pairs: Vec<String> = ix
+            .dns_pairs(f)
+            .iter()
+            .map(|(a, b)| format!("{a} . {b}"))
+            .collect();
+        let ty = format!("{t} . {t}", t = f.addr_type());
+        declare(out, "set", &format!("dns_pairs_{}", f.suffix()), &ty, &pairs);
+    }
+    for kind in ChainKind::ALL {
+        for f in Family::ALL {
+            let elems: Vec<String> = ix
+                .addrs_of(f)
+                .map(|(a, (inst, subnet))| {
+                    let target = match kind {
+                        ChainKind::NaclOut | ChainKind::NaclIn => subnet,
+                        ChainKind::SgOut | ChainKind::SgIn => inst,
+                    };
+                    format!("{a} : jump {}_{target}", kind.prefix())
+                })
+                .collect();
+            let ty = format!("{} : verdict", f.addr_type());
+            declare(out, "map", &format!("{}_{}", kind.prefix(), f.suffix()), &ty, &elems);
+        }
+    }
+}
+
+/// Base chains and the shared decision chain.
+fn render_entry(out: &mut Out) {
+    for hook in ["forward", "input", "output"] {
+        out.line(1, format!("chain {hook} {{"));
+        out.line(
+            2,
+            format!("type filter hook {hook} priority {HOOK_PRIORITY}; policy accept;"),
+        );
+        out.line(2, "jump decide");
+        out.line(1, "}");
+        out.blank();
+    }
+    out.line(1, "chain decide {");
+    out.line(2, "# 1. passthrough: NDP/RS/RA, DHCP, instance metadata, the subnet's DNS.");
+    out.line(2, "icmpv6 type 133-137 counter name \"passthrough\" accept");
+    out.line(2, "udp sport 68 udp dport 67 counter name \"passthrough\" accept");
+    out.line(2, "udp sport 67 udp dport 68 counter name \"passthrough\" accept");
+    out.line(2, format!("ip saddr {METADATA_ADDR} counter name \"passthrough\" accept"));
+    out.line(2, format!("ip daddr {METADATA_ADDR} counter name \"passthrough\" accept"));
+    out.line(2, "ip saddr . ip daddr @dns_pairs_v4 counter name \"passthrough\" accept");
+    out.line(2, "ip6 saddr . ip6 daddr @dns_pairs_v6 counter name \"passthrough\" accept");
+    out.line(2, "# 2. NACLs are stateless: every packet, before any conntrack shortcut.");
+    for kind in [ChainKind::NaclOut, ChainKind::NaclIn] {
+        for f in Family::ALL {
+            out.line(
+                2,
+                format!(
+                    "{} {} vmap @{}_{}",
+                    f.l3(),
+                    kind.key_side().word(),
+                    kind.prefix(),
+                    f.suffix()
+                ),
+            );
+        }
+    }
+    out.line(2, "# 3. A flow the kernel tracks passed both SG legs when it began: skip the SG rules.");
+    out.line(2, "ct state established,related counter name \"tracked\" accept");
+    out.line(2, "ct status confirmed counter name \"tracked\" accept");
+    out.line(2, "# 4. SG egress of the sender, then SG ingress of the receiver (chains return on allow).");
+    for kind in [ChainKind::SgOut, ChainKind::SgIn] {
+        for f in Family::ALL {
+            out.line(
+                2,
+                format!(
+                    "{} {} vmap @{}_{}",
+                    f.l3(),
+                    kind.key_side().word(),
+                    kind.prefix(),
+                    f.suffix()
+                ),
+            );
+        }
+    }
+    out.line(2, "# 5. A new flow allowed by every stage: the SEMANTICS timeouts.");
+    for f in Family::ALL {
+        for side in [Side::Saddr, Side::Daddr] {
+            out.line(
+                2,
+                format!("{} {} @instances_{} goto ct_new", f.l3(), side.word(), f.suffix()),
+            );
+        }
+    }
+    out.line(1, "}");
+    out.blank();
+    out.line(1, "chain ct_new {");
+    for f in Family::ALL {
+        for proto in ["tcp", "udp"] {
+            out.line(
+                2,
+                format!(
+                    "meta nfproto {} meta l4proto {proto} ct timeout set \"{proto}_{}\"",
+                    f.nfproto(),
+                    f.suffix()
+                ),
+            );
+        }
+    }
+    out.line(1, "}");
+}
+
+/// One subnet's NACL in one direction: same-subnet traffic returns at once;
+/// then the entries in rule-number order, first match decides; then deny.
+fn render_nacl_chain(
+    out: &mut Out,
+    ix: &Index<'_>,
+    kind: ChainKind,
+    subnet: usize,
+    entries: &[NaclEntry],
+) -> Result<(), RenderError> {
+    let side = kind.remote_side();
+    out.line(1, format!("chain {}_{subnet} {{", kind.prefix()));
+    out.line(2, "# Two instances of one subnet never see its NACL.");
+    for f in Family::ALL {
+        if ix.subnet_addrs.contains_key(&(f, subnet)) {
+            out.line(
+                2,
+                format!("{} {} @subnet_{subnet}_{} return", f.l3(), side.word(), f.suffix()),
+            );
+        }
+    }
+    let allow = counter_name(kind, subnet, true);
+    let drop = counter_name(kind, subnet, false);
+    for e in entries {
+        let f = Family::of_net(&e.cidr);
+        let Some(proto) = proto_match(f, &e.matcher)? else {
+            out.line(2, format!("# rule {}: cannot match this family", e.rule_number));
+            continue;
+        };
+        let addr = addr_match(f, side, &[e.cidr]);
+        let verdict = match e.action {
+            RuleAction::Allow => format!("counter name \"{allow}\" return"),
+            RuleAction::Deny => format!(
+                "counter name \"{drop}\" {} drop",
+                log_drop(kind, subnet, Some(e.rule_number))
+            ),
+        };
+        out.line(
+            2,
+            format!(
+                "{} # rule {}",
+                join_nonempty(&[&addr, &proto, &verdict]),
+                e.rule_number
+            ),
+        );
+    }
+    out.line(
+        2,
+        format!(
+            "counter name \"{drop}\" {} drop # rule *",
+            log_drop(kind, subnet, None)
+        ),
+    );
+    out.line(1, "}");
+    Ok(())
+}
+
+/// TCP/UDP rules that share a CIDR set: (family, protocol, aggregated CIDRs).
+type PortGroup = (Family, u8, Vec<IpNet>);
+
+/// One instance's SG rules in one direction. Rules are a union, so their
+/// order does not matter: they are grouped into as few rules as possible
+/// (one per protocol matcher, CIDRs as one set; TCP/UDP ports with the same
+/// CIDR set merged into one port set). Each match `return`s — never
+/// `accept`, which would skip the other instance's leg — and the chain ends
+/// in `drop`.
+fn render_sg_chain(
+    out: &mut Out,
+    kind: ChainKind,
+    inst: usize,
+    rules: &[FirewallRule],
+) -> Result<(), RenderError> {
+    let side = kind.remote_side();
+    out.line(1, format!("chain {}_{inst} {{", kind.prefix()));
+    // (family, matcher) → remotes.
+    let mut by_match: BTreeMap<(Family, Match), Vec<IpNet>> = BTreeMap::new();
+    for r in rules {
+        by_match
+            .entry((Family::of_net(&r.remote), r.matcher))
+            .or_default()
+            .push(r.remote);
+    }
+    // Port rules with the same CIDR set share one rule: (family, proto, cidrs) → ranges.
+    let mut ports: BTreeMap<PortGroup, Vec<(u16, u16)>> = BTreeMap::new();
+    let allow = counter_name(kind, inst, true);
+    for ((f, m), nets) in &by_match {
+        let nets = aggregate(*f, nets);
+        if let Match::Ports { proto, from, to } = *m {
+            if l4_name(proto).is_none() {
+                return Err(RenderError::Matcher { matcher: *m });
+            }
+            ports.entry((*f, proto, nets)).or_default().push((from, to));
+            continue;
+        }
+        let Some(proto) = proto_match(*f, m)? else {
+            continue;
+        };
+        let addr = addr_match(*f, side, &nets);
+        out.line(
+            2,
+            join_nonempty(&[&addr, &proto, &format!("counter name \"{allow}\" return")]),
+        );
+    }
+    for ((f, proto, nets), ranges) in ports {
+        let addr = addr_match(f, side, &nets);
+        let items: Vec<String> = merge_ports(ranges).into_iter().map(port_text).collect();
+        let name = l4_name(proto).unwrap_or("th");
+        out.line(
+            2,
+            format!(
+                "{addr} {name} dport {} counter name \"{allow}\" return",
+                set_text(&items)
+            ),
+        );
+    }
+    out.line(
+        2,
+        format!(
+            "counter name \"{}\" {} drop",
+            counter_name(kind, inst, false),
+            log_drop(kind, inst, None)
+        ),
+    );
+    out.line(1, "}");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sanitize_keeps_ids_and_neutralises_everything_else() {
+        assert_eq!(sanitize("i-0abc.x_y"), "i-0abc.x_y");
+        assert_eq!(sanitize("a\";}\n#b"), "a_____b");
+        assert_eq!(sanitize(""), "_");
+        assert_eq!(sanitize(&"x".repeat(200)).len(), 64);
+    }
+
+    #[test]
+    fn merge_ports_merges_overlap_and_adjacent() {
+        assert_eq!(
+            merge_ports(vec![(80, 90), (22, 22), (91, 100), (85, 86), (65535, 65535), (23, 23)]),
+            vec![(22, 23), (80, 100), (65535, 65535)]
+        );
+    }
+
+    #[test]
+    fn icmp_matcher_of_other_family_is_left_out_not_widened() {
+        let m = Match::Icmp {
+            proto: PROTO_ICMP,
+            icmp_type: Some(8),
+            code: None,
+        };
+        assert_eq!(proto_match(Family::V6, &m).ok().flatten(), None);
+        assert_eq!(
+            proto_match(Family::V4, &m).ok().flatten().as_deref(),
+            Some("meta l4proto 1 icmp type 8")
+        );
+        let bad = Match::Ports {
+            proto: 47,
+            from: 1,
+            to: 2,
+        };
+        assert!(proto_match(Family::V4, &bad).is_err());
+    }
+}

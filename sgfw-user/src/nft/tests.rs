@@ -1,0 +1,513 @@
+//! Unprivileged tests: a fake host records every `nft` run and sysctl access.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use super::*;
+use crate::model::Model;
+use crate::sys::Port;
+use crate::validate::validate;
+
+/// Records `nft` calls; answers from a script; sysctls in a map.
+#[derive(Default)]
+struct FakeHost {
+    calls: RefCell<Vec<(Vec<String>, Option<String>)>>,
+    /// stderr to fail `nft` with, when the args start with this word.
+    fail: RefCell<BTreeMap<String, String>>,
+    /// stdout per first arg.
+    stdout: BTreeMap<String, String>,
+    sysctls: RefCell<BTreeMap<String, String>>,
+    sysctl_read_only: bool,
+    no_nft: bool,
+}
+
+impl FakeHost {
+    fn with_bridge_nf(v4: &str, v6: &str) -> FakeHost {
+        let h = FakeHost::default();
+        h.sysctls
+            .borrow_mut()
+            .insert(SYSCTL_CALL_IPTABLES.into(), v4.into());
+        h.sysctls
+            .borrow_mut()
+            .insert(SYSCTL_CALL_IP6TABLES.into(), v6.into());
+        h
+    }
+    fn fail_when(&self, first_arg: &str, stderr: &str) {
+        self.fail
+            .borrow_mut()
+            .insert(first_arg.into(), stderr.into());
+    }
+    fn nft_calls(&self) -> Vec<(Vec<String>, Option<String>)> {
+        self.calls.borrow().clone()
+    }
+}
+
+impl Host for FakeHost {
+    fn bridge_ports(&self, _bridge: &str) -> Result<Vec<Port>, SysError> {
+        Ok(Vec::new())
+    }
+    fn ifindex(&self, _name: &str) -> Result<Option<u32>, SysError> {
+        Ok(None)
+    }
+    fn nft(&self, args: &[&str], stdin: Option<&str>) -> Result<String, SysError> {
+        if self.no_nft {
+            return Err(SysError::Spawn {
+                program: "nft".into(),
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            });
+        }
+        self.calls.borrow_mut().push((
+            args.iter().map(ToString::to_string).collect(),
+            stdin.map(ToString::to_string),
+        ));
+        let first = args.first().copied().unwrap_or_default();
+        if let Some(stderr) = self.fail.borrow().get(first) {
+            return Err(SysError::Command {
+                program: format!("nft {}", args.join(" ")),
+                stderr: stderr.clone(),
+            });
+        }
+        Ok(self.stdout.get(first).cloned().unwrap_or_default())
+    }
+    fn read_sysctl(&self, key: &str) -> Result<Option<String>, SysError> {
+        Ok(self.sysctls.borrow().get(key).cloned())
+    }
+    fn write_sysctl(&self, key: &str, value: &str) -> Result<(), SysError> {
+        if self.sysctl_read_only {
+            return Err(SysError::File {
+                what: "writing",
+                path: Path::new("/proc/sys").join(key),
+                source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+            });
+        }
+        self.sysctls.borrow_mut().insert(key.into(), value.into());
+        Ok(())
+    }
+}
+
+fn flat(json: &str) -> FlatModel {
+    let model = Model::from_json(json).unwrap();
+    let (valid, _) = validate(&model).unwrap_or_else(|e| panic!("model invalid:\n{e}"));
+    valid.flatten()
+}
+
+fn fixture() -> FlatModel {
+    flat(crate::eval::tests::FIXTURE)
+}
+
+/// The body of one chain (lines between `chain NAME {` and its `}`).
+fn chain<'a>(text: &'a str, name: &str) -> Vec<&'a str> {
+    let head = format!("\tchain {name} {{");
+    let mut lines = text.lines().skip_while(|l| *l != head);
+    assert!(lines.next().is_some(), "chain {name} missing");
+    lines
+        .take_while(|l| *l != "\t}")
+        .map(str::trim)
+        .collect()
+}
+
+// ---------- rendering ----------
+
+#[test]
+fn render_is_deterministic() {
+    let m = fixture();
+    assert_eq!(render(&m).unwrap(), render(&m.clone()).unwrap());
+}
+
+#[test]
+fn render_is_one_table_inet_sgfw() {
+    let text = render(&fixture()).unwrap();
+    let tables: Vec<&str> = text.lines().filter(|l| l.starts_with("table")).collect();
+    assert_eq!(tables, ["table inet sgfw {"]);
+    assert!(!text.contains("flush ruleset"));
+    assert_eq!(text.lines().last(), Some("}"));
+}
+
+#[test]
+fn sg_chains_return_never_accept_and_end_in_drop() {
+    let m = fixture();
+    let text = render(&m).unwrap();
+    for (i, _) in m.instances.iter().enumerate() {
+        for kind in ["sg_out", "sg_in"] {
+            let body = chain(&text, &format!("{kind}_{i}"));
+            assert!(body.iter().all(|l| !l.contains("accept")), "{kind}_{i}: {body:?}");
+            let last = body.last().unwrap();
+            assert!(last.starts_with("counter name") && last.ends_with(" drop"), "{last}");
+            for l in &body[..body.len() - 1] {
+                assert!(l.ends_with(" return"), "{l}");
+            }
+        }
+    }
+}
+
+#[test]
+fn egress_allow_cannot_skip_ingress_check() {
+    // The decide chain reaches SG ingress after SG egress for every packet
+    // that is not tracked: no verdict between them other than the vmaps.
+    let text = render(&fixture()).unwrap();
+    let body = chain(&text, "decide");
+    let eg = body.iter().position(|l| l.contains("vmap @sg_out_v4")).unwrap();
+    let ing = body.iter().position(|l| l.contains("vmap @sg_in_v4")).unwrap();
+    assert!(eg < ing);
+    for l in &body[eg..ing] {
+        assert!(l.contains(" vmap @sg_out_"), "{l}");
+    }
+}
+
+#[test]
+fn nacls_come_before_the_conntrack_shortcut_and_after_passthrough() {
+    let text = render(&fixture()).unwrap();
+    let body = chain(&text, "decide");
+    let pos = |needle: &str| body.iter().position(|l| l.contains(needle)).unwrap();
+    assert!(pos("dns_pairs_v6") < pos("vmap @nacl_out_v4"));
+    assert!(pos("vmap @nacl_in_v6") < pos("ct state established,related"));
+    assert!(pos("ct status confirmed") < pos("vmap @sg_out_v4"));
+}
+
+#[test]
+fn nacl_chain_is_per_subnet_and_skips_same_subnet() {
+    let m = fixture();
+    let text = render(&m).unwrap();
+    // web1 (10.0.1.10) in subnet 0, db (10.0.2.20) in subnet 1.
+    assert!(text.contains("10.0.1.10 : jump nacl_out_0"));
+    assert!(text.contains("10.0.2.20 : jump nacl_out_1"));
+    assert!(text.contains("10.0.2.20 : jump nacl_in_1"));
+    let out0 = chain(&text, "nacl_out_0");
+    assert_eq!(out0[1], "ip daddr @subnet_0_v4 return");
+    assert_eq!(out0[2], "ip6 daddr @subnet_0_v6 return");
+    let in1 = chain(&text, "nacl_in_1");
+    assert!(in1.contains(&"ip saddr @subnet_1_v4 return"));
+    assert!(in1.last().unwrap().contains("drop # rule *"));
+}
+
+#[test]
+fn nacl_entries_keep_rule_order_and_deny_below_allow() {
+    let m = flat(&golden_model("nacl-deny-below-allow"));
+    let text = render(&m).unwrap();
+    let body = chain(&text, "nacl_in_0");
+    let rules: Vec<&str> = body
+        .iter()
+        .filter_map(|l| l.rsplit_once("# rule ").map(|(_, n)| n))
+        .collect();
+    assert_eq!(rules, ["90", "100", "110", "*"]);
+    assert!(body.iter().any(|l| l.contains("tcp dport 22") && l.contains(" drop # rule 90")));
+}
+
+#[test]
+fn dns_pairs_cover_both_directions_per_subnet() {
+    let text = render(&fixture()).unwrap();
+    // subnet-a's DNS 10.0.0.2; subnet-b has none.
+    assert!(text.contains("10.0.0.2 . 10.0.1.10"));
+    assert!(text.contains("10.0.1.10 . 10.0.0.2"));
+    assert!(!text.contains("10.0.0.2 . 10.0.2.20"));
+}
+
+#[test]
+fn timeouts_come_from_the_model() {
+    let mut m = fixture();
+    m.timeouts.tcp_established = 3600;
+    let text = render(&m).unwrap();
+    assert!(text.contains("policy = { established: 3600, syn_sent: 60,"));
+    assert!(text.contains("policy = { unreplied: 30, replied: 180 }"));
+}
+
+#[test]
+fn unknown_subnet_and_duplicate_address_are_refused() {
+    let mut m = fixture();
+    m.instances[0].subnet_index = 99;
+    assert!(matches!(render(&m), Err(RenderError::UnknownSubnet { .. })));
+    let mut m = fixture();
+    let a = m.instances[0].addrs[0];
+    m.instances[1].addrs.push(a);
+    assert!(matches!(render(&m), Err(RenderError::DuplicateAddress { .. })));
+}
+
+// ---------- no injection ----------
+
+const PAYLOADS: [&str; 6] = [
+    "\";}\ntable ip evil { chain x { type filter hook input priority -500; policy drop; } }\n#",
+    "x; flush ruleset",
+    "'}'",
+    "a\nb",
+    "i-1\"",
+    "}",
+];
+
+#[test]
+fn hostile_ids_in_a_flat_model_are_rendered_inert() {
+    let mut m = fixture();
+    for (k, p) in PAYLOADS.iter().enumerate() {
+        let s = k % m.subnets.len();
+        m.subnets[s].id = format!("subnet{p}");
+        m.subnets[s].nacl_id = format!("acl{p}");
+        m.subnets[s].bridge = format!("br{p}");
+        let i = k % m.instances.len();
+        m.instances[i].id = format!("i{p}");
+        m.instances[i].subnet_id = format!("subnet{p}");
+        m.instances[i].interface = Some(format!("veth{p}"));
+        if let Some(r) = m.instances[i].ingress.first_mut() {
+            r.origin.group_id = format!("sg{p}");
+        }
+        let text = render(&m).unwrap();
+        assert_eq!(text.lines().filter(|l| l.starts_with("table")).count(), 1);
+        // Words of a payload may survive sanitising, but only as `_`-joined
+        // text inside a comment: never as a statement.
+        assert!(!text.contains("table ip evil") && !text.contains("flush ruleset"), "{text}");
+        for line in text.lines().filter(|l| l.contains("evil")) {
+            let t = line.trim_start();
+            assert!(t.starts_with('#') || t.starts_with("counter "), "{line}");
+        }
+        for line in text.lines() {
+            for piece in p.split('\n').filter(|x| x.len() > 1) {
+                assert!(!line.contains(piece), "payload {piece:?} in line {line:?}");
+            }
+        }
+        // Quotes stay balanced on every line: no string was closed early.
+        for line in text.lines() {
+            assert_eq!(line.matches('"').count() % 2, 0, "{line}");
+        }
+    }
+}
+
+#[test]
+fn hostile_cidrs_and_ids_are_rejected_by_validation() {
+    let base = crate::eval::tests::FIXTURE;
+    for bad in [
+        base.replace("10.0.1.0/24\"", "10.0.1.0/24; flush ruleset\""),
+        base.replace("\"0.0.0.0/0\"}], \"Ipv6Ranges\"", "\"0.0.0.0/0 }\"}], \"Ipv6Ranges\""),
+        base.replace("\"i-web1\"", "\"i-web1\\\"; }\\n\""),
+        base.replace("\"sg-db\"", "\"sg-db}\""),
+        base.replace("\"fd00:2::20\"", "\"fd00:2::20\\n\""),
+    ] {
+        assert_ne!(bad, base, "the replacement did not apply");
+        let model = Model::from_json(&bad).unwrap();
+        assert!(validate(&model).is_err(), "accepted: {bad}");
+    }
+}
+
+#[test]
+fn hostile_descriptions_are_dropped_before_rendering() {
+    let payload = "x\"; } table ip evil {\n";
+    let json = crate::eval::tests::FIXTURE.replace(
+        "{\"CidrIp\": \"0.0.0.0/0\"}",
+        &format!("{{\"CidrIp\": \"0.0.0.0/0\", \"Description\": {}}}", serde_json::to_string(payload).unwrap()),
+    );
+    assert_ne!(json, crate::eval::tests::FIXTURE);
+    let text = render(&flat(&json)).unwrap();
+    assert!(!text.contains("evil"));
+    assert_eq!(text, render(&fixture()).unwrap());
+}
+
+// ---------- backend against the fake host ----------
+
+#[test]
+fn apply_is_one_transaction_replacing_only_our_table() {
+    let host = FakeHost::with_bridge_nf("1", "1");
+    let report = NftBackend::new(&host).apply(&fixture()).unwrap();
+    let calls = host.nft_calls();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].0, ["-f", "-"]);
+    let stdin = calls[0].1.as_deref().unwrap();
+    assert!(stdin.starts_with("add table inet sgfw\ndelete table inet sgfw\n"));
+    assert!(stdin.ends_with(&render(&fixture()).unwrap()));
+    assert_eq!(report.instances, 3);
+    assert!(report.sysctls_set.is_empty());
+    assert!(report.notes.is_empty());
+}
+
+#[test]
+fn apply_sets_bridge_sysctls_when_zero() {
+    let host = FakeHost::with_bridge_nf("0", "0");
+    let report = NftBackend::new(&host).apply(&fixture()).unwrap();
+    assert_eq!(
+        report.sysctls_set,
+        ["net.bridge.bridge-nf-call-iptables", "net.bridge.bridge-nf-call-ip6tables"]
+    );
+    assert_eq!(host.sysctls.borrow()[SYSCTL_CALL_IP6TABLES], "1");
+}
+
+#[test]
+fn apply_without_br_netfilter_fails_naming_the_fix_and_touches_nothing() {
+    let host = FakeHost::default();
+    let err = NftBackend::new(&host).apply(&fixture()).unwrap_err();
+    assert!(matches!(err, NftError::BrNetfilterMissing));
+    assert!(err.to_string().contains("modprobe br_netfilter"));
+    assert!(host.nft_calls().is_empty());
+}
+
+#[test]
+fn apply_with_unsettable_sysctl_fails_naming_the_fix() {
+    let mut host = FakeHost::with_bridge_nf("1", "0");
+    host.sysctl_read_only = true;
+    let err = NftBackend::new(&host).apply(&fixture()).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("sysctl -w net.bridge.bridge-nf-call-ip6tables=1"), "{msg}");
+    assert!(host.nft_calls().is_empty());
+}
+
+#[test]
+fn apply_reports_nft_errors_and_render_errors_touch_nothing() {
+    let host = FakeHost::with_bridge_nf("1", "1");
+    host.fail_when("-f", "Error: Could not process rule: Operation not permitted");
+    let err = NftBackend::new(&host).apply(&fixture()).unwrap_err();
+    assert!(matches!(err, NftError::Nft { what: "applying the ruleset", .. }));
+
+    let host = FakeHost::with_bridge_nf("1", "1");
+    let mut m = fixture();
+    m.instances[0].subnet_index = 7;
+    assert!(matches!(NftBackend::new(&host).apply(&m), Err(NftError::Render(_))));
+    assert!(host.nft_calls().is_empty());
+}
+
+#[test]
+fn apply_notes_timeouts_it_cannot_set() {
+    let host = FakeHost::with_bridge_nf("1", "1");
+    let mut m = fixture();
+    m.timeouts.icmp = 60;
+    let report = NftBackend::new(&host).apply(&m).unwrap();
+    assert_eq!(report.notes.len(), 1);
+    assert!(report.notes[0].contains("ICMP"));
+}
+
+#[test]
+fn teardown_deletes_only_our_table_and_tolerates_absence() {
+    let host = FakeHost::default();
+    NftBackend::new(&host).teardown().unwrap();
+    let calls = host.nft_calls();
+    assert_eq!(
+        calls[0].1.as_deref(),
+        Some("add table inet sgfw\ndelete table inet sgfw\n")
+    );
+}
+
+#[test]
+fn is_applied_distinguishes_absent_from_failure() {
+    let host = FakeHost::default();
+    assert!(NftBackend::new(&host).is_applied().unwrap());
+    let host = FakeHost::default();
+    host.fail_when("list", "Error: No such file or directory\nlist table inet sgfw");
+    assert!(!NftBackend::new(&host).is_applied().unwrap());
+    let host = FakeHost::default();
+    host.fail_when("list", "Error: Operation not permitted");
+    assert!(NftBackend::new(&host).is_applied().is_err());
+}
+
+#[test]
+fn probe_reports_missing_nft_rights_and_br_netfilter() {
+    let host = FakeHost::with_bridge_nf("1", "1");
+    assert_eq!(probe_nftables(&host), Ok(()));
+    assert_eq!(host.nft_calls()[0].0, ["-c", "-f", "-"]);
+
+    let host = FakeHost {
+        no_nft: true,
+        ..FakeHost::default()
+    };
+    assert!(probe_nftables(&host).unwrap_err().contains("apt-get install nftables"));
+
+    let host = FakeHost::with_bridge_nf("1", "1");
+    host.fail_when("-c", "Error: Operation not permitted");
+    let e = probe_nftables(&host).unwrap_err();
+    assert!(e.contains("CAP_NET_ADMIN") && e.contains("Operation not permitted"), "{e}");
+
+    let host = FakeHost::default();
+    assert!(probe_nftables(&host).unwrap_err().contains("modprobe br_netfilter"));
+}
+
+#[test]
+fn counters_parse_nft_json() {
+    let json = r#"{"nftables": [{"metainfo": {"version": "1.0.6", "json_schema_version": 1}},
+      {"counter": {"family": "inet", "name": "sg_in_2_drop", "table": "sgfw", "handle": 9, "comment": "i-db", "packets": 3, "bytes": 180}},
+      {"counter": {"family": "inet", "name": "nacl_out_0_allow", "table": "sgfw", "handle": 7, "comment": "subnet-a", "packets": 10, "bytes": 900}},
+      {"counter": {"family": "inet", "name": "passthrough", "table": "sgfw", "handle": 3, "comment": "passthrough", "packets": 1, "bytes": 60}},
+      {"counter": {"family": "ip", "name": "other", "table": "filter", "handle": 1, "packets": 1, "bytes": 1}}]}"#;
+    let mut host = FakeHost::default();
+    host.stdout.insert("-j".into(), json.into());
+    let c = NftBackend::new(&host).counters().unwrap();
+    assert_eq!(c.len(), 3);
+    assert_eq!(c[0].name, "nacl_out_0_allow");
+    assert_eq!(
+        c[0].kind,
+        CounterKind::Stage {
+            stage: Stage::NaclOut,
+            index: 0,
+            allowed: true
+        }
+    );
+    assert_eq!(c[1].kind, CounterKind::Passthrough);
+    assert_eq!(c[2].label, "i-db");
+    assert_eq!((c[2].packets, c[2].bytes), (3, 180));
+    assert_eq!(host.nft_calls()[0].0, ["-j", "list", "counters", "table", "inet", "sgfw"]);
+}
+
+#[test]
+fn every_rendered_counter_name_parses() {
+    let text = render(&fixture()).unwrap();
+    for l in text.lines().filter(|l| l.starts_with("\tcounter ")) {
+        let name = l.trim().split(' ').nth(1).unwrap();
+        assert!(parse_counter_name(name).is_some(), "{name}");
+    }
+}
+
+#[test]
+fn flows_are_not_supported_with_a_reason() {
+    let e = NftBackend::flows_supported().unwrap_err();
+    assert!(e.contains("NFLOG group 3210"));
+}
+
+// ---------- golden files ----------
+
+fn golden_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/nft")
+}
+
+fn golden_model(name: &str) -> String {
+    std::fs::read_to_string(golden_dir().join(format!("{name}.json"))).unwrap()
+}
+
+/// (golden name, model JSON): every `examples/*.json` and every
+/// hand-made `tests/golden/nft/*.json`.
+fn golden_cases() -> Vec<(String, String)> {
+    let mut cases = Vec::new();
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    for (dir, prefix) in [(examples, "example-"), (golden_dir(), "")] {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        let mut paths: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .collect();
+        paths.sort();
+        for p in paths {
+            let stem = p.file_stem().unwrap().to_string_lossy().into_owned();
+            cases.push((format!("{prefix}{stem}"), std::fs::read_to_string(&p).unwrap()));
+        }
+    }
+    cases
+}
+
+/// Compares each rendering with `tests/golden/nft/<name>.nft`;
+/// `SGFW_BLESS=1` rewrites them.
+#[test]
+fn golden_rulesets() {
+    let bless = std::env::var("SGFW_BLESS").is_ok_and(|v| v == "1");
+    let cases = golden_cases();
+    assert!(cases.len() >= 5, "hand-made golden models missing");
+    let mut failed = Vec::new();
+    for (name, json) in cases {
+        let text = render(&flat(&json)).unwrap();
+        let path = golden_dir().join(format!("{name}.nft"));
+        if bless {
+            std::fs::write(&path, &text).unwrap();
+            continue;
+        }
+        match std::fs::read_to_string(&path) {
+            Ok(want) if want == text => {}
+            Ok(_) => failed.push(format!("{name}: differs (SGFW_BLESS=1 to regenerate, then review)")),
+            Err(_) => failed.push(format!("{name}: {} missing (SGFW_BLESS=1)", path.display())),
+        }
+    }
+    assert!(failed.is_empty(), "{failed:#?}");
+}
