@@ -28,6 +28,8 @@ pub const QUOTA_SG_RULES: usize = 60;
 pub const QUOTA_SGS_PER_INTERFACE: usize = 5;
 /// AWS hard limit on security groups per network interface (an error beyond it).
 pub const MAX_SGS_PER_INTERFACE: usize = 16;
+/// AWS limit: security-group rules per network interface (groups x rules per group).
+pub const QUOTA_RULES_PER_INTERFACE: usize = 1000;
 /// AWS default quota: NACL rules per direction, per address family.
 pub const QUOTA_NACL_RULES: usize = 20;
 /// Id given to the implicit AWS default NACL when the model has no `IsDefault` NACL.
@@ -149,6 +151,7 @@ pub fn validate(model: &Model) -> Result<(ValidModel, Vec<Warning>), ValidationE
     let instances = c.instances(model, &subnets, &group_ids);
     c.dns_not_instance(&subnets, &instances);
     let groups = c.groups(model, &prefix_lists);
+    c.rules_per_interface(model);
     c.nacls(model, &mut subnets);
     let timeouts = c.timeouts(model);
     if !c.errors.is_empty() {
@@ -611,6 +614,43 @@ impl Checker {
             }
         }
         out
+    }
+
+    /// AWS: rules per group x groups per interface may not exceed 1000; here
+    /// the actual rules an interface gets, per direction and family (a warning).
+    fn rules_per_interface(&mut self, model: &Model) {
+        for (i, inst) in model.instances.iter().enumerate() {
+            let mut counts = [0usize; 4];
+            for g in model
+                .security_groups
+                .iter()
+                .filter(|g| inst.security_group_ids.contains(&g.group_id))
+            {
+                for (k, perms) in [&g.ip_permissions, &g.ip_permissions_egress]
+                    .into_iter()
+                    .enumerate()
+                {
+                    for p in perms {
+                        let refs = p.user_id_group_pairs.len() + p.prefix_list_ids.len();
+                        counts[2 * k] += p.ip_ranges.len() + refs;
+                        counts[2 * k + 1] += p.ipv6_ranges.len() + refs;
+                    }
+                }
+            }
+            for (n, what) in counts.into_iter().zip([
+                "IPv4 inbound",
+                "IPv6 inbound",
+                "IPv4 outbound",
+                "IPv6 outbound",
+            ]) {
+                if n > QUOTA_RULES_PER_INTERFACE {
+                    self.warn(
+                        format!("Instances[{}].SecurityGroupIds", label(&inst.instance_id, i)),
+                        format!("{n} {what} rules across its groups exceed AWS's limit of {QUOTA_RULES_PER_INTERFACE} per interface"),
+                    );
+                }
+            }
+        }
     }
 
     fn permission(
@@ -1595,6 +1635,28 @@ mod tests {
                 "SecurityGroups[sg-db].IpPermissionsEgress: 61 IPv4 rules exceed AWS's default quota of 60 per group and direction"
             ]
         );
+    }
+
+    /// "rules x groups <= 1000": more rules than that on one interface is a warning.
+    #[test]
+    fn semantics_quota_rules_per_interface_is_a_warning() {
+        let mut m = Model::from_json(BASE).unwrap();
+        for k in 0..3 {
+            let mut p = IpPermission::tcp(22, 22);
+            for a in 0..=200 {
+                p = p.from_cidr(&format!("192.{k}.{a}.0/24"));
+            }
+            let mut g = SecurityGroup {
+                group_id: format!("sg-big{k}"),
+                ..Default::default()
+            };
+            g.ip_permissions = vec![p.clone(), p.clone()];
+            m.security_groups.push(g);
+            m.instances[1].security_group_ids.push(format!("sg-big{k}"));
+        }
+        let (_, w) = validate(&m).unwrap();
+        let w: Vec<String> = w.iter().map(ToString::to_string).collect();
+        assert!(w.contains(&"Instances[i-db].SecurityGroupIds: 1208 IPv4 inbound rules across its groups exceed AWS's limit of 1000 per interface".to_string()), "{w:?}");
     }
 
     /// "20 NACL rules per direction per family (adjustable to 40). sgfw must work far beyond these".
