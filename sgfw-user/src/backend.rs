@@ -166,10 +166,7 @@ pub fn select(
 /// - `ebpf` / `nftables`: that backend, else disabled with a warning naming
 ///   the cause and the fix;
 /// - anything else: disabled with a warning naming the value.
-pub fn select_for_library(
-    env: Option<&str>,
-    probes: &Probes,
-) -> (EnforcementMode, Option<String>) {
+pub fn select_for_library(env: Option<&str>, probes: &Probes) -> (EnforcementMode, Option<String>) {
     let Some(raw) = env.filter(|v| !v.trim().is_empty()) else {
         return (EnforcementMode::Disabled, None);
     };
@@ -204,8 +201,16 @@ mod tests {
 
     fn probes(ebpf: bool, nft: bool) -> Probes {
         Probes {
-            ebpf: if ebpf { Ok(()) } else { Err("BPF_PROG_LOAD: EPERM; run as root or grant CAP_BPF".into()) },
-            nftables: if nft { Ok(()) } else { Err("br_netfilter is not loaded; modprobe br_netfilter".into()) },
+            ebpf: if ebpf {
+                Ok(())
+            } else {
+                Err("BPF_PROG_LOAD: EPERM; run as root or grant CAP_BPF".into())
+            },
+            nftables: if nft {
+                Ok(())
+            } else {
+                Err("br_netfilter is not loaded; modprobe br_netfilter".into())
+            },
         }
     }
 
@@ -220,63 +225,112 @@ mod tests {
             Err(ParseChoiceError("iptables".into()))
         );
         assert!("".parse::<BackendChoice>().is_err());
-        for c in [BackendChoice::Auto, BackendChoice::Ebpf, BackendChoice::Nftables, BackendChoice::Off] {
+        for c in [
+            BackendChoice::Auto,
+            BackendChoice::Ebpf,
+            BackendChoice::Nftables,
+            BackendChoice::Off,
+        ] {
             assert_eq!(c.to_string().parse(), Ok(c));
         }
     }
 
     #[test]
     fn cli_auto_prefers_ebpf_then_nftables_then_fails_with_both_reasons() {
-        assert_eq!(select(BackendChoice::Auto, &probes(true, true)).unwrap().0, EnforcementMode::Ebpf);
-        assert_eq!(select(BackendChoice::Auto, &probes(true, false)).unwrap().0, EnforcementMode::Ebpf);
+        assert_eq!(
+            select(BackendChoice::Auto, &probes(true, true)).unwrap().0,
+            EnforcementMode::Ebpf
+        );
+        assert_eq!(
+            select(BackendChoice::Auto, &probes(true, false)).unwrap().0,
+            EnforcementMode::Ebpf
+        );
         let (mode, why) = select(BackendChoice::Auto, &probes(false, true)).unwrap();
         assert_eq!(mode, EnforcementMode::Nftables);
         assert!(why.contains("CAP_BPF"), "{why}");
         let e = select(BackendChoice::Auto, &probes(false, false)).unwrap_err();
         let msg = e.to_string();
-        assert!(msg.contains("CAP_BPF") && msg.contains("modprobe br_netfilter"), "{msg}");
+        assert!(
+            msg.contains("CAP_BPF") && msg.contains("modprobe br_netfilter"),
+            "{msg}"
+        );
     }
 
     #[test]
     fn cli_explicit_backend_is_that_backend_or_an_error() {
-        assert_eq!(select(BackendChoice::Ebpf, &probes(true, false)).unwrap().0, EnforcementMode::Ebpf);
+        assert_eq!(
+            select(BackendChoice::Ebpf, &probes(true, false)).unwrap().0,
+            EnforcementMode::Ebpf
+        );
         assert_eq!(
             select(BackendChoice::Ebpf, &probes(false, true)),
             Err(SelectError::Ebpf(probes(false, true).ebpf.unwrap_err()))
         );
-        assert_eq!(select(BackendChoice::Nftables, &probes(false, true)).unwrap().0, EnforcementMode::Nftables);
+        assert_eq!(
+            select(BackendChoice::Nftables, &probes(false, true))
+                .unwrap()
+                .0,
+            EnforcementMode::Nftables
+        );
         assert!(matches!(
             select(BackendChoice::Nftables, &probes(true, false)),
             Err(SelectError::Nftables(_))
         ));
-        assert_eq!(select(BackendChoice::Off, &probes(false, false)).unwrap().0, EnforcementMode::Disabled);
+        assert_eq!(
+            select(BackendChoice::Off, &probes(false, false)).unwrap().0,
+            EnforcementMode::Disabled
+        );
     }
 
     #[test]
     fn library_unset_empty_or_off_is_disabled_silently() {
         for env in [None, Some(""), Some("  "), Some("off"), Some("OFF")] {
-            assert_eq!(select_for_library(env, &probes(true, true)), (EnforcementMode::Disabled, None), "{env:?}");
+            assert_eq!(
+                select_for_library(env, &probes(true, true)),
+                (EnforcementMode::Disabled, None),
+                "{env:?}"
+            );
         }
     }
 
     #[test]
     fn library_auto_takes_the_best_or_warns_once() {
-        assert_eq!(select_for_library(Some("auto"), &probes(true, true)), (EnforcementMode::Ebpf, None));
-        assert_eq!(select_for_library(Some("auto"), &probes(false, true)), (EnforcementMode::Nftables, None));
+        assert_eq!(
+            select_for_library(Some("auto"), &probes(true, true)),
+            (EnforcementMode::Ebpf, None)
+        );
+        assert_eq!(
+            select_for_library(Some("auto"), &probes(false, true)),
+            (EnforcementMode::Nftables, None)
+        );
         let (mode, warning) = select_for_library(Some("auto"), &probes(false, false));
         assert_eq!(mode, EnforcementMode::Disabled);
         let w = warning.unwrap();
-        assert!(w.contains("CAP_BPF") && w.contains("modprobe br_netfilter") && w.contains("metadata only"), "{w}");
+        assert!(
+            w.contains("CAP_BPF")
+                && w.contains("modprobe br_netfilter")
+                && w.contains("metadata only"),
+            "{w}"
+        );
     }
 
     #[test]
     fn library_requested_backend_unavailable_warns_with_cause_and_fix() {
-        assert_eq!(select_for_library(Some("ebpf"), &probes(true, false)), (EnforcementMode::Ebpf, None));
-        assert_eq!(select_for_library(Some("nftables"), &probes(false, true)), (EnforcementMode::Nftables, None));
+        assert_eq!(
+            select_for_library(Some("ebpf"), &probes(true, false)),
+            (EnforcementMode::Ebpf, None)
+        );
+        assert_eq!(
+            select_for_library(Some("nftables"), &probes(false, true)),
+            (EnforcementMode::Nftables, None)
+        );
         let (mode, w) = select_for_library(Some("ebpf"), &probes(false, true));
         assert_eq!(mode, EnforcementMode::Disabled);
         let w = w.unwrap();
-        assert!(w.contains("SGFW_ENFORCEMENT=ebpf") && w.contains("CAP_BPF"), "{w}");
+        assert!(
+            w.contains("SGFW_ENFORCEMENT=ebpf") && w.contains("CAP_BPF"),
+            "{w}"
+        );
         let (mode, w) = select_for_library(Some("nftables"), &probes(true, false));
         assert_eq!(mode, EnforcementMode::Disabled);
         assert!(w.unwrap().contains("modprobe br_netfilter"));
@@ -287,6 +341,9 @@ mod tests {
         let (mode, w) = select_for_library(Some("iptables"), &probes(true, true));
         assert_eq!(mode, EnforcementMode::Disabled);
         let w = w.unwrap();
-        assert!(w.contains("\"iptables\"") && w.contains("auto, ebpf, nftables, off"), "{w}");
+        assert!(
+            w.contains("\"iptables\"") && w.contains("auto, ebpf, nftables, off"),
+            "{w}"
+        );
     }
 }

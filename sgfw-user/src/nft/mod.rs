@@ -417,7 +417,9 @@ impl<'h> NftBackend<'h> {
     pub fn is_applied(&self) -> Result<bool, NftError> {
         match self.host.nft(&["list", "table", "inet", "sgfw"], None) {
             Ok(_) => Ok(true),
-            Err(SysError::Command { stderr, .. }) if stderr.contains("No such file or directory") => {
+            Err(SysError::Command { stderr, .. })
+                if stderr.contains("No such file or directory") =>
+            {
                 Ok(false)
             }
             Err(source) => Err(NftError::Nft {

@@ -471,18 +471,29 @@ fn declare(out: &mut Out, kind: &str, name: &str, ty: &str, elements: &[String])
 pub fn render(model: &FlatModel) -> Result<String, RenderError> {
     let ix = Index::new(model)?;
     let mut out = Out::default();
-    out.line(0, "# sgfw: AWS VPC security groups and network ACLs (generated; do not edit).");
+    out.line(
+        0,
+        "# sgfw: AWS VPC security groups and network ACLs (generated; do not edit).",
+    );
     out.line(0, "# Decision order: passthrough, NACLs (every packet), tracked flows, SG egress, SG ingress.");
     for (i, s) in model.subnets.iter().enumerate() {
         out.line(
             0,
-            format!("# subnet {i}: {} (nacl {})", sanitize(&s.id), sanitize(&s.nacl_id)),
+            format!(
+                "# subnet {i}: {} (nacl {})",
+                sanitize(&s.id),
+                sanitize(&s.nacl_id)
+            ),
         );
     }
     for (i, inst) in model.instances.iter().enumerate() {
         out.line(
             0,
-            format!("# instance {i}: {} (subnet {})", sanitize(&inst.id), inst.subnet_index),
+            format!(
+                "# instance {i}: {} (subnet {})",
+                sanitize(&inst.id),
+                inst.subnet_index
+            ),
         );
     }
     out.line(0, format!("table {TABLE} {{"));
@@ -512,8 +523,14 @@ pub fn render(model: &FlatModel) -> Result<String, RenderError> {
 
 fn render_timeouts(out: &mut Out, model: &FlatModel) {
     let t = model.timeouts;
-    out.line(1, "# Conntrack timeouts of SEMANTICS.md, set on each new flow sgfw allowed (chain ct_new).");
-    out.line(1, "# ICMP and other protocols: kernel timeouts (nft cannot set them per flow here).");
+    out.line(
+        1,
+        "# Conntrack timeouts of SEMANTICS.md, set on each new flow sgfw allowed (chain ct_new).",
+    );
+    out.line(
+        1,
+        "# ICMP and other protocols: kernel timeouts (nft cannot set them per flow here).",
+    );
     for f in Family::ALL {
         out.line(
             1,
@@ -569,7 +586,13 @@ fn render_counters(out: &mut Out, model: &FlatModel) {
 fn render_sets(out: &mut Out, ix: &Index<'_>) {
     for f in Family::ALL {
         let all: Vec<String> = ix.addrs_of(f).map(|(a, _)| a.to_string()).collect();
-        declare(out, "set", &format!("instances_{}", f.suffix()), f.addr_type(), &all);
+        declare(
+            out,
+            "set",
+            &format!("instances_{}", f.suffix()),
+            f.addr_type(),
+            &all,
+        );
     }
     for (s, _) in ix.model.subnets.iter().enumerate() {
         for f in Family::ALL {
@@ -580,7 +603,13 @@ fn render_sets(out: &mut Out, ix: &Index<'_>) {
                 .flatten()
                 .map(ToString::to_string)
                 .collect();
-            declare(out, "set", &format!("subnet_{s}_{}", f.suffix()), f.addr_type(), &addrs);
+            declare(
+                out,
+                "set",
+                &format!("subnet_{s}_{}", f.suffix()),
+                f.addr_type(),
+                &addrs,
+            );
         }
     }
     for f in Family::ALL {
@@ -590,7 +619,13 @@ fn render_sets(out: &mut Out, ix: &Index<'_>) {
             .map(|(a, b)| format!("{a} . {b}"))
             .collect();
         let ty = format!("{t} . {t}", t = f.addr_type());
-        declare(out, "set", &format!("dns_pairs_{}", f.suffix()), &ty, &pairs);
+        declare(
+            out,
+            "set",
+            &format!("dns_pairs_{}", f.suffix()),
+            &ty,
+            &pairs,
+        );
     }
     for kind in ChainKind::ALL {
         for f in Family::ALL {
@@ -605,7 +640,13 @@ fn render_sets(out: &mut Out, ix: &Index<'_>) {
                 })
                 .collect();
             let ty = format!("{} : verdict", f.addr_type());
-            declare(out, "map", &format!("{}_{}", kind.prefix(), f.suffix()), &ty, &elems);
+            declare(
+                out,
+                "map",
+                &format!("{}_{}", kind.prefix(), f.suffix()),
+                &ty,
+                &elems,
+            );
         }
     }
 }
@@ -623,15 +664,39 @@ fn render_entry(out: &mut Out) {
         out.blank();
     }
     out.line(1, "chain decide {");
-    out.line(2, "# 1. passthrough: NDP/RS/RA, DHCP, instance metadata, the subnet's DNS.");
+    out.line(
+        2,
+        "# 1. passthrough: NDP/RS/RA, DHCP, instance metadata, the subnet's DNS.",
+    );
     out.line(2, "icmpv6 type 133-137 counter name \"passthrough\" accept");
-    out.line(2, "udp sport 68 udp dport 67 counter name \"passthrough\" accept");
-    out.line(2, "udp sport 67 udp dport 68 counter name \"passthrough\" accept");
-    out.line(2, format!("ip saddr {METADATA_ADDR} counter name \"passthrough\" accept"));
-    out.line(2, format!("ip daddr {METADATA_ADDR} counter name \"passthrough\" accept"));
-    out.line(2, "ip saddr . ip daddr @dns_pairs_v4 counter name \"passthrough\" accept");
-    out.line(2, "ip6 saddr . ip6 daddr @dns_pairs_v6 counter name \"passthrough\" accept");
-    out.line(2, "# 2. NACLs are stateless: every packet, before any conntrack shortcut.");
+    out.line(
+        2,
+        "udp sport 68 udp dport 67 counter name \"passthrough\" accept",
+    );
+    out.line(
+        2,
+        "udp sport 67 udp dport 68 counter name \"passthrough\" accept",
+    );
+    out.line(
+        2,
+        format!("ip saddr {METADATA_ADDR} counter name \"passthrough\" accept"),
+    );
+    out.line(
+        2,
+        format!("ip daddr {METADATA_ADDR} counter name \"passthrough\" accept"),
+    );
+    out.line(
+        2,
+        "ip saddr . ip daddr @dns_pairs_v4 counter name \"passthrough\" accept",
+    );
+    out.line(
+        2,
+        "ip6 saddr . ip6 daddr @dns_pairs_v6 counter name \"passthrough\" accept",
+    );
+    out.line(
+        2,
+        "# 2. NACLs are stateless: every packet, before any conntrack shortcut.",
+    );
     for kind in [ChainKind::NaclOut, ChainKind::NaclIn] {
         for f in Family::ALL {
             out.line(
@@ -646,10 +711,19 @@ fn render_entry(out: &mut Out) {
             );
         }
     }
-    out.line(2, "# 3. A flow the kernel tracks passed both SG legs when it began: skip the SG rules.");
-    out.line(2, "ct state established,related counter name \"tracked\" accept");
+    out.line(
+        2,
+        "# 3. A flow the kernel tracks passed both SG legs when it began: skip the SG rules.",
+    );
+    out.line(
+        2,
+        "ct state established,related counter name \"tracked\" accept",
+    );
     out.line(2, "ct status confirmed counter name \"tracked\" accept");
-    out.line(2, "# 4. SG egress of the sender, then SG ingress of the receiver (chains return on allow).");
+    out.line(
+        2,
+        "# 4. SG egress of the sender, then SG ingress of the receiver (chains return on allow).",
+    );
     for kind in [ChainKind::SgOut, ChainKind::SgIn] {
         for f in Family::ALL {
             out.line(
@@ -664,12 +738,20 @@ fn render_entry(out: &mut Out) {
             );
         }
     }
-    out.line(2, "# 5. A new flow allowed by every stage: the SEMANTICS timeouts.");
+    out.line(
+        2,
+        "# 5. A new flow allowed by every stage: the SEMANTICS timeouts.",
+    );
     for f in Family::ALL {
         for side in [Side::Saddr, Side::Daddr] {
             out.line(
                 2,
-                format!("{} {} @instances_{} goto ct_new", f.l3(), side.word(), f.suffix()),
+                format!(
+                    "{} {} @instances_{} goto ct_new",
+                    f.l3(),
+                    side.word(),
+                    f.suffix()
+                ),
             );
         }
     }
@@ -707,7 +789,12 @@ fn render_nacl_chain(
         if ix.subnet_addrs.contains_key(&(f, subnet)) {
             out.line(
                 2,
-                format!("{} {} @subnet_{subnet}_{} return", f.l3(), side.word(), f.suffix()),
+                format!(
+                    "{} {} @subnet_{subnet}_{} return",
+                    f.l3(),
+                    side.word(),
+                    f.suffix()
+                ),
             );
         }
     }
@@ -716,7 +803,10 @@ fn render_nacl_chain(
     for e in entries {
         let f = Family::of_net(&e.cidr);
         let Some(proto) = proto_match(f, &e.matcher)? else {
-            out.line(2, format!("# rule {}: cannot match this family", e.rule_number));
+            out.line(
+                2,
+                format!("# rule {}: cannot match this family", e.rule_number),
+            );
             continue;
         };
         let addr = addr_match(f, side, &[e.cidr]);
@@ -832,7 +922,14 @@ mod tests {
     #[test]
     fn merge_ports_merges_overlap_and_adjacent() {
         assert_eq!(
-            merge_ports(vec![(80, 90), (22, 22), (91, 100), (85, 86), (65535, 65535), (23, 23)]),
+            merge_ports(vec![
+                (80, 90),
+                (22, 22),
+                (91, 100),
+                (85, 86),
+                (65535, 65535),
+                (23, 23)
+            ]),
             vec![(22, 23), (80, 100), (65535, 65535)]
         );
     }

@@ -101,10 +101,7 @@ fn chain<'a>(text: &'a str, name: &str) -> Vec<&'a str> {
     let head = format!("\tchain {name} {{");
     let mut lines = text.lines().skip_while(|l| *l != head);
     assert!(lines.next().is_some(), "chain {name} missing");
-    lines
-        .take_while(|l| *l != "\t}")
-        .map(str::trim)
-        .collect()
+    lines.take_while(|l| *l != "\t}").map(str::trim).collect()
 }
 
 // ---------- rendering ----------
@@ -131,9 +128,15 @@ fn sg_chains_return_never_accept_and_end_in_drop() {
     for (i, _) in m.instances.iter().enumerate() {
         for kind in ["sg_out", "sg_in"] {
             let body = chain(&text, &format!("{kind}_{i}"));
-            assert!(body.iter().all(|l| !l.contains("accept")), "{kind}_{i}: {body:?}");
+            assert!(
+                body.iter().all(|l| !l.contains("accept")),
+                "{kind}_{i}: {body:?}"
+            );
             let last = body.last().unwrap();
-            assert!(last.starts_with("counter name") && last.ends_with(" drop"), "{last}");
+            assert!(
+                last.starts_with("counter name") && last.ends_with(" drop"),
+                "{last}"
+            );
             for l in &body[..body.len() - 1] {
                 assert!(l.ends_with(" return"), "{l}");
             }
@@ -147,8 +150,14 @@ fn egress_allow_cannot_skip_ingress_check() {
     // that is not tracked: no verdict between them other than the vmaps.
     let text = render(&fixture()).unwrap();
     let body = chain(&text, "decide");
-    let eg = body.iter().position(|l| l.contains("vmap @sg_out_v4")).unwrap();
-    let ing = body.iter().position(|l| l.contains("vmap @sg_in_v4")).unwrap();
+    let eg = body
+        .iter()
+        .position(|l| l.contains("vmap @sg_out_v4"))
+        .unwrap();
+    let ing = body
+        .iter()
+        .position(|l| l.contains("vmap @sg_in_v4"))
+        .unwrap();
     assert!(eg < ing);
     for l in &body[eg..ing] {
         assert!(l.contains(" vmap @sg_out_"), "{l}");
@@ -191,7 +200,10 @@ fn nacl_entries_keep_rule_order_and_deny_below_allow() {
         .filter_map(|l| l.rsplit_once("# rule ").map(|(_, n)| n))
         .collect();
     assert_eq!(rules, ["90", "100", "110", "*"]);
-    assert!(body.iter().any(|l| l.contains("tcp dport 22") && l.contains(" drop # rule 90")));
+    assert!(
+        body.iter()
+            .any(|l| l.contains("tcp dport 22") && l.contains(" drop # rule 90"))
+    );
 }
 
 #[test]
@@ -220,7 +232,10 @@ fn unknown_subnet_and_duplicate_address_are_refused() {
     let mut m = fixture();
     let a = m.instances[0].addrs[0];
     m.instances[1].addrs.push(a);
-    assert!(matches!(render(&m), Err(RenderError::DuplicateAddress { .. })));
+    assert!(matches!(
+        render(&m),
+        Err(RenderError::DuplicateAddress { .. })
+    ));
 }
 
 // ---------- no injection ----------
@@ -253,7 +268,10 @@ fn hostile_ids_in_a_flat_model_are_rendered_inert() {
         assert_eq!(text.lines().filter(|l| l.starts_with("table")).count(), 1);
         // Words of a payload may survive sanitising, but only as `_`-joined
         // text inside a comment: never as a statement.
-        assert!(!text.contains("table ip evil") && !text.contains("flush ruleset"), "{text}");
+        assert!(
+            !text.contains("table ip evil") && !text.contains("flush ruleset"),
+            "{text}"
+        );
         for line in text.lines().filter(|l| l.contains("evil")) {
             let t = line.trim_start();
             assert!(t.starts_with('#') || t.starts_with("counter "), "{line}");
@@ -275,7 +293,10 @@ fn hostile_cidrs_and_ids_are_rejected_by_validation() {
     let base = crate::eval::tests::FIXTURE;
     for bad in [
         base.replace("10.0.1.0/24\"", "10.0.1.0/24; flush ruleset\""),
-        base.replace("\"0.0.0.0/0\"}], \"Ipv6Ranges\"", "\"0.0.0.0/0 }\"}], \"Ipv6Ranges\""),
+        base.replace(
+            "\"0.0.0.0/0\"}], \"Ipv6Ranges\"",
+            "\"0.0.0.0/0 }\"}], \"Ipv6Ranges\"",
+        ),
         base.replace("\"i-web1\"", "\"i-web1\\\"; }\\n\""),
         base.replace("\"sg-db\"", "\"sg-db}\""),
         base.replace("\"fd00:2::20\"", "\"fd00:2::20\\n\""),
@@ -291,7 +312,10 @@ fn hostile_descriptions_are_dropped_before_rendering() {
     let payload = "x\"; } table ip evil {\n";
     let json = crate::eval::tests::FIXTURE.replace(
         "{\"CidrIp\": \"0.0.0.0/0\"}",
-        &format!("{{\"CidrIp\": \"0.0.0.0/0\", \"Description\": {}}}", serde_json::to_string(payload).unwrap()),
+        &format!(
+            "{{\"CidrIp\": \"0.0.0.0/0\", \"Description\": {}}}",
+            serde_json::to_string(payload).unwrap()
+        ),
     );
     assert_ne!(json, crate::eval::tests::FIXTURE);
     let text = render(&flat(&json)).unwrap();
@@ -322,7 +346,10 @@ fn apply_sets_bridge_sysctls_when_zero() {
     let report = NftBackend::new(&host).apply(&fixture()).unwrap();
     assert_eq!(
         report.sysctls_set,
-        ["net.bridge.bridge-nf-call-iptables", "net.bridge.bridge-nf-call-ip6tables"]
+        [
+            "net.bridge.bridge-nf-call-iptables",
+            "net.bridge.bridge-nf-call-ip6tables"
+        ]
     );
     assert_eq!(host.sysctls.borrow()[SYSCTL_CALL_IP6TABLES], "1");
 }
@@ -342,21 +369,36 @@ fn apply_with_unsettable_sysctl_fails_naming_the_fix() {
     host.sysctl_read_only = true;
     let err = NftBackend::new(&host).apply(&fixture()).unwrap_err();
     let msg = err.to_string();
-    assert!(msg.contains("sysctl -w net.bridge.bridge-nf-call-ip6tables=1"), "{msg}");
+    assert!(
+        msg.contains("sysctl -w net.bridge.bridge-nf-call-ip6tables=1"),
+        "{msg}"
+    );
     assert!(host.nft_calls().is_empty());
 }
 
 #[test]
 fn apply_reports_nft_errors_and_render_errors_touch_nothing() {
     let host = FakeHost::with_bridge_nf("1", "1");
-    host.fail_when("-f", "Error: Could not process rule: Operation not permitted");
+    host.fail_when(
+        "-f",
+        "Error: Could not process rule: Operation not permitted",
+    );
     let err = NftBackend::new(&host).apply(&fixture()).unwrap_err();
-    assert!(matches!(err, NftError::Nft { what: "applying the ruleset", .. }));
+    assert!(matches!(
+        err,
+        NftError::Nft {
+            what: "applying the ruleset",
+            ..
+        }
+    ));
 
     let host = FakeHost::with_bridge_nf("1", "1");
     let mut m = fixture();
     m.instances[0].subnet_index = 7;
-    assert!(matches!(NftBackend::new(&host).apply(&m), Err(NftError::Render(_))));
+    assert!(matches!(
+        NftBackend::new(&host).apply(&m),
+        Err(NftError::Render(_))
+    ));
     assert!(host.nft_calls().is_empty());
 }
 
@@ -386,7 +428,10 @@ fn is_applied_distinguishes_absent_from_failure() {
     let host = FakeHost::default();
     assert!(NftBackend::new(&host).is_applied().unwrap());
     let host = FakeHost::default();
-    host.fail_when("list", "Error: No such file or directory\nlist table inet sgfw");
+    host.fail_when(
+        "list",
+        "Error: No such file or directory\nlist table inet sgfw",
+    );
     assert!(!NftBackend::new(&host).is_applied().unwrap());
     let host = FakeHost::default();
     host.fail_when("list", "Error: Operation not permitted");
@@ -403,15 +448,26 @@ fn probe_reports_missing_nft_rights_and_br_netfilter() {
         no_nft: true,
         ..FakeHost::default()
     };
-    assert!(probe_nftables(&host).unwrap_err().contains("apt-get install nftables"));
+    assert!(
+        probe_nftables(&host)
+            .unwrap_err()
+            .contains("apt-get install nftables")
+    );
 
     let host = FakeHost::with_bridge_nf("1", "1");
     host.fail_when("-c", "Error: Operation not permitted");
     let e = probe_nftables(&host).unwrap_err();
-    assert!(e.contains("CAP_NET_ADMIN") && e.contains("Operation not permitted"), "{e}");
+    assert!(
+        e.contains("CAP_NET_ADMIN") && e.contains("Operation not permitted"),
+        "{e}"
+    );
 
     let host = FakeHost::default();
-    assert!(probe_nftables(&host).unwrap_err().contains("modprobe br_netfilter"));
+    assert!(
+        probe_nftables(&host)
+            .unwrap_err()
+            .contains("modprobe br_netfilter")
+    );
 }
 
 #[test]
@@ -437,7 +493,10 @@ fn counters_parse_nft_json() {
     assert_eq!(c[1].kind, CounterKind::Passthrough);
     assert_eq!(c[2].label, "i-db");
     assert_eq!((c[2].packets, c[2].bytes), (3, 180));
-    assert_eq!(host.nft_calls()[0].0, ["-j", "list", "counters", "table", "inet", "sgfw"]);
+    assert_eq!(
+        host.nft_calls()[0].0,
+        ["-j", "list", "counters", "table", "inet", "sgfw"]
+    );
 }
 
 #[test]
@@ -482,7 +541,10 @@ fn golden_cases() -> Vec<(String, String)> {
         paths.sort();
         for p in paths {
             let stem = p.file_stem().unwrap().to_string_lossy().into_owned();
-            cases.push((format!("{prefix}{stem}"), std::fs::read_to_string(&p).unwrap()));
+            cases.push((
+                format!("{prefix}{stem}"),
+                std::fs::read_to_string(&p).unwrap(),
+            ));
         }
     }
     cases
@@ -505,7 +567,9 @@ fn golden_rulesets() {
         }
         match std::fs::read_to_string(&path) {
             Ok(want) if want == text => {}
-            Ok(_) => failed.push(format!("{name}: differs (SGFW_BLESS=1 to regenerate, then review)")),
+            Ok(_) => failed.push(format!(
+                "{name}: differs (SGFW_BLESS=1 to regenerate, then review)"
+            )),
             Err(_) => failed.push(format!("{name}: {} missing (SGFW_BLESS=1)", path.display())),
         }
     }
