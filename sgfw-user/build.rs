@@ -8,7 +8,9 @@ fn main() {
     println!("cargo:rerun-if-env-changed=SGFW_BPF_OBJECT");
     let manifest = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_default());
     let default = manifest.join("../target/bpf/bpfel-unknown-none/release/sgfw");
-    let src = std::env::var_os("SGFW_BPF_OBJECT").map(PathBuf::from).unwrap_or(default);
+    let src = std::env::var_os("SGFW_BPF_OBJECT")
+        .map(PathBuf::from)
+        .unwrap_or(default);
     println!("cargo:rerun-if-changed={}", src.display());
     let bytes = std::fs::read(&src).unwrap_or_default();
     if let Err(e) = std::fs::write(&out, bytes) {

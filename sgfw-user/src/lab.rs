@@ -1,6 +1,7 @@
-//! The network-namespace test bed: subnets as Linux bridges carrying their
-//! router addresses, instances as network namespaces joined to their bridge
-//! by a veth pair, routing between subnets through the host.
+//! A lab of real Linux networking for the demo and the integration tests:
+//! subnets as Linux bridges carrying their router addresses, instances as
+//! network namespaces joined to their bridge by a veth pair, routing between
+//! subnets through the host, and probes (TCP, UDP, ICMP) between them.
 //!
 //! Names are unique per bed (process id and a counter), so tests run side by
 //! side. Everything a bed creates — and every cleanup registered with it,
@@ -136,21 +137,35 @@ fn restore_forwarding() {
 
 /// Removes beds of processes that no longer exist (a killed test run).
 fn reap_stale() {
-    let Ok(list) = sh(&["ip", "-o", "netns", "list"]) else { return };
+    let Ok(list) = sh(&["ip", "-o", "netns", "list"]) else {
+        return;
+    };
     for line in list.lines() {
-        let Some(name) = line.split_whitespace().next() else { continue };
+        let Some(name) = line.split_whitespace().next() else {
+            continue;
+        };
         // sgt<pid>x<bed>n<i>
-        let Some(rest) = name.strip_prefix("sgt") else { continue };
-        let Some(pid) = rest.split('x').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        let Some(rest) = name.strip_prefix("sgt") else {
+            continue;
+        };
+        let Some(pid) = rest.split('x').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
         if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
             sh_quiet(&["ip", "netns", "del", name]);
         }
     }
     if let Ok(links) = sh(&["ip", "-o", "link", "show", "type", "bridge"]) {
         for line in links.lines() {
-            let Some(name) = line.split(": ").nth(1) else { continue };
-            let Some(rest) = name.strip_prefix('g') else { continue };
-            let Some(pid) = rest.split('x').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+            let Some(name) = line.split(": ").nth(1) else {
+                continue;
+            };
+            let Some(rest) = name.strip_prefix('g') else {
+                continue;
+            };
+            let Some(pid) = rest.split('x').next().and_then(|p| p.parse::<u32>().ok()) else {
+                continue;
+            };
             if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
                 sh_quiet(&["ip", "link", "del", name]);
             }
@@ -222,7 +237,10 @@ pub struct TestBed {
 
 impl std::fmt::Debug for TestBed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TestBed").field("subnets", &self.subnets).field("instances", &self.instances).finish()
+        f.debug_struct("TestBed")
+            .field("subnets", &self.subnets)
+            .field("instances", &self.instances)
+            .finish()
     }
 }
 
@@ -251,15 +269,34 @@ impl TestBed {
         for (s, spec) in subnets.iter().enumerate() {
             let bridge = format!("g{pid}x{n}b{s}");
             let router_v4 = Ipv4Addr::new(10, oct, s as u8, 1);
-            let router_v6 = spec.ipv6.then(|| format!("fd5e:{n:x}:{s:x}::1").parse::<Ipv6Addr>().ok()).flatten();
+            let router_v6 = spec
+                .ipv6
+                .then(|| format!("fd5e:{n:x}:{s:x}::1").parse::<Ipv6Addr>().ok())
+                .flatten();
             bed.on_drop({
                 let b = bridge.clone();
                 move || sh_quiet(&["ip", "link", "del", &b])
             });
             sh(&["ip", "link", "add", &bridge, "type", "bridge"])?;
-            sh(&["ip", "addr", "add", &format!("{router_v4}/24"), "dev", &bridge])?;
+            sh(&[
+                "ip",
+                "addr",
+                "add",
+                &format!("{router_v4}/24"),
+                "dev",
+                &bridge,
+            ])?;
             if let Some(r6) = router_v6 {
-                sh(&["ip", "-6", "addr", "add", &format!("{r6}/64"), "dev", &bridge, "nodad"])?;
+                sh(&[
+                    "ip",
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{r6}/64"),
+                    "dev",
+                    &bridge,
+                    "nodad",
+                ])?;
             }
             sh(&["ip", "link", "set", &bridge, "up"])?;
             bed.subnets.push(BedSubnet {
@@ -277,15 +314,19 @@ impl TestBed {
             let port = format!("g{pid}x{n}p{i}");
             let host = 10 + i as u8;
             let v4 = Ipv4Addr::new(10, oct, spec.subnet as u8, host);
-            let v6 = sub
-                .router_v6
-                .and_then(|_| format!("fd5e:{n:x}:{:x}::{host:x}", spec.subnet).parse::<Ipv6Addr>().ok());
+            let v6 = sub.router_v6.and_then(|_| {
+                format!("fd5e:{n:x}:{:x}::{host:x}", spec.subnet)
+                    .parse::<Ipv6Addr>()
+                    .ok()
+            });
             bed.on_drop({
                 let ns = netns.clone();
                 move || sh_quiet(&["ip", "netns", "del", &ns])
             });
             sh(&["ip", "netns", "add", &netns])?;
-            sh(&["ip", "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &netns])?;
+            sh(&[
+                "ip", "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &netns,
+            ])?;
             sh(&["ip", "link", "set", &port, "master", &sub.bridge, "up"])?;
             let x = |args: &[&str]| -> Result<String, BedError> {
                 let mut v = vec!["ip", "netns", "exec", netns.as_str()];
@@ -295,9 +336,25 @@ impl TestBed {
             x(&["ip", "link", "set", "lo", "up"])?;
             x(&["ip", "addr", "add", &format!("{v4}/24"), "dev", "eth0"])?;
             x(&["ip", "link", "set", "eth0", "up"])?;
-            x(&["ip", "route", "add", "default", "via", &sub.router_v4.to_string()])?;
+            x(&[
+                "ip",
+                "route",
+                "add",
+                "default",
+                "via",
+                &sub.router_v4.to_string(),
+            ])?;
             if let (Some(a), Some(r)) = (v6, sub.router_v6) {
-                x(&["ip", "-6", "addr", "add", &format!("{a}/64"), "dev", "eth0", "nodad"])?;
+                x(&[
+                    "ip",
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{a}/64"),
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ])?;
                 x(&["ip", "-6", "route", "add", "default", "via", &r.to_string()])?;
             }
             bed.instances.push(BedInstance {
@@ -315,7 +372,11 @@ impl TestBed {
     /// Registers a cleanup that runs when the bed goes (before its own
     /// interfaces are removed), also on Ctrl-C.
     pub fn on_drop(&mut self, f: impl FnOnce() + Send + 'static) {
-        if let Some(v) = registry().lock().unwrap_or_else(|e| e.into_inner()).get_mut(&self.id) {
+        if let Some(v) = registry()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(&self.id)
+        {
             v.push(Box::new(f));
         }
     }
@@ -365,7 +426,9 @@ impl TestBed {
     pub fn udp(&self, from: &str, dst: IpAddr, port: u16) -> bool {
         let ns = self.instance(from).netns.clone();
         in_netns(&ns, move || {
-            let bind: SocketAddr = if dst.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().ok()?;
+            let bind: SocketAddr = if dst.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
+                .parse()
+                .ok()?;
             let s = UdpSocket::bind(bind).ok()?;
             s.set_read_timeout(Some(PROBE_TIMEOUT)).ok()?;
             s.send_to(b"sgfw-probe", SocketAddr::new(dst, port)).ok()?;
@@ -382,7 +445,9 @@ impl TestBed {
         let ns = self.instance(from).netns.clone();
         let d = dst.to_string();
         Command::new("ip")
-            .args(["netns", "exec", &ns, "ping", "-n", "-q", "-c", "1", "-W", "1", &d])
+            .args([
+                "netns", "exec", &ns, "ping", "-n", "-q", "-c", "1", "-W", "1", &d,
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
@@ -392,12 +457,14 @@ impl TestBed {
     /// Opens a long-lived TCP connection (the server must echo).
     pub fn connect(&self, from: &str, dst: IpAddr, port: u16) -> Result<LongConn, BedError> {
         let ns = self.instance(from).netns.clone();
-        let stream = in_netns(&ns, move || TcpStream::connect_timeout(&SocketAddr::new(dst, port), PROBE_TIMEOUT))
-            .ok_or_else(|| BedError::Command {
-                cmd: format!("connect to {dst}:{port}"),
-                stderr: "thread failed".into(),
-            })?
-            .map_err(io_err(format!("connecting to {dst}:{port}")))?;
+        let stream = in_netns(&ns, move || {
+            TcpStream::connect_timeout(&SocketAddr::new(dst, port), PROBE_TIMEOUT)
+        })
+        .ok_or_else(|| BedError::Command {
+            cmd: format!("connect to {dst}:{port}"),
+            stderr: "thread failed".into(),
+        })?
+        .map_err(io_err(format!("connecting to {dst}:{port}")))?;
         stream
             .set_read_timeout(Some(PROBE_TIMEOUT))
             .map_err(io_err("set_read_timeout"))?;
@@ -405,7 +472,10 @@ impl TestBed {
     }
 }
 
-#[expect(clippy::panic, reason = "a test naming an instance it did not build is a bug in the test")]
+#[expect(
+    clippy::panic,
+    reason = "a test naming an instance it did not build is a bug in the test"
+)]
 fn unreachable_instance(name: &str) -> ! {
     panic!("no instance {name} in the test bed")
 }
@@ -482,7 +552,12 @@ impl Server {
                                             break;
                                         }
                                     }
-                                    Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                                    Err(e)
+                                        if matches!(
+                                            e.kind(),
+                                            std::io::ErrorKind::WouldBlock
+                                                | std::io::ErrorKind::TimedOut
+                                        ) => {}
                                     Err(_) => break,
                                 }
                             }

@@ -30,29 +30,13 @@
 //! ```
 #![deny(missing_docs)]
 
-// Lets code written for the `sgfw` binary (`sgfw::...` paths) also compile
-// inside this crate, wherever the CLI modules end up being declared.
-#[allow(unused_extern_crates, reason = "used only when the CLI modules are compiled into the library")]
-extern crate self as sgfw;
-
 pub mod backend;
 pub mod ebpf;
 pub mod eval;
 pub mod flat;
+pub mod lab;
 pub mod model;
 pub mod nft;
 pub mod packet;
 pub mod sys;
 pub mod validate;
-
-// The `validate` and `explain` subcommands are modules of the `sgfw` binary;
-// compiling them here too lets their tests run with the library's, without
-// privileges, however the binary wires them up.
-#[cfg(test)]
-#[allow(dead_code, reason = "the binary calls run(); the library only runs the tests")]
-mod cli {
-    #[path = "explain.rs"]
-    pub(crate) mod explain;
-    #[path = "validate.rs"]
-    pub(crate) mod validate;
-}

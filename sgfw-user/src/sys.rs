@@ -111,7 +111,8 @@ fn sysctl_path(key: &str) -> Result<PathBuf, SysError> {
             !c.is_empty()
                 && c != "."
                 && c != ".."
-                && c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+                && c.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
         });
     if ok {
         Ok(Path::new("/proc/sys").join(key))
@@ -180,7 +181,11 @@ impl Host for RealHost {
         use std::io::Write;
         let mut child = Command::new("nft")
             .args(args)
-            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -189,10 +194,11 @@ impl Host for RealHost {
                 source,
             })?;
         if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-            pipe.write_all(input.as_bytes()).map_err(|source| SysError::Spawn {
-                program: "nft".into(),
-                source,
-            })?;
+            pipe.write_all(input.as_bytes())
+                .map_err(|source| SysError::Spawn {
+                    program: "nft".into(),
+                    source,
+                })?;
         }
         let out = child.wait_with_output().map_err(|source| SysError::Spawn {
             program: "nft".into(),
@@ -240,7 +246,12 @@ pub trait MapOps {
     /// Every key of the map.
     fn keys(&mut self, map: &str, key_size: usize) -> Result<Vec<Vec<u8>>, SysError>;
     /// One element's value.
-    fn lookup(&mut self, map: &str, key: &[u8], value_size: usize) -> Result<Option<Vec<u8>>, SysError>;
+    fn lookup(
+        &mut self,
+        map: &str,
+        key: &[u8],
+        value_size: usize,
+    ) -> Result<Option<Vec<u8>>, SysError>;
 }
 
 /// Real maps, by file descriptor.
@@ -358,7 +369,12 @@ impl MapOps for KernelMaps {
         }
     }
 
-    fn lookup(&mut self, map: &str, key: &[u8], value_size: usize) -> Result<Option<Vec<u8>>, SysError> {
+    fn lookup(
+        &mut self,
+        map: &str,
+        key: &[u8],
+        value_size: usize,
+    ) -> Result<Option<Vec<u8>>, SysError> {
         let mut value = vec![0u8; value_size];
         let attr = ElemAttr {
             map_fd: self.fd(map)?,
@@ -419,7 +435,12 @@ impl MapOps for FakeMaps {
             .map(|m| m.keys().cloned().collect())
             .unwrap_or_default())
     }
-    fn lookup(&mut self, map: &str, key: &[u8], _value_size: usize) -> Result<Option<Vec<u8>>, SysError> {
+    fn lookup(
+        &mut self,
+        map: &str,
+        key: &[u8],
+        _value_size: usize,
+    ) -> Result<Option<Vec<u8>>, SysError> {
         Ok(self.maps.get(map).and_then(|m| m.get(key).cloned()))
     }
 }

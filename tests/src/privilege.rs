@@ -10,7 +10,10 @@ pub fn require_root(test: &str) -> bool {
     }
     let msg = format!("{test}: needs root (network namespaces, BPF); skipped");
     if std::env::var("CI").is_ok_and(|v| v == "true") {
-        #[expect(clippy::panic, reason = "under CI=true a skipped privileged test is a failure")]
+        #[expect(
+            clippy::panic,
+            reason = "under CI=true a skipped privileged test is a failure"
+        )]
         {
             panic!("{msg} — under CI=true a skip is a failure");
         }

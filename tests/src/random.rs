@@ -4,8 +4,8 @@
 use std::net::IpAddr;
 
 use sgfw::model::{
-    IpPermission, Instance, IpRange, Ipv6Range, Model, NaclAssociation, NetworkAcl, NetworkAclEntry,
-    PortRange, IcmpTypeCode, SecurityGroup, Subnet, UserIdGroupPair,
+    IcmpTypeCode, Instance, IpPermission, IpRange, Ipv6Range, Model, NaclAssociation, NetworkAcl,
+    NetworkAclEntry, PortRange, SecurityGroup, Subnet, UserIdGroupPair,
 };
 use sgfw::packet::{L4, Packet, TcpFlags};
 
@@ -19,7 +19,7 @@ impl Rng {
         Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
     }
     /// Next 64 random bits.
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;
         x ^= x << 25;
@@ -29,7 +29,7 @@ impl Rng {
     }
     /// Uniform in `0..n` (n > 0).
     pub fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
+        (self.next_u64() % n.max(1) as u64) as usize
     }
     /// True with probability `p` percent.
     pub fn chance(&mut self, p: u32) -> bool {
@@ -46,8 +46,28 @@ pub const OUTSIDE_V4: &[&str] = &["192.0.2.1", "198.51.100.7", "10.99.0.5"];
 /// IPv6 addresses outside every subnet.
 pub const OUTSIDE_V6: &[&str] = &["2001:db8::1", "2001:db8:5::9"];
 
-const PORTS: &[(i64, i64)] = &[(22, 22), (80, 80), (443, 443), (1000, 2000), (0, 65535), (-1, -1), (5000, 5100), (53, 53)];
-const ICMP: &[(i64, i64)] = &[(-1, -1), (8, -1), (8, 0), (0, -1), (3, -1), (3, 4), (11, 0), (128, -1), (129, 0), (1, -1)];
+const PORTS: &[(i64, i64)] = &[
+    (22, 22),
+    (80, 80),
+    (443, 443),
+    (1000, 2000),
+    (0, 65535),
+    (-1, -1),
+    (5000, 5100),
+    (53, 53),
+];
+const ICMP: &[(i64, i64)] = &[
+    (-1, -1),
+    (8, -1),
+    (8, 0),
+    (0, -1),
+    (3, -1),
+    (3, 4),
+    (11, 0),
+    (128, -1),
+    (129, 0),
+    (1, -1),
+];
 
 /// A random valid model with 2–3 subnets, 2–6 instances and 2–5 groups.
 pub fn model(rng: &mut Rng) -> Model {
@@ -59,7 +79,11 @@ pub fn model(rng: &mut Rng) -> Model {
             cidr_block: format!("10.{s}.0.0/16"),
             ipv6_cidr_block: Some(format!("fd00:{s}::/64")),
             bridge: format!("br{s}"),
-            dns_address: if rng.chance(30) { vec![format!("10.{s}.0.2")] } else { vec![] },
+            dns_address: if rng.chance(30) {
+                vec![format!("10.{s}.0.2")]
+            } else {
+                vec![]
+            },
         });
     }
     let ngroups = 2 + rng.below(4);
@@ -67,7 +91,9 @@ pub fn model(rng: &mut Rng) -> Model {
     let mut addrs_v4 = Vec::new();
     for i in 0..ninst {
         let s = rng.below(nsub);
-        let mut groups: Vec<String> = (0..1 + rng.below(2)).map(|_| format!("sg-{}", rng.below(ngroups))).collect();
+        let mut groups: Vec<String> = (0..1 + rng.below(2))
+            .map(|_| format!("sg-{}", rng.below(ngroups)))
+            .collect();
         groups.sort();
         groups.dedup();
         let v4 = format!("10.{s}.1.{}", 10 + i);
@@ -77,7 +103,11 @@ pub fn model(rng: &mut Rng) -> Model {
             subnet_id: format!("subnet-{s}"),
             private_ip_address: v4,
             secondary_private_ip_addresses: vec![],
-            ipv6_addresses: if rng.chance(70) { vec![format!("fd00:{s}::{:x}", 0x10 + i)] } else { vec![] },
+            ipv6_addresses: if rng.chance(70) {
+                vec![format!("fd00:{s}::{:x}", 0x10 + i)]
+            } else {
+                vec![]
+            },
             security_group_ids: groups,
             interface: None,
         });
@@ -89,7 +119,8 @@ pub fn model(rng: &mut Rng) -> Model {
         };
         // Like AWS's default egress rule, often.
         if rng.chance(50) {
-            sg.ip_permissions_egress.push(IpPermission::all().from_cidr("0.0.0.0/0"));
+            sg.ip_permissions_egress
+                .push(IpPermission::all().from_cidr("0.0.0.0/0"));
         }
         for egress in [false, true] {
             let n = rng.below(6);
@@ -115,7 +146,6 @@ pub fn model(rng: &mut Rng) -> Model {
                     ..NaclAssociation::default()
                 }],
                 entries: vec![],
-                ..NetworkAcl::default()
             };
             let mut used = Vec::new();
             for _ in 0..rng.below(7) {
@@ -150,7 +180,6 @@ fn allow_all(num: i64, egress: bool, v6: bool) -> NetworkAclEntry {
         ipv6_cidr_block: if v6 { Some("::/0".into()) } else { None },
         port_range: None,
         icmp_type_code: None,
-        ..NetworkAclEntry::default()
     }
 }
 
@@ -223,17 +252,27 @@ fn nacl_entry(rng: &mut Rng, num: i64, egress: bool, nsub: usize) -> NetworkAclE
     let mut e = NetworkAclEntry {
         rule_number: num,
         protocol: proto.into(),
-        rule_action: if rng.chance(50) { "allow".into() } else { "deny".into() },
+        rule_action: if rng.chance(50) {
+            "allow".into()
+        } else {
+            "deny".into()
+        },
         egress,
         cidr_block: if v6 { None } else { Some(cidr.clone()) },
         ipv6_cidr_block: if v6 { Some(cidr) } else { None },
         port_range: None,
         icmp_type_code: None,
-        ..NetworkAclEntry::default()
     };
     match proto {
         "6" | "17" => {
-            let (f, t) = *rng.pick(&[(22, 22), (80, 80), (1000, 2000), (0, 65535), (443, 443), (1024, 65535)]);
+            let (f, t) = *rng.pick(&[
+                (22, 22),
+                (80, 80),
+                (1000, 2000),
+                (0, 65535),
+                (443, 443),
+                (1024, 65535),
+            ]);
             e.port_range = Some(PortRange {
                 from: Some(f),
                 to: Some(t),
@@ -258,9 +297,17 @@ pub fn packet(rng: &mut Rng, model: &sgfw::flat::FlatModel, history: &[Packet]) 
         let prev = rng.pick(history).clone();
         if rng.chance(15) {
             let v6 = prev.is_v6();
-            let (t, c) = if v6 { *rng.pick(&[(1u8, 4u8), (2, 0), (3, 0)]) } else { *rng.pick(&[(3u8, 3u8), (3, 4), (11, 0)]) };
+            let (t, c) = if v6 {
+                *rng.pick(&[(1u8, 4u8), (2, 0), (3, 0)])
+            } else {
+                *rng.pick(&[(3u8, 3u8), (3, 4), (11, 0)])
+            };
             // The error travels back from the destination (or a router) to the source.
-            let from = if rng.chance(70) { prev.dst } else { outside(rng, v6) };
+            let from = if rng.chance(70) {
+                prev.dst
+            } else {
+                outside(rng, v6)
+            };
             return Packet {
                 src: from,
                 dst: prev.src,
@@ -292,7 +339,11 @@ pub fn packet(rng: &mut Rng, model: &sgfw::flat::FlatModel, history: &[Packet]) 
         .collect();
     addrs.push(outside(rng, v6));
     if !v6 && rng.chance(3) {
-        addrs.push("169.254.169.254".parse().unwrap_or(IpAddr::from([169, 254, 169, 254])));
+        addrs.push(
+            "169.254.169.254"
+                .parse()
+                .unwrap_or(IpAddr::from([169, 254, 169, 254])),
+        );
     }
     for s in &model.subnets {
         for d in &s.dns {
@@ -306,7 +357,8 @@ pub fn packet(rng: &mut Rng, model: &sgfw::flat::FlatModel, history: &[Packet]) 
     if dst == src {
         dst = outside(rng, v6);
     }
-    let port = |rng: &mut Rng| *rng.pick(&[22u16, 80, 443, 1500, 5050, 53, 40000, 67, 68, 65535, 0]);
+    let port =
+        |rng: &mut Rng| *rng.pick(&[22u16, 80, 443, 1500, 5050, 53, 40000, 67, 68, 65535, 0]);
     let l4 = match rng.below(6) {
         0 | 1 => L4::Tcp {
             sport: port(rng),
@@ -321,7 +373,11 @@ pub fn packet(rng: &mut Rng, model: &sgfw::flat::FlatModel, history: &[Packet]) 
             dport: port(rng),
         },
         3 | 4 => {
-            let t = if v6 { *rng.pick(&[128u8, 129, 135, 1, 4, 200]) } else { *rng.pick(&[8u8, 0, 13, 3, 5, 11]) };
+            let t = if v6 {
+                *rng.pick(&[128u8, 129, 135, 1, 4, 200])
+            } else {
+                *rng.pick(&[8u8, 0, 13, 3, 5, 11])
+            };
             L4::Icmp {
                 icmp_type: t,
                 code: *rng.pick(&[0u8, 1, 4]),
@@ -337,6 +393,10 @@ pub fn packet(rng: &mut Rng, model: &sgfw::flat::FlatModel, history: &[Packet]) 
 }
 
 fn outside(rng: &mut Rng, v6: bool) -> IpAddr {
-    let s = if v6 { *rng.pick(OUTSIDE_V6) } else { *rng.pick(OUTSIDE_V4) };
+    let s = if v6 {
+        *rng.pick(OUTSIDE_V6)
+    } else {
+        *rng.pick(OUTSIDE_V4)
+    };
     s.parse().unwrap_or(IpAddr::from([192, 0, 2, 1]))
 }

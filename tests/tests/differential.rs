@@ -17,9 +17,11 @@ type Tally = [usize; 4];
 fn run_seed(seed: u64, packets: usize, tally: &mut Tally) -> Result<(), String> {
     let mut rng = Rng::new(seed);
     let model = random::model(&mut rng);
-    let (valid, _) = validate(&model).map_err(|e| format!("seed {seed}: generated model invalid:\n{e}"))?;
+    let (valid, _) =
+        validate(&model).map_err(|e| format!("seed {seed}: generated model invalid:\n{e}"))?;
     let mut flat = valid.flatten();
-    let mut dp = TestDataplane::new(&flat, 65_536).map_err(|e| format!("seed {seed}: load: {e:?}"))?;
+    let mut dp =
+        TestDataplane::new(&flat, 65_536).map_err(|e| format!("seed {seed}: load: {e:?}"))?;
     let mut ct = Conntrack::new();
     let mut now: u64 = 1_000_000_000_000;
     let mut history = Vec::new();
@@ -47,13 +49,16 @@ fn run_seed(seed: u64, packets: usize, tally: &mut Tally) -> Result<(), String> 
             }
             if let Ok((v, _)) = validate(&m) {
                 flat = v.flatten();
-                dp.apply(&flat).map_err(|e| format!("seed {seed}: re-apply: {e:?}"))?;
+                dp.apply(&flat)
+                    .map_err(|e| format!("seed {seed}: re-apply: {e:?}"))?;
             }
         }
         let pkt = random::packet(&mut rng, &flat, &history);
         dp.set_time(now).map_err(|e| format!("{e:?}"))?;
         let want = evaluate(&flat, &mut ct, &pkt, now);
-        let got = dp.deliver(&flat, &pkt).map_err(|e| format!("seed {seed}: run: {e:?}"))?;
+        let got = dp
+            .deliver(&flat, &pkt)
+            .map_err(|e| format!("seed {seed}: run: {e:?}"))?;
         if got != want.allowed {
             return Err(format!(
                 "seed {seed}, packet {n}: dataplane {} but the reference evaluator {}\n  packet: {pkt:?}\n  evaluator: {want:?}\n  replay: SGFW_DIFF_SEED={seed} cargo xtask test -- --test differential",
@@ -66,7 +71,12 @@ fn run_seed(seed: u64, packets: usize, tally: &mut Tally) -> Result<(), String> 
         } else {
             tally[1] += 1;
         }
-        if want.stages.iter().any(|s| matches!(s.by, sgfw::eval::Decider::Tracked | sgfw::eval::Decider::Related)) {
+        if want.stages.iter().any(|s| {
+            matches!(
+                s.by,
+                sgfw::eval::Decider::Tracked | sgfw::eval::Decider::Related
+            )
+        }) {
             tally[2] += 1;
         }
         if want.passthrough.is_some() {
@@ -88,8 +98,14 @@ fn bpf_classifier_agrees_with_reference_evaluator() {
     if !sgfw_tests::require_root("differential") {
         return;
     }
-    let total: usize = std::env::var("SGFW_DIFF_PACKETS").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
-    if let Some(seed) = std::env::var("SGFW_DIFF_SEED").ok().and_then(|v| v.parse().ok()) {
+    let total: usize = std::env::var("SGFW_DIFF_PACKETS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    if let Some(seed) = std::env::var("SGFW_DIFF_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
         if let Err(e) = run_seed(seed, total.min(20_000), &mut [0; 4]) {
             panic!("{e}");
         }
@@ -115,7 +131,15 @@ fn bpf_classifier_agrees_with_reference_evaluator() {
         tally[3]
     );
     // The generator must exercise both outcomes and the stateful path.
-    assert!(failures.is_empty(), "{} disagreement(s):\n{}", failures.len(), failures.join("\n\n"));
-    assert!(tally[0] > total / 10 && tally[1] > total / 10, "generator too one-sided: {tally:?}");
+    assert!(
+        failures.is_empty(),
+        "{} disagreement(s):\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
+    assert!(
+        tally[0] > total / 10 && tally[1] > total / 10,
+        "generator too one-sided: {tally:?}"
+    );
     assert!(tally[2] > total / 50, "too few tracked packets: {tally:?}");
 }

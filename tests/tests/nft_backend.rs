@@ -5,6 +5,10 @@
 //! when the table already exists (it would be someone's live ruleset), and a
 //! guard deletes the table on every exit path. Traffic is tested by the
 //! conformance suite; this test checks syntax, atomicity and cleanup.
+#![expect(
+    clippy::unwrap_used,
+    reason = "test helpers: a failed step is a failed test"
+)]
 
 use std::fs::File;
 use std::os::fd::AsRawFd;

@@ -27,8 +27,8 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use sgfw_common::{
-    AddrInfo, AddrKey, CidrKeyV4, CidrKeyV6, InstancePolicy, NaclMeta, PortKey,
-    SUBNET_HAS_DNS_V4, SUBNET_HAS_DNS_V6, SubnetPolicy,
+    AddrInfo, AddrKey, CidrKeyV4, CidrKeyV6, InstancePolicy, NaclMeta, PortKey, SUBNET_HAS_DNS_V4,
+    SUBNET_HAS_DNS_V6, SubnetPolicy,
     limits::{self, AF_INET, AF_INET6},
 };
 
@@ -101,8 +101,14 @@ impl Indices {
                 }
             }
         }
-        renumber(&mut self.instances, model.instances.iter().map(|i| i.id.as_str()));
-        renumber(&mut self.subnets, model.subnets.iter().map(|s| s.id.as_str()));
+        renumber(
+            &mut self.instances,
+            model.instances.iter().map(|i| i.id.as_str()),
+        );
+        renumber(
+            &mut self.subnets,
+            model.subnets.iter().map(|s| s.id.as_str()),
+        );
     }
 }
 
@@ -223,7 +229,11 @@ pub fn range_prefixes(lo: u16, hi: u16) -> Vec<(u16, u32)> {
     let hi = u32::from(hi);
     while cur <= hi {
         // Largest aligned block starting at `cur` that stays within `hi`.
-        let mut size: u32 = if cur == 0 { 1 << 16 } else { cur & cur.wrapping_neg() };
+        let mut size: u32 = if cur == 0 {
+            1 << 16
+        } else {
+            cur & cur.wrapping_neg()
+        };
         while cur + size - 1 > hi {
             size >>= 1;
         }
@@ -360,7 +370,10 @@ pub fn compile(model: &FlatModel, idx: &Indices, parity: u32) -> Result<Compiled
 
     // Instances and their SG policies.
     for inst in &model.instances {
-        let (Some(&iidx), Some(&sidx)) = (idx.instances.get(&inst.id), idx.subnets.get(&inst.subnet_id)) else {
+        let (Some(&iidx), Some(&sidx)) = (
+            idx.instances.get(&inst.id),
+            idx.subnets.get(&inst.subnet_id),
+        ) else {
             continue;
         };
         out.instance_ids.insert(iidx, inst.id.clone());
@@ -391,7 +404,8 @@ pub fn compile(model: &FlatModel, idx: &Indices, parity: u32) -> Result<Compiled
             },
         ));
     }
-    let mut refs: Vec<(u32, RuleOrigin)> = rule_refs.ids.into_iter().map(|(o, id)| (id, o)).collect();
+    let mut refs: Vec<(u32, RuleOrigin)> =
+        rule_refs.ids.into_iter().map(|(o, id)| (id, o)).collect();
     refs.sort_by_key(|(id, _)| *id);
     // Reference n is at index n; index 0 is never used.
     out.rule_refs = std::iter::once(RuleOrigin {
@@ -401,7 +415,7 @@ pub fn compile(model: &FlatModel, idx: &Indices, parity: u32) -> Result<Compiled
     })
     .chain(refs.into_iter().map(|(_, o)| o))
     .collect();
-    out.addrs.sort_by(|a, b| (a.0.family, a.0.addr).cmp(&(b.0.family, b.0.addr)));
+    out.addrs.sort_by_key(|a| (a.0.family, a.0.addr));
     // Two rules of one set may produce the same key: keep one (any is a match).
     dedup_lpm(&mut out.sg_ports);
     Ok(out)
@@ -415,7 +429,14 @@ fn nacl_table(entries: &[NaclEntry], v6: bool) -> NaclTable {
             // An ICMP entry of the other family can never match: leaving it
             // out changes no decision and saves a bit.
             .filter(|e| e.matcher.possible_for(&e.cidr))
-            .map(|e| (e.rule_number, e.action == RuleAction::Allow, e.cidr, span(&e.matcher)))
+            .map(|e| {
+                (
+                    e.rule_number,
+                    e.action == RuleAction::Allow,
+                    e.cidr,
+                    span(&e.matcher),
+                )
+            })
             .collect(),
     }
 }
@@ -466,7 +487,12 @@ fn emit_nacl_table(out: &mut Compiled, id: u32, t: &NaclTable, v6: bool) {
     }
 
     // Port bits over elementary intervals.
-    let spans: Vec<(usize, Span)> = t.entries.iter().enumerate().map(|(i, e)| (i, e.3)).collect();
+    let spans: Vec<(usize, Span)> = t
+        .entries
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (i, e.3))
+        .collect();
     for (plen, key, bits) in span_masks(id, &spans) {
         out.nacl_ports.push(LpmEntry {
             prefix_len: plen,
@@ -629,4 +655,3 @@ fn dedup_lpm<K: Copy + bytemuck::Pod, V: Copy + Ord>(v: &mut Vec<LpmEntry<K, V>>
         }
     }
 }
-

@@ -19,15 +19,15 @@ use aya::maps::{Map, MapData, PerCpuArray};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
+use serde::{Deserialize, Serialize};
 use sgfw_common::{
     AddrKey, CidrKeyV4, CidrKeyV6, Config, CtKey, InstancePolicy, NaclMeta, PortKey, Reason,
     SubnetPolicy, map_names as mn, program_names as pn,
 };
-use serde::{Deserialize, Serialize};
 
 use crate::flat::FlatModel;
 use crate::sys::{self, Host, KernelMaps, MapOps, SysError};
-use compile::{Compiled, CompileError, Indices, LpmEntry, id_has_parity};
+use compile::{CompileError, Compiled, Indices, LpmEntry, id_has_parity};
 
 /// Where sgfw pins its maps, programs and links.
 pub const PIN_ROOT: &str = "/sys/fs/bpf/sgfw";
@@ -113,16 +113,24 @@ pub struct State {
     pub capacities: BTreeMap<String, u32>,
     /// Instance id → bound interface name.
     pub interfaces: BTreeMap<String, String>,
+    /// Instance id → (ingress rules, egress rules) after flattening.
+    #[serde(default)]
+    pub rule_counts: BTreeMap<String, (usize, usize)>,
+    /// Subnet id → NACL id in force.
+    #[serde(default)]
+    pub nacls: BTreeMap<String, String>,
 }
 
 impl State {
     /// Reads the state file; `None` when sgfw is not applied.
     pub fn load(path: &Path) -> Result<Option<State>, EbpfError> {
         match std::fs::read(path) {
-            Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|source| EbpfError::State {
-                path: path.to_path_buf(),
-                source,
-            }),
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|source| EbpfError::State {
+                    path: path.to_path_buf(),
+                    source,
+                }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(source) => Err(SysError::File {
                 what: "reading",
@@ -170,8 +178,13 @@ fn lpm_rows<'a, K: bytemuck::Pod, V: bytemuck::Pod>(
     map: &'static str,
     rows: &'a [LpmEntry<K, V>],
 ) -> impl Iterator<Item = (&'static str, Vec<u8>, Vec<u8>)> + 'a {
-    rows.iter()
-        .map(move |e| (map, lpm_bytes(e.prefix_len, &e.key), bytemuck::bytes_of(&e.value).to_vec()))
+    rows.iter().map(move |e| {
+        (
+            map,
+            lpm_bytes(e.prefix_len, &e.key),
+            bytemuck::bytes_of(&e.value).to_vec(),
+        )
+    })
 }
 
 /// Key size of each id-carrying map, with where the id sits in the key.
@@ -205,6 +218,9 @@ pub fn config_for(model: &FlatModel, generation: u32, flags: u32) -> Config {
     }
 }
 
+/// One map's contents: key bytes → value bytes.
+type Snapshot = BTreeMap<Vec<u8>, Vec<u8>>;
+
 /// Writes a compiled generation into the maps with the switch protocol
 /// described in the module docs. `ports` is ifindex → instance index for
 /// bound ports. On error, the previous contents are restored (best effort
@@ -222,7 +238,7 @@ pub fn write_generation(
         (mn::SUBNETS, 4, size_of::<SubnetPolicy>()),
         (mn::PORTS, 4, 4),
     ];
-    let mut before: Vec<(&str, BTreeMap<Vec<u8>, Vec<u8>>)> = Vec::new();
+    let mut before: Vec<(&str, Snapshot)> = Vec::new();
     for (map, ks, vs) in switched {
         let mut m = BTreeMap::new();
         for k in maps.keys(map, ks)? {
@@ -299,7 +315,11 @@ fn write_and_switch(
         maps.update(map, &k, &v)?;
     }
     for (id, meta) in &c.nacl_meta {
-        maps.update(mn::NACL_META, &id.to_ne_bytes(), bytemuck::bytes_of::<NaclMeta>(meta))?;
+        maps.update(
+            mn::NACL_META,
+            &id.to_ne_bytes(),
+            bytemuck::bytes_of::<NaclMeta>(meta),
+        )?;
     }
     // 2. Switch: subnets, then instances (one atomic hash write each), then
     //    the address and port ownership.
@@ -316,21 +336,37 @@ fn write_and_switch(
         maps.update(mn::PORTS, &ifx.to_ne_bytes(), &inst.to_ne_bytes())?;
     }
     // 3. Remove what the new model no longer has.
-    let keep: BTreeSet<Vec<u8>> = c.addrs.iter().map(|(k, _)| bytemuck::bytes_of(k).to_vec()).collect();
+    let keep: BTreeSet<Vec<u8>> = c
+        .addrs
+        .iter()
+        .map(|(k, _)| bytemuck::bytes_of(k).to_vec())
+        .collect();
     for k in maps.keys(mn::ADDRS, size_of::<AddrKey>())? {
         if !keep.contains(&k) {
             maps.delete(mn::ADDRS, &k)?;
         }
     }
-    let keep: BTreeSet<Vec<u8>> = ports.iter().map(|(i, _)| i.to_ne_bytes().to_vec()).collect();
+    let keep: BTreeSet<Vec<u8>> = ports
+        .iter()
+        .map(|(i, _)| i.to_ne_bytes().to_vec())
+        .collect();
     for k in maps.keys(mn::PORTS, 4)? {
         if !keep.contains(&k) {
             maps.delete(mn::PORTS, &k)?;
         }
     }
     for (map, live) in [
-        (mn::INSTANCES, c.instances.iter().map(|(i, _)| *i).collect::<BTreeSet<u32>>()),
-        (mn::SUBNETS, c.subnets.iter().map(|(i, _)| *i).collect::<BTreeSet<u32>>()),
+        (
+            mn::INSTANCES,
+            c.instances
+                .iter()
+                .map(|(i, _)| *i)
+                .collect::<BTreeSet<u32>>(),
+        ),
+        (
+            mn::SUBNETS,
+            c.subnets.iter().map(|(i, _)| *i).collect::<BTreeSet<u32>>(),
+        ),
     ] {
         for k in maps.keys(map, 4)? {
             let id = u32::from_ne_bytes([k[0], k[1], k[2], k[3]]);
@@ -365,7 +401,10 @@ fn capacities(c: &Compiled, conntrack_max: u32) -> BTreeMap<&'static str, u32> {
     m.insert(mn::NACL_PORTS, cap(c.nacl_ports.len(), 65_536));
     m.insert(mn::NACL_META, cap(c.nacl_meta.len(), 4096));
     m.insert(mn::CONNTRACK, conntrack_max);
-    m.insert(mn::COUNTERS, (cap(c.instances.len(), 4096) + 1) * Reason::COUNT as u32);
+    m.insert(
+        mn::COUNTERS,
+        (cap(c.instances.len(), 4096) + 1) * Reason::COUNT as u32,
+    );
     m
 }
 
@@ -470,16 +509,60 @@ pub fn load_object(caps: &BTreeMap<&'static str, u32>) -> Result<Ebpf, EbpfError
     for (name, n) in caps {
         loader.map_max_entries(name, *n);
     }
-    let mut ebpf = loader.load(BPF_OBJECT).map_err(|e| EbpfError::Load(Box::new(e)))?;
-    for name in [pn::FROM_INSTANCE, pn::TO_INSTANCE, pn::PORT_COUNT_INGRESS, pn::PORT_COUNT_EGRESS, pn::NOOP] {
+    let mut ebpf = loader
+        .load(BPF_OBJECT)
+        .map_err(|e| EbpfError::Load(Box::new(e)))?;
+    for name in [
+        pn::FROM_INSTANCE,
+        pn::TO_INSTANCE,
+        pn::PORT_COUNT_INGRESS,
+        pn::PORT_COUNT_EGRESS,
+        pn::NOOP,
+    ] {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
-            .ok_or_else(|| prog_err(format!("finding program {name}"), SysError::NoSuchMap(name.into())))?
+            .ok_or_else(|| {
+                prog_err(
+                    format!("finding program {name}"),
+                    SysError::NoSuchMap(name.into()),
+                )
+            })?
             .try_into()
             .map_err(|e| prog_err(format!("program {name}"), e))?;
-        prog.load().map_err(|e| prog_err(format!("loading program {name}"), e))?;
+        prog.load()
+            .map_err(|e| prog_err(format!("loading program {name}"), e))?;
     }
     Ok(ebpf)
+}
+
+/// Whether the eBPF backend can run here: the object is embedded and the
+/// kernel loads its programs (needs CAP_BPF and CAP_NET_ADMIN, BTF, TCX).
+/// `Err` says why not.
+pub fn probe() -> Result<(), String> {
+    if BPF_OBJECT.is_empty() {
+        return Err(
+            "this binary has no BPF object embedded (build with `cargo xtask build`)".into(),
+        );
+    }
+    if EbpfBackend::default().is_applied() {
+        return Ok(());
+    }
+    let mut caps = BTreeMap::new();
+    caps.insert(mn::CONNTRACK, 1024);
+    match load_object(&caps) {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let mut msg = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg.push_str(": ");
+                msg.push_str(&s.to_string());
+                src = s.source();
+            }
+            // The verifier log is long; the first line says enough here.
+            Err(msg.lines().next().unwrap_or_default().to_string())
+        }
+    }
 }
 
 /// Opens the maps of a loaded object for [`MapOps`].
@@ -501,7 +584,12 @@ fn map_fd(map: &Map) -> Result<std::os::fd::OwnedFd, EbpfError> {
         | Map::PerCpuArray(d)
         | Map::PerCpuHashMap(d)
         | Map::RingBuf(d) => d,
-        _ => return Err(prog_err("opening a map".into(), SysError::NoSuchMap("unexpected map type".into()))),
+        _ => {
+            return Err(prog_err(
+                "opening a map".into(),
+                SysError::NoSuchMap("unexpected map type".into()),
+            ));
+        }
     };
     data.fd()
         .as_fd()
@@ -510,7 +598,8 @@ fn map_fd(map: &Map) -> Result<std::os::fd::OwnedFd, EbpfError> {
 }
 
 impl EbpfBackend {
-    fn state(&self) -> Result<Option<State>, EbpfError> {
+    /// The state of the policy in force, if any.
+    pub fn state(&self) -> Result<Option<State>, EbpfError> {
         State::load(&self.state_path)
     }
 
@@ -527,7 +616,8 @@ impl EbpfBackend {
             if !path.exists() {
                 continue;
             }
-            let data = MapData::from_pin(&path).map_err(|e| prog_err(format!("opening {}", path.display()), e))?;
+            let data = MapData::from_pin(&path)
+                .map_err(|e| prog_err(format!("opening {}", path.display()), e))?;
             let fd = data
                 .fd()
                 .as_fd()
@@ -541,7 +631,12 @@ impl EbpfBackend {
     /// Validated model in, enforcement out: compiles, loads and pins on first
     /// use, writes the new generation atomically, attaches every bridge port.
     /// Nothing is changed when compiling fails or the maps are too small.
-    pub fn apply(&self, model: &FlatModel, host: &dyn Host, opts: &ApplyOptions) -> Result<ApplyReport, EbpfError> {
+    pub fn apply(
+        &self,
+        model: &FlatModel,
+        host: &dyn Host,
+        opts: &ApplyOptions,
+    ) -> Result<ApplyReport, EbpfError> {
         let prev = self.state()?.filter(|_| self.is_applied());
         let mut state = prev.clone().unwrap_or_default();
         state.indices.update(model);
@@ -558,7 +653,10 @@ impl EbpfBackend {
                 let ks = GENERATIONAL.iter().find(|g| g.0 == *map).map_or(0, |g| g.1);
                 old.insert(map.to_string(), km.keys(map, ks)?.len());
             }
-            old.insert(mn::ADDRS.into(), km.keys(mn::ADDRS, size_of::<AddrKey>())?.len());
+            old.insert(
+                mn::ADDRS.into(),
+                km.keys(mn::ADDRS, size_of::<AddrKey>())?.len(),
+            );
             old.insert(mn::INSTANCES.into(), km.keys(mn::INSTANCES, 4)?.len());
             old.insert(mn::SUBNETS.into(), km.keys(mn::SUBNETS, 4)?.len());
             old.insert(mn::NACL_META.into(), km.keys(mn::NACL_META, 4)?.len());
@@ -597,7 +695,9 @@ impl EbpfBackend {
         let mut ports = Vec::new();
         state.interfaces.clear();
         for inst in &model.instances {
-            if let (Some(ifname), Some(idx)) = (&inst.interface, state.indices.instances.get(&inst.id)) {
+            if let (Some(ifname), Some(idx)) =
+                (&inst.interface, state.indices.instances.get(&inst.id))
+            {
                 state.interfaces.insert(inst.id.clone(), ifname.clone());
                 if let Some(ifx) = host.ifindex(ifname)? {
                     ports.push((ifx, *idx));
@@ -605,7 +705,11 @@ impl EbpfBackend {
             }
         }
         let generation = state.generation.wrapping_add(1).max(1);
-        let flags = if opts.emit_accepts { sgfw_common::CONFIG_EMIT_ACCEPTS } else { 0 };
+        let flags = if opts.emit_accepts {
+            sgfw_common::CONFIG_EMIT_ACCEPTS
+        } else {
+            0
+        };
         let config = config_for(model, generation, flags);
         if let Err(e) = write_generation(&mut maps, &compiled, &ports, &config) {
             if report.loaded {
@@ -619,7 +723,21 @@ impl EbpfBackend {
         state.parity = parity;
         state.rule_refs = compiled.rule_refs.iter().map(ToString::to_string).collect();
         state.instance_ids = compiled.instance_ids.clone();
-        state.bridges = model.subnets.iter().map(|s| (s.id.clone(), s.bridge.clone())).collect();
+        state.bridges = model
+            .subnets
+            .iter()
+            .map(|s| (s.id.clone(), s.bridge.clone()))
+            .collect();
+        state.nacls = model
+            .subnets
+            .iter()
+            .map(|s| (s.id.clone(), s.nacl_id.clone()))
+            .collect();
+        state.rule_counts = model
+            .instances
+            .iter()
+            .map(|i| (i.id.clone(), (i.ingress.len(), i.egress.len())))
+            .collect();
         state.save(&self.state_path)?;
 
         report.attached = self.attach_ports(host)?;
@@ -653,22 +771,52 @@ impl EbpfBackend {
         }
         for (name, map) in ebpf.maps() {
             let path = map_pin(&self.pin_root, name);
-            map.pin(&path).map_err(|e| prog_err(format!("pinning map {name}"), e))?;
+            map.pin(&path)
+                .map_err(|e| prog_err(format!("pinning map {name}"), e))?;
         }
         for name in [pn::FROM_INSTANCE, pn::TO_INSTANCE] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
-                .ok_or_else(|| prog_err(format!("finding program {name}"), SysError::NoSuchMap(name.into())))?
+                .ok_or_else(|| {
+                    prog_err(
+                        format!("finding program {name}"),
+                        SysError::NoSuchMap(name.into()),
+                    )
+                })?
                 .try_into()
                 .map_err(|e| prog_err(format!("program {name}"), e))?;
             let path = self.pin_root.join("progs").join(name);
-            prog.pin(&path).map_err(|e| prog_err(format!("pinning program {name}"), e))?;
+            prog.pin(&path)
+                .map_err(|e| prog_err(format!("pinning program {name}"), e))?;
         }
         Ok(())
     }
 
+    /// Ports with both links pinned: (interface name, ifindex).
+    pub fn attached_ports(&self) -> Vec<(String, u32)> {
+        let mut out: BTreeMap<(String, u32), u8> = BTreeMap::new();
+        if let Ok(entries) = std::fs::read_dir(self.pin_root.join("links")) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let Some((ifname, rest)) = name.split_once('@') else {
+                    continue;
+                };
+                let Some(ifx) = rest.split('.').next().and_then(|s| s.parse::<u32>().ok()) else {
+                    continue;
+                };
+                *out.entry((ifname.to_string(), ifx)).or_default() += 1;
+            }
+        }
+        out.into_iter()
+            .filter(|(_, n)| *n == 2)
+            .map(|(k, _)| k)
+            .collect()
+    }
+
     fn link_pin(&self, port: &sys::Port, dir: &str) -> PathBuf {
-        self.pin_root.join("links").join(format!("{}@{}.{dir}", port.name, port.ifindex))
+        self.pin_root
+            .join("links")
+            .join(format!("{}@{}.{dir}", port.name, port.ifindex))
     }
 
     /// Attaches the classifiers to every port of every bridge in the state
@@ -683,7 +831,9 @@ impl EbpfBackend {
         if let Ok(entries) = std::fs::read_dir(&links_dir) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                let Some((ifname, rest)) = name.split_once('@') else { continue };
+                let Some((ifname, rest)) = name.split_once('@') else {
+                    continue;
+                };
                 let Some(ifx) = rest.split('.').next().and_then(|s| s.parse::<u32>().ok()) else {
                     continue;
                 };
@@ -709,21 +859,27 @@ impl EbpfBackend {
                     };
                     progs = Some((open(pn::FROM_INSTANCE)?, open(pn::TO_INSTANCE)?));
                 }
-                let Some((from, to)) = progs.as_mut() else { continue };
-                for (prog, kind, pin) in [(from, TcAttachType::Ingress, &pin_in), (to, TcAttachType::Egress, &pin_out)] {
+                let Some((from, to)) = progs.as_mut() else {
+                    continue;
+                };
+                for (prog, kind, pin) in [
+                    (from, TcAttachType::Ingress, &pin_in),
+                    (to, TcAttachType::Egress, &pin_out),
+                ] {
                     if pin.exists() {
                         continue;
                     }
-                    let id = prog
-                        .attach(&port.name, kind)
-                        .map_err(|e| prog_err(format!("attaching to {} ({kind:?})", port.name), e))?;
+                    let id = prog.attach(&port.name, kind).map_err(|e| {
+                        prog_err(format!("attaching to {} ({kind:?})", port.name), e)
+                    })?;
                     let link = prog
                         .take_link(id)
                         .map_err(|e| prog_err(format!("taking link of {}", port.name), e))?;
-                    let fd: FdLink = link
-                        .try_into()
-                        .map_err(|e| prog_err(format!("link of {} is not a TCX link", port.name), e))?;
-                    fd.pin(pin).map_err(|e| prog_err(format!("pinning link {}", pin.display()), e))?;
+                    let fd: FdLink = link.try_into().map_err(|e| {
+                        prog_err(format!("link of {} is not a TCX link", port.name), e)
+                    })?;
+                    fd.pin(pin)
+                        .map_err(|e| prog_err(format!("pinning link {}", pin.display()), e))?;
                 }
                 attached.push(port.name.clone());
             }
@@ -770,7 +926,8 @@ impl EbpfBackend {
     /// Sums the per-CPU counters: (instance index, reason) → packets.
     pub fn counters(&self) -> Result<BTreeMap<(u32, Reason), u64>, EbpfError> {
         let path = map_pin(&self.pin_root, mn::COUNTERS);
-        let data = MapData::from_pin(&path).map_err(|e| prog_err(format!("opening {}", path.display()), e))?;
+        let data = MapData::from_pin(&path)
+            .map_err(|e| prog_err(format!("opening {}", path.display()), e))?;
         let arr: PerCpuArray<MapData, u64> = PerCpuArray::try_from(Map::PerCpuArray(data))
             .map_err(|e| prog_err("reading counters".into(), e))?;
         let mut out = BTreeMap::new();

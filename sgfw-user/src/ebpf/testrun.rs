@@ -34,7 +34,9 @@ pub struct TestDataplane {
 
 impl std::fmt::Debug for TestDataplane {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TestDataplane").field("generation", &self.generation).finish()
+        f.debug_struct("TestDataplane")
+            .field("generation", &self.generation)
+            .finish()
     }
 }
 
@@ -82,17 +84,30 @@ impl TestDataplane {
     /// Sets the dataplane clock (ns); 0 returns to the kernel clock.
     pub fn set_time(&mut self, now_ns: u64) -> Result<(), EbpfError> {
         self.config.time_override_ns = now_ns;
-        self.maps
-            .update(mn::CONFIG, &0u32.to_ne_bytes(), bytemuck::bytes_of(&self.config))?;
+        self.maps.update(
+            mn::CONFIG,
+            &0u32.to_ne_bytes(),
+            bytemuck::bytes_of(&self.config),
+        )?;
         Ok(())
     }
 
     /// Runs one hook on a frame `repeat` times; returns (TC action, mean ns per run).
-    pub fn run_frame(&mut self, program: &str, frame: &[u8], repeat: u32) -> Result<(u32, u64), EbpfError> {
+    pub fn run_frame(
+        &mut self,
+        program: &str,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<(u32, u64), EbpfError> {
         let prog: &mut SchedClassifier = self
             .ebpf
             .program_mut(program)
-            .ok_or_else(|| prog_err(format!("finding {program}"), crate::sys::SysError::NoSuchMap(program.into())))?
+            .ok_or_else(|| {
+                prog_err(
+                    format!("finding {program}"),
+                    crate::sys::SysError::NoSuchMap(program.into()),
+                )
+            })?
             .try_into()
             .map_err(|e| prog_err(format!("program {program}"), e))?;
         let mut opts = TestRunOptions::new();
@@ -134,7 +149,10 @@ impl TestDataplane {
 
     /// Empties connection tracking.
     pub fn clear_conntrack(&mut self) -> Result<(), EbpfError> {
-        for k in self.maps.keys(mn::CONNTRACK, size_of::<sgfw_common::CtKey>())? {
+        for k in self
+            .maps
+            .keys(mn::CONNTRACK, size_of::<sgfw_common::CtKey>())?
+        {
             self.maps.delete(mn::CONNTRACK, &k)?;
         }
         Ok(())
@@ -142,7 +160,10 @@ impl TestDataplane {
 
     /// Number of conntrack entries.
     pub fn conntrack_len(&mut self) -> Result<usize, EbpfError> {
-        Ok(self.maps.keys(mn::CONNTRACK, size_of::<sgfw_common::CtKey>())?.len())
+        Ok(self
+            .maps
+            .keys(mn::CONNTRACK, size_of::<sgfw_common::CtKey>())?
+            .len())
     }
 
     /// Raw map access (benchmarks fill conntrack directly).
@@ -165,7 +186,11 @@ fn csum_fold(mut sum: u32) -> u16 {
 
 fn l4_bytes(pkt: &Packet) -> (u8, Vec<u8>) {
     match &pkt.l4 {
-        L4::Tcp { sport, dport, flags } => {
+        L4::Tcp {
+            sport,
+            dport,
+            flags,
+        } => {
             let mut b = vec![0u8; 20];
             b[0..2].copy_from_slice(&sport.to_be_bytes());
             b[2..4].copy_from_slice(&dport.to_be_bytes());
@@ -229,7 +254,10 @@ pub fn ip_packet(pkt: &Packet) -> Vec<u8> {
             h[9] = proto;
             h[12..16].copy_from_slice(&s.octets());
             h[16..20].copy_from_slice(&d.octets());
-            let sum: u32 = h.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], c[1]]))).sum();
+            let sum: u32 = h
+                .chunks(2)
+                .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+                .sum();
             let c = csum_fold(sum);
             h[10..12].copy_from_slice(&c.to_be_bytes());
             h.extend_from_slice(&l4);

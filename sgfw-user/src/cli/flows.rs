@@ -1,0 +1,254 @@
+//! `sgfw flows`: a live stream of dataplane decisions, one line each in the
+//! AWS VPC Flow Logs version-2 field order, plus the deciding stage and rule.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use aya::maps::{Map, MapData, RingBuf};
+use clap::Args;
+use serde::Serialize;
+use sgfw::backend::EnforcementMode;
+use sgfw::ebpf::{EbpfBackend, PIN_ROOT};
+use sgfw::sys::MapOps;
+use sgfw_common::{CONFIG_EMIT_ACCEPTS, Config, Event, Reason, limits::AF_INET, map_names as mn};
+
+use super::Failure;
+
+/// Stream dataplane decisions as AWS VPC Flow Log (v2) lines.
+///
+/// Fields: version account-id interface-id srcaddr dstaddr srcport dstport
+/// protocol packets bytes start end action log-status, then the deciding
+/// stage and rule. interface-id is the instance id; for ICMP, srcport and
+/// dstport carry the ICMP type and code. Drops only, unless --accepts.
+///
+/// Example: `sgfw flows --accepts --count 10`
+#[derive(Debug, Args)]
+pub struct FlowsArgs {
+    /// One JSON object per line instead of flow-log text.
+    #[arg(long)]
+    pub json: bool,
+    /// Also show accepted new flows (connection-tracking entries created).
+    #[arg(long)]
+    pub accepts: bool,
+    /// Exit after this many lines.
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Exit after this many seconds.
+    #[arg(long)]
+    pub timeout: Option<f64>,
+}
+
+/// One decision, as `--json` prints it.
+#[derive(Debug, Serialize)]
+pub struct FlowRecord {
+    /// Always 2.
+    pub version: u8,
+    /// Not known on a host: "-".
+    pub account_id: String,
+    /// The instance the decision was made for ("-" when none).
+    pub interface_id: String,
+    /// Source address.
+    pub srcaddr: String,
+    /// Destination address.
+    pub dstaddr: String,
+    /// Source port (ICMP: type).
+    pub srcport: u16,
+    /// Destination port (ICMP: code).
+    pub dstport: u16,
+    /// IP protocol number.
+    pub protocol: u8,
+    /// Packets (1 per record).
+    pub packets: u64,
+    /// Bytes.
+    pub bytes: u64,
+    /// Unix seconds.
+    pub start: u64,
+    /// Unix seconds.
+    pub end: u64,
+    /// ACCEPT or REJECT.
+    pub action: String,
+    /// OK.
+    pub log_status: String,
+    /// Deciding stage (sg-egress, nacl-out, nacl-in, sg-ingress, tracked, source-check, ...).
+    pub stage: String,
+    /// The SG rule or NACL rule number that decided ("-" when none).
+    pub rule: String,
+    /// Direction at the instance: egress (it sent) or ingress (delivered to it).
+    pub direction: String,
+}
+
+fn addr(family: u8, b: &[u8; 16]) -> IpAddr {
+    if family == AF_INET {
+        IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(*b))
+    }
+}
+
+fn clock(id: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec; the clocks used always exist.
+    unsafe { libc::clock_gettime(id, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn set_accepts(on: bool) -> Result<(), Failure> {
+    let mut maps = EbpfBackend::default().open_maps()?;
+    let key = 0u32.to_ne_bytes();
+    if let Some(v) = maps.lookup(mn::CONFIG, &key, size_of::<Config>())?
+        && let Ok(mut cfg) = bytemuck::try_pod_read_unaligned::<Config>(&v)
+    {
+        if on {
+            cfg.flags |= CONFIG_EMIT_ACCEPTS;
+        } else {
+            cfg.flags &= !CONFIG_EMIT_ACCEPTS;
+        }
+        maps.update(mn::CONFIG, &key, bytemuck::bytes_of(&cfg))?;
+    }
+    Ok(())
+}
+
+/// Runs `sgfw flows`.
+pub fn run(a: &FlowsArgs) -> Result<ExitCode, Failure> {
+    match super::applied_mode() {
+        Some(EnforcementMode::Ebpf) => {}
+        Some(EnforcementMode::Nftables) => {
+            let why = sgfw::nft::NftBackend::flows_supported()
+                .err()
+                .unwrap_or("not supported");
+            return Err(Failure::Runtime(anyhow::anyhow!(
+                "the nftables backend cannot stream flows: {why}; `sgfw status` shows its counters"
+            )));
+        }
+        _ => {
+            return Err(Failure::Runtime(anyhow::anyhow!(
+                "sgfw is not applied on this host"
+            )));
+        }
+    }
+    let be = EbpfBackend::default();
+    let state = be.state()?.unwrap_or_default();
+    let path = format!("{PIN_ROOT}/maps/{}", mn::EVENTS);
+    let data = MapData::from_pin(&path).with_context(|| format!("opening {path}"))?;
+    let mut ring: RingBuf<MapData> =
+        RingBuf::try_from(Map::RingBuf(data)).context("the event ring")?;
+    if a.accepts {
+        set_accepts(true)?;
+    }
+    let offset = clock(libc::CLOCK_REALTIME).saturating_sub(clock(libc::CLOCK_MONOTONIC));
+    let started = Instant::now();
+    let mut printed = 0u64;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let s = stop.clone();
+        let _ = ctrlc::set_handler(move || s.store(true, std::sync::atomic::Ordering::SeqCst));
+    }
+    let result = (|| -> Result<(), Failure> {
+        loop {
+            while let Some(item) = ring.next() {
+                let Ok(ev) = bytemuck::try_pod_read_unaligned::<Event>(
+                    &item[..size_of::<Event>().min(item.len())],
+                ) else {
+                    continue;
+                };
+                let rec = record(&ev, &state, offset);
+                if a.json {
+                    println!("{}", serde_json::to_string(&rec)?);
+                } else {
+                    println!(
+                        "{} {} {} {} {} {} {} {} {} {} {} {} {} {} {} {}",
+                        rec.version,
+                        rec.account_id,
+                        rec.interface_id,
+                        rec.srcaddr,
+                        rec.dstaddr,
+                        rec.srcport,
+                        rec.dstport,
+                        rec.protocol,
+                        rec.packets,
+                        rec.bytes,
+                        rec.start,
+                        rec.end,
+                        rec.action,
+                        rec.log_status,
+                        rec.stage,
+                        rec.rule
+                    );
+                }
+                printed += 1;
+                if a.count.is_some_and(|c| printed >= c) {
+                    return Ok(());
+                }
+            }
+            if stop.load(std::sync::atomic::Ordering::SeqCst)
+                || a.timeout
+                    .is_some_and(|t| started.elapsed() >= Duration::from_secs_f64(t))
+            {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })();
+    if a.accepts {
+        set_accepts(false)?;
+    }
+    result?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn record(ev: &Event, state: &sgfw::ebpf::State, offset: u64) -> FlowRecord {
+    let reason = Reason::from_u8(ev.reason).unwrap_or(Reason::DropNoPolicy);
+    let secs = (ev.ts_ns.saturating_add(offset)) / 1_000_000_000;
+    let rule = match reason {
+        Reason::AllowSgEgress | Reason::AllowSgIngress => state
+            .rule_refs
+            .get(ev.rule as usize)
+            .cloned()
+            .unwrap_or_else(|| "-".into()),
+        Reason::DropNaclIn | Reason::DropNaclOut => {
+            if ev.rule >= 32767 {
+                "nacl-rule *".into()
+            } else {
+                format!("nacl-rule {}", ev.rule)
+            }
+        }
+        Reason::DropSgEgress | Reason::DropSgIngress => "no-matching-rule".into(),
+        _ => "-".into(),
+    };
+    FlowRecord {
+        version: 2,
+        account_id: "-".into(),
+        interface_id: state
+            .instance_ids
+            .get(&ev.instance)
+            .cloned()
+            .unwrap_or_else(|| "-".into()),
+        srcaddr: addr(ev.family, &ev.src).to_string(),
+        dstaddr: addr(ev.family, &ev.dst).to_string(),
+        srcport: ev.sport,
+        dstport: ev.dport,
+        protocol: ev.proto,
+        packets: 1,
+        bytes: u64::from(ev.len),
+        start: secs,
+        end: secs,
+        action: if reason.is_drop() {
+            "REJECT".into()
+        } else {
+            "ACCEPT".into()
+        },
+        log_status: "OK".into(),
+        stage: reason.name().into(),
+        rule,
+        direction: if ev.direction == 0 {
+            "egress".into()
+        } else {
+            "ingress".into()
+        },
+    }
+}

@@ -1,0 +1,238 @@
+//! Command-line parsing, shared helpers, and dispatch to one module per
+//! subcommand. Errors carry their whole cause chain in one line; bad input
+//! (a model that does not load or validate, bad arguments) exits 2,
+//! everything else that fails exits 1.
+
+pub mod apply;
+pub mod explain;
+pub mod flows;
+pub mod render;
+pub mod run;
+pub mod status;
+pub mod teardown;
+pub mod validate;
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use sgfw::flat::FlatModel;
+
+/// Why a command failed, which decides the exit code.
+#[derive(Debug)]
+pub enum Failure {
+    /// Bad input or usage: exit 2.
+    BadInput(anyhow::Error),
+    /// Anything else: exit 1.
+    Runtime(anyhow::Error),
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure::Runtime(e.into())
+    }
+}
+
+/// The error and its causes, on one line.
+pub fn chain(e: &anyhow::Error) -> String {
+    let mut s = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !s.contains(&c) {
+            s.push_str(": ");
+            s.push_str(&c);
+        }
+    }
+    s
+}
+
+/// Enforce AWS VPC security groups and network ACLs on this Linux host.
+///
+/// sgfw reads a VPC model in EC2's own JSON shapes (Subnets, Instances,
+/// SecurityGroups, NetworkAcls) and enforces it in the kernel: eBPF TC
+/// classifiers on every port of each subnet's bridge, or nftables where BPF
+/// cannot be loaded.
+#[derive(Debug, Parser)]
+#[command(name = "sgfw", version, propagate_version = true)]
+pub struct Cli {
+    /// More log output (also RUST_LOG=debug).
+    #[arg(short, long, global = true)]
+    pub verbose: bool,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Check a model; exit 0 when valid (warnings on stderr), 2 with every error when not.
+    Validate(validate::ValidateArgs),
+    /// The verdict for the first packet of a new flow, stage by stage.
+    Explain(explain::ExplainArgs),
+    /// Validate, compile and enforce a model; exits with enforcement in place.
+    Apply(apply::ApplyArgs),
+    /// Remove every trace of sgfw from this host.
+    Teardown(teardown::TeardownArgs),
+    /// Show the backend, subnets, ports, instances and counters.
+    Status(status::StatusArgs),
+    /// Stream dataplane decisions as AWS VPC Flow Log (v2) lines.
+    Flows(flows::FlowsArgs),
+    /// Print what a backend would write, without privileges.
+    Render(render::RenderArgs),
+    /// Apply, then follow the model file and new bridge ports until stopped.
+    Run(run::RunArgs),
+}
+
+/// Sets up tracing from RUST_LOG (default: info, or debug with -v).
+pub fn init_tracing(verbose: bool) {
+    let default = if verbose { "debug" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .without_time()
+        .try_init();
+}
+
+/// Loads (`-` = stdin), validates and flattens a model. Warnings go to
+/// stderr; any error is bad input.
+pub fn load_model(path: &Path) -> Result<(sgfw::validate::ValidModel, FlatModel), Failure> {
+    let model = if path.as_os_str() == "-" {
+        sgfw::model::load_reader(std::io::stdin().lock(), path)
+    } else {
+        sgfw::model::load_path(path)
+    }
+    .map_err(|e| Failure::BadInput(e.into()))?;
+    let (valid, warnings) = sgfw::validate::validate(&model).map_err(|e| {
+        Failure::BadInput(anyhow::anyhow!(
+            "{} is not a valid model:\n{e}",
+            path.display()
+        ))
+    })?;
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
+    let flat = valid.flatten();
+    Ok((valid, flat))
+}
+
+/// Runs the chosen subcommand.
+pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
+    match cli.cmd {
+        Cmd::Validate(a) => Ok(validate::run(&a)?),
+        Cmd::Explain(a) => Ok(explain::run(&a)?),
+        Cmd::Apply(a) => apply::run(&a),
+        Cmd::Teardown(a) => teardown::run(&a),
+        Cmd::Status(a) => status::run(&a),
+        Cmd::Flows(a) => flows::run(&a),
+        Cmd::Render(a) => render::run(&a),
+        Cmd::Run(a) => run::run(&a),
+    }
+}
+
+/// `--backend` on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendArg {
+    /// eBPF when it can be loaded and attached, else nftables.
+    Auto,
+    /// TC classifiers on every bridge port.
+    Ebpf,
+    /// One `inet sgfw` nftables table.
+    Nftables,
+}
+
+impl From<BackendArg> for BackendChoice {
+    fn from(b: BackendArg) -> Self {
+        match b {
+            BackendArg::Auto => BackendChoice::Auto,
+            BackendArg::Ebpf => BackendChoice::Ebpf,
+            BackendArg::Nftables => BackendChoice::Nftables,
+        }
+    }
+}
+
+use sgfw::backend::{BackendChoice, EnforcementMode, Probes};
+use sgfw::nft::NftBackend;
+use sgfw::sys::RealHost;
+
+/// The backend in force on this host, if any.
+pub fn applied_mode() -> Option<EnforcementMode> {
+    if sgfw::ebpf::EbpfBackend::default().is_applied() {
+        return Some(EnforcementMode::Ebpf);
+    }
+    if NftBackend::new(&RealHost).is_applied().unwrap_or(false) {
+        return Some(EnforcementMode::Nftables);
+    }
+    None
+}
+
+/// Picks the backend: the one already in force for `auto`, else the probes.
+pub fn choose(arg: BackendArg) -> Result<EnforcementMode, Failure> {
+    if arg == BackendArg::Auto
+        && let Some(m) = applied_mode()
+    {
+        tracing::info!("backend: {m} (already in force on this host)");
+        return Ok(m);
+    }
+    let probes = Probes {
+        ebpf: if matches!(arg, BackendArg::Nftables) {
+            Err("not probed".into())
+        } else {
+            sgfw::ebpf::probe()
+        },
+        nftables: if matches!(arg, BackendArg::Ebpf) {
+            Err("not probed".into())
+        } else {
+            sgfw::nft::probe_nftables(&RealHost)
+        },
+    };
+    let (mode, why) =
+        sgfw::backend::select(arg.into(), &probes).map_err(|e| Failure::Runtime(e.into()))?;
+    tracing::info!("backend: {mode} ({why})");
+    Ok(mode)
+}
+
+/// Applies with the chosen backend; returns a summary suffix for the user.
+pub fn apply_with(
+    mode: EnforcementMode,
+    flat: &FlatModel,
+    conntrack_max: u32,
+) -> Result<String, Failure> {
+    match mode {
+        EnforcementMode::Ebpf => apply::apply_ebpf(flat, conntrack_max),
+        EnforcementMode::Nftables => {
+            let r = NftBackend::new(&RealHost).apply(flat).map_err(|e| {
+                anyhow::Error::new(e)
+                    .context("nftables apply failed; the previous ruleset (if any) stays in force")
+            })?;
+            for n in &r.notes {
+                eprintln!("note: {n}");
+            }
+            Ok(format!(
+                "; {} bytes of ruleset in one nft transaction{}",
+                r.ruleset_bytes,
+                if r.sysctls_set.is_empty() {
+                    String::new()
+                } else {
+                    format!(", set {}", r.sysctls_set.join(", "))
+                }
+            ))
+        }
+        EnforcementMode::Disabled => Ok("; enforcement disabled (metadata only)".into()),
+    }
+}
+
+/// Removes sgfw's nft table if present; true when there was one.
+pub fn teardown_nft() -> Result<bool, Failure> {
+    let nft = NftBackend::new(&RealHost);
+    if sgfw::nft::probe_nftables(&RealHost).is_err() {
+        return Ok(false);
+    }
+    let was = nft.is_applied().unwrap_or(false);
+    if was {
+        nft.teardown()
+            .map_err(|e| anyhow::Error::new(e).context("removing table inet sgfw"))?;
+    }
+    Ok(was)
+}

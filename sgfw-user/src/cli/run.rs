@@ -1,0 +1,153 @@
+//! `sgfw run`: the foreground daemon. Applies the model, re-applies it when
+//! the file changes (debounced; a change that fails validation is reported
+//! and the running policy stays), attaches bridge ports as they appear,
+//! re-binds instances whose interface appears later, and tears everything
+//! down on SIGINT/SIGTERM unless `--keep`.
+//!
+//! Ports and interfaces are found by polling sysfs every 250 ms; the cost is
+//! a directory listing per bridge.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use clap::Args;
+use sgfw::backend::EnforcementMode;
+use sgfw::ebpf::EbpfBackend;
+use sgfw::flat::FlatModel;
+use sgfw::sys::{Host, RealHost};
+use tokio::signal::unix::{SignalKind, signal};
+
+use super::{BackendArg, Failure, load_model};
+
+/// Apply, then follow the model file and new bridge ports until stopped.
+///
+/// Example: `RUST_LOG=info sgfw run -f vpc.json --backend ebpf`
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The model (EC2 JSON).
+    #[arg(short = 'f', long = "file")]
+    pub file: PathBuf,
+    /// Which dataplane enforces it.
+    #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
+    pub backend: BackendArg,
+    /// Leave enforcement in place on exit.
+    #[arg(long)]
+    pub keep: bool,
+    /// Connection-tracking capacity (eBPF, first apply only).
+    #[arg(long, default_value_t = 262_144)]
+    pub conntrack_max: u32,
+}
+
+fn mtime(p: &Path) -> Option<SystemTime> {
+    std::fs::metadata(p).and_then(|m| m.modified()).ok()
+}
+
+/// Bound interfaces and their ifindex now, to notice an instance starting.
+fn bindings(flat: &FlatModel) -> BTreeMap<String, Option<u32>> {
+    flat.instances
+        .iter()
+        .filter_map(|i| i.interface.clone())
+        .map(|n| {
+            let ifx = RealHost.ifindex(&n).ok().flatten();
+            (n, ifx)
+        })
+        .collect()
+}
+
+/// Runs `sgfw run`.
+pub fn run(a: &RunArgs) -> Result<ExitCode, Failure> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(daemon(a))
+}
+
+async fn daemon(a: &RunArgs) -> Result<ExitCode, Failure> {
+    let (_, mut flat) = load_model(&a.file)?;
+    let mode = super::choose(a.backend)?;
+    let summary = super::apply_with(mode, &flat, a.conntrack_max)?;
+    tracing::info!(
+        "applied {} with the {mode} backend{summary}",
+        a.file.display()
+    );
+    let mut seen = mtime(&a.file);
+    let mut pending: Option<(SystemTime, u8)> = None;
+    let mut bound = bindings(&flat);
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = tick.tick() => {}
+        }
+        // Model file: re-apply once its mtime has been stable for one tick.
+        let now = mtime(&a.file);
+        if now != seen {
+            match pending {
+                Some((t, n)) if Some(t) == now => {
+                    if n >= 1 {
+                        seen = now;
+                        pending = None;
+                        match load_model(&a.file) {
+                            Ok((_, f)) => match super::apply_with(mode, &f, a.conntrack_max) {
+                                Ok(s) => {
+                                    tracing::info!("model changed: re-applied{s}");
+                                    flat = f;
+                                    bound = bindings(&flat);
+                                }
+                                Err(e) => tracing::error!(
+                                    "re-apply failed, the previous policy stays: {}",
+                                    describe(&e)
+                                ),
+                            },
+                            Err(e) => tracing::error!(
+                                "model change rejected, the previous policy stays: {}",
+                                describe(&e)
+                            ),
+                        }
+                    } else {
+                        pending = Some((t, n + 1));
+                    }
+                }
+                _ => pending = now.map(|t| (t, 0)),
+            }
+        }
+        if mode == EnforcementMode::Ebpf {
+            // An instance whose interface appeared or was re-created: bind it.
+            let b = bindings(&flat);
+            if b != bound {
+                bound = b;
+                match super::apply_with(mode, &flat, a.conntrack_max) {
+                    Ok(s) => tracing::info!("instance interface changed: re-applied{s}"),
+                    Err(e) => tracing::error!("re-binding interfaces failed: {}", describe(&e)),
+                }
+            }
+            match EbpfBackend::default().attach_ports(&RealHost) {
+                Ok(new) => {
+                    for p in new {
+                        tracing::info!("attached new bridge port {p}");
+                    }
+                }
+                Err(e) => tracing::warn!("attaching new ports: {e}"),
+            }
+        }
+    }
+    if a.keep {
+        tracing::info!("stopping; enforcement stays in place (--keep)");
+    } else {
+        tracing::info!("stopping; tearing down");
+        EbpfBackend::default().teardown()?;
+        super::teardown_nft()?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn describe(f: &Failure) -> String {
+    match f {
+        Failure::BadInput(e) | Failure::Runtime(e) => super::chain(e),
+    }
+}
