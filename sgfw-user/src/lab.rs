@@ -278,6 +278,11 @@ impl TestBed {
                 move || sh_quiet(&["ip", "link", "del", &b])
             });
             sh(&["ip", "link", "add", &bridge, "type", "bridge"])?;
+            // No duplicate address detection: a tentative link-local address
+            // delays neighbour discovery (and so the first IPv6 packets) by
+            // about a second.
+            std::fs::write(format!("/proc/sys/net/ipv6/conf/{bridge}/accept_dad"), "0")
+                .map_err(io_err(format!("disabling DAD on {bridge}")))?;
             sh(&[
                 "ip",
                 "addr",
@@ -446,7 +451,7 @@ impl TestBed {
         let d = dst.to_string();
         Command::new("ip")
             .args([
-                "netns", "exec", &ns, "ping", "-n", "-q", "-c", "1", "-W", "1", &d,
+                "netns", "exec", &ns, "ping", "-n", "-q", "-c", "1", "-W", "0.5", &d,
             ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())

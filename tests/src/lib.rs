@@ -8,3 +8,4 @@ pub mod random;
 pub mod testbed;
 
 pub use privilege::require_root;
+pub mod scenario;

@@ -770,6 +770,10 @@ impl EbpfBackend {
             })?;
         }
         for (name, map) in ebpf.maps() {
+            // Only sgfw's own maps; the programs keep .rodata alive themselves.
+            if !name.starts_with("SGFW_") {
+                continue;
+            }
             let path = map_pin(&self.pin_root, name);
             map.pin(&path)
                 .map_err(|e| prog_err(format!("pinning map {name}"), e))?;
@@ -801,7 +805,7 @@ impl EbpfBackend {
                 let Some((ifname, rest)) = name.split_once('@') else {
                     continue;
                 };
-                let Some(ifx) = rest.split('.').next().and_then(|s| s.parse::<u32>().ok()) else {
+                let Some(ifx) = rest.split('-').next().and_then(|s| s.parse::<u32>().ok()) else {
                     continue;
                 };
                 *out.entry((ifname.to_string(), ifx)).or_default() += 1;
@@ -813,10 +817,11 @@ impl EbpfBackend {
             .collect()
     }
 
+    // bpffs reserves names with dots for the kernel's own entries.
     fn link_pin(&self, port: &sys::Port, dir: &str) -> PathBuf {
         self.pin_root
             .join("links")
-            .join(format!("{}@{}.{dir}", port.name, port.ifindex))
+            .join(format!("{}@{}-{dir}", port.name, port.ifindex))
     }
 
     /// Attaches the classifiers to every port of every bridge in the state
@@ -834,7 +839,7 @@ impl EbpfBackend {
                 let Some((ifname, rest)) = name.split_once('@') else {
                     continue;
                 };
-                let Some(ifx) = rest.split('.').next().and_then(|s| s.parse::<u32>().ok()) else {
+                let Some(ifx) = rest.split('-').next().and_then(|s| s.parse::<u32>().ok()) else {
                     continue;
                 };
                 if host.ifindex(ifname)? != Some(ifx) {
