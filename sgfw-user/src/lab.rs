@@ -228,6 +228,10 @@ pub struct BedInstance {
 /// A topology of bridges and namespaces that removes itself on drop.
 pub struct TestBed {
     id: u32,
+    /// Per-process bed number (names, address octets).
+    n: u32,
+    /// Second octet of this bed's IPv4 prefixes.
+    oct: u8,
     /// The subnets.
     pub subnets: Vec<BedSubnet>,
     /// The instances.
@@ -262,6 +266,8 @@ impl TestBed {
             .insert(id, Vec::new());
         let mut bed = TestBed {
             id,
+            n,
+            oct,
             subnets: Vec::new(),
             instances: Vec::new(),
             servers: Vec::new(),
@@ -308,70 +314,119 @@ impl TestBed {
                 name: spec.name.clone(),
                 bridge,
                 cidr_v4: format!("10.{oct}.{s}.0/24"),
-                cidr_v6: router_v6.map(|_| format!("fd5e:{n:x}:{s:x}::/64")),
+                cidr_v6: router_v6.map(|r| {
+                    ipnet::Ipv6Net::new(r, 64)
+                        .map(|n| n.trunc().to_string())
+                        .unwrap_or_default()
+                }),
                 router_v4,
                 router_v6,
             });
         }
-        for (i, spec) in instances.iter().enumerate() {
-            let sub = bed.subnets[spec.subnet].clone();
-            let netns = format!("sgt{pid}x{n}n{i}");
-            let port = format!("g{pid}x{n}p{i}");
-            let host = 10 + i as u8;
-            let v4 = Ipv4Addr::new(10, oct, spec.subnet as u8, host);
-            let v6 = sub.router_v6.and_then(|_| {
-                format!("fd5e:{n:x}:{:x}::{host:x}", spec.subnet)
-                    .parse::<Ipv6Addr>()
-                    .ok()
-            });
-            bed.on_drop({
-                let ns = netns.clone();
-                move || sh_quiet(&["ip", "netns", "del", &ns])
-            });
-            sh(&["ip", "netns", "add", &netns])?;
-            sh(&[
-                "ip", "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &netns,
-            ])?;
-            sh(&["ip", "link", "set", &port, "master", &sub.bridge, "up"])?;
-            let x = |args: &[&str]| -> Result<String, BedError> {
-                let mut v = vec!["ip", "netns", "exec", netns.as_str()];
-                v.extend_from_slice(args);
-                sh(&v)
-            };
-            x(&["ip", "link", "set", "lo", "up"])?;
-            x(&["ip", "addr", "add", &format!("{v4}/24"), "dev", "eth0"])?;
-            x(&["ip", "link", "set", "eth0", "up"])?;
-            x(&[
-                "ip",
-                "route",
-                "add",
-                "default",
-                "via",
-                &sub.router_v4.to_string(),
-            ])?;
-            if let (Some(a), Some(r)) = (v6, sub.router_v6) {
-                x(&[
-                    "ip",
-                    "-6",
-                    "addr",
-                    "add",
-                    &format!("{a}/64"),
-                    "dev",
-                    "eth0",
-                    "nodad",
-                ])?;
-                x(&["ip", "-6", "route", "add", "default", "via", &r.to_string()])?;
-            }
-            bed.instances.push(BedInstance {
-                name: spec.name.clone(),
-                subnet: spec.subnet,
-                netns,
-                port,
-                v4,
-                v6,
-            });
+        for spec in instances {
+            bed.add_instance(spec)?;
         }
         Ok(bed)
+    }
+
+    /// Adds an instance to a built bed (an instance started later): a
+    /// namespace, a veth into its subnet's bridge, addresses and routes.
+    pub fn add_instance(&mut self, spec: &InstanceSpec) -> Result<BedInstance, BedError> {
+        let (pid, n, oct) = (std::process::id(), self.n, self.oct);
+        let i = self.instances.len();
+        let sub = self
+            .subnets
+            .get(spec.subnet)
+            .cloned()
+            .ok_or_else(|| BedError::Command {
+                cmd: format!("instance {}", spec.name),
+                stderr: format!("no subnet {}", spec.subnet),
+            })?;
+        let netns = format!("sgt{pid}x{n}n{i}");
+        let port = format!("g{pid}x{n}p{i}");
+        let host = 10 + i as u8;
+        let v4 = Ipv4Addr::new(10, oct, spec.subnet as u8, host);
+        let v6 = sub.router_v6.and_then(|_| {
+            format!("fd5e:{n:x}:{:x}::{host:x}", spec.subnet)
+                .parse::<Ipv6Addr>()
+                .ok()
+        });
+        self.on_drop({
+            let ns = netns.clone();
+            move || sh_quiet(&["ip", "netns", "del", &ns])
+        });
+        sh(&["ip", "netns", "add", &netns])?;
+        // No duplicate address detection inside either (see the bridge).
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &netns,
+            "sysctl",
+            "-qw",
+            "net.ipv6.conf.all.accept_dad=0",
+            "net.ipv6.conf.default.accept_dad=0",
+        ])?;
+        sh(&[
+            "ip", "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &netns,
+        ])?;
+        // The host end is only a bridge port: it needs no addresses of its own.
+        std::fs::write(format!("/proc/sys/net/ipv6/conf/{port}/disable_ipv6"), "1")
+            .map_err(io_err(format!("disabling IPv6 on {port}")))?;
+        sh(&["ip", "link", "set", &port, "master", &sub.bridge, "up"])?;
+        let x = |args: &[&str]| -> Result<String, BedError> {
+            let mut v = vec!["ip", "netns", "exec", netns.as_str()];
+            v.extend_from_slice(args);
+            sh(&v)
+        };
+        x(&["ip", "link", "set", "lo", "up"])?;
+        x(&["ip", "addr", "add", &format!("{v4}/24"), "dev", "eth0"])?;
+        x(&["ip", "link", "set", "eth0", "up"])?;
+        x(&[
+            "ip",
+            "route",
+            "add",
+            "default",
+            "via",
+            &sub.router_v4.to_string(),
+        ])?;
+        if let (Some(a), Some(r)) = (v6, sub.router_v6) {
+            x(&[
+                "ip",
+                "-6",
+                "addr",
+                "add",
+                &format!("{a}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+            x(&["ip", "-6", "route", "add", "default", "via", &r.to_string()])?;
+        }
+        let inst = BedInstance {
+            name: spec.name.clone(),
+            subnet: spec.subnet,
+            netns,
+            port,
+            v4,
+            v6,
+        };
+        self.instances.push(inst.clone());
+        Ok(inst)
+    }
+
+    /// A UDP socket inside an instance's namespace, bound to an ephemeral
+    /// port (for flows that must keep one 5-tuple).
+    pub fn udp_socket(&self, inst: &str, v6: bool) -> Result<UdpSocket, BedError> {
+        let ns = self.instance(inst).netns.clone();
+        in_netns(&ns, move || {
+            UdpSocket::bind(if v6 { "[::]:0" } else { "0.0.0.0:0" })
+        })
+        .ok_or_else(|| BedError::Command {
+            cmd: format!("udp socket in {ns}"),
+            stderr: "could not enter the namespace".into(),
+        })?
+        .map_err(io_err("binding a UDP socket"))
     }
 
     /// Registers a cleanup that runs when the bed goes (before its own

@@ -111,7 +111,6 @@ pub fn nacl(id: &str, subnet: &str, entries: Vec<NetworkAclEntry>) -> NetworkAcl
             ..NaclAssociation::default()
         }],
         entries,
-        ..NetworkAcl::default()
     }
 }
 

@@ -168,7 +168,10 @@ fn build(root: &Path) -> Result<()> {
         .current_dir(root)
         .env("SGFW_BPF_OBJECT", bpf_object(root))
         .args(["build", "--release", "-p", "sgfw-user", "--bin", "sgfw"]))?;
-    eprintln!("xtask: built {}", root.join("target/release/sgfw").display());
+    eprintln!(
+        "xtask: built {}",
+        root.join("target/release/sgfw").display()
+    );
     Ok(())
 }
 

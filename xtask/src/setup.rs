@@ -46,11 +46,15 @@ fn ensure_rust_src() -> Result<()> {
         "--toolchain",
         "nightly",
     ]))
-    .context("the nightly toolchain is needed for the BPF build (rustup toolchain install nightly)")?;
+    .context(
+        "the nightly toolchain is needed for the BPF build (rustup toolchain install nightly)",
+    )?;
     if installed.lines().any(|l| l.starts_with("rust-src")) {
         return Ok(());
     }
-    eprintln!("xtask: installing rust-src for the nightly toolchain (BPF builds need core's source)");
+    eprintln!(
+        "xtask: installing rust-src for the nightly toolchain (BPF builds need core's source)"
+    );
     run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
 }
 
@@ -171,4 +175,3 @@ fn ensure_debian_packages() -> Result<()> {
         .args(["install", "-y", "-qq"])
         .args(&missing))
 }
-

@@ -4,6 +4,7 @@
 //! everything else that fails exits 1.
 
 pub mod apply;
+pub mod demo;
 pub mod explain;
 pub mod flows;
 pub mod render;
@@ -81,6 +82,8 @@ pub enum Cmd {
     Render(render::RenderArgs),
     /// Apply, then follow the model file and new bridge ports until stopped.
     Run(run::RunArgs),
+    /// Build a small VPC in network namespaces, enforce it, probe it, tear it down.
+    Demo(demo::DemoArgs),
 }
 
 /// Sets up tracing from RUST_LOG (default: info, or debug with -v).
@@ -128,6 +131,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
         Cmd::Flows(a) => flows::run(&a),
         Cmd::Render(a) => render::run(&a),
         Cmd::Run(a) => run::run(&a),
+        Cmd::Demo(a) => demo::run(&a),
     }
 }
 
