@@ -6,12 +6,14 @@
 //! `last_seen` and the state in place (a store, not a map update).
 
 use sgfw_common::{
-    CT_CLOSING, CT_ESTABLISHED, CT_NACL_OK_EGRESS, CT_NACL_OK_INGRESS, CT_NEW, Config, CtEntry, CtKey, Direction,
-    limits::AF_INET,
+    CT_CLOSING, CT_ESTABLISHED, CT_NACL_OK_EGRESS, CT_NACL_OK_INGRESS, CT_NEW, Config, CtEntry,
+    CtKey, Direction, limits::AF_INET,
 };
 
 use crate::maps::CONNTRACK;
-use crate::parse::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Inner, Pkt, TCP_FIN, TCP_RST};
+use crate::parse::{
+    IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Inner, Pkt, TCP_FIN, TCP_RST,
+};
 
 /// The dataplane clock: the test override when set, else monotonic time.
 #[inline(always)]
@@ -115,7 +117,11 @@ pub fn lookup_live(k: &CtKey, cfg: &Config, now: u64) -> Option<*mut CtEntry> {
     // SAFETY: a pointer into the map value returned by the kernel; reading a
     // possibly concurrently updated entry is benign (whole-u64 fields).
     let entry = unsafe { &*e };
-    if now >= entry.last_seen_ns.saturating_add(timeout(cfg, entry, k.proto)) {
+    if now
+        >= entry
+            .last_seen_ns
+            .saturating_add(timeout(cfg, entry, k.proto))
+    {
         return None;
     }
     Some(e)
@@ -150,7 +156,9 @@ pub fn nacl_bit(dir: Direction) -> u8 {
 pub fn cache_valid(e: *mut CtEntry, dir: Direction, ifindex: u32, cfg: &Config) -> bool {
     // SAFETY: see `lookup_live`.
     let entry = unsafe { &*e };
-    entry.generation == cfg.generation && entry.ifindex == ifindex && entry.nacl_ok & nacl_bit(dir) != 0
+    entry.generation == cfg.generation
+        && entry.ifindex == ifindex
+        && entry.nacl_ok & nacl_bit(dir) != 0
 }
 
 /// Records that this packet passed the full evaluation at `ifindex`.

@@ -309,7 +309,11 @@ fn try_classify(p: &Pkt, dir: Direction, ifx: u32, cfg: &Config, now: u64) -> De
                 };
             }
             if crossing {
-                let table = if v4 { subnet.nacl_out_v4 } else { subnet.nacl_out_v6 };
+                let table = if v4 {
+                    subnet.nacl_out_v4
+                } else {
+                    subnet.nacl_out_v6
+                };
                 match nacl::check(table, p, remote) {
                     Ok((true, _)) => {}
                     Ok((false, rule)) => {
@@ -326,7 +330,11 @@ fn try_classify(p: &Pkt, dir: Direction, ifx: u32, cfg: &Config, now: u64) -> De
         }
         Direction::Ingress => {
             if crossing {
-                let table = if v4 { subnet.nacl_in_v4 } else { subnet.nacl_in_v6 };
+                let table = if v4 {
+                    subnet.nacl_in_v4
+                } else {
+                    subnet.nacl_in_v6
+                };
                 match nacl::check(table, p, remote) {
                     Ok((true, _)) => {}
                     Ok((false, rule)) => {

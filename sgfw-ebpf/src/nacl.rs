@@ -8,7 +8,10 @@
 //! entry; `allow_mask` says whether it allows. No bit: the `*` rule denies.
 
 use aya_ebpf::maps::lpm_trie::Key;
-use sgfw_common::{CIDR_V4_KEY_BITS, CIDR_V6_KEY_BITS, CidrKeyV4, CidrKeyV6, PORT_KEY_BITS, PortKey, Reason, limits::AF_INET};
+use sgfw_common::{
+    CIDR_V4_KEY_BITS, CIDR_V6_KEY_BITS, CidrKeyV4, CidrKeyV6, PORT_KEY_BITS, PortKey, Reason,
+    limits::AF_INET,
+};
 
 use crate::maps::{NACL_CIDR_V4, NACL_CIDR_V6, NACL_META, NACL_PORTS};
 use crate::parse::Pkt;
@@ -78,7 +81,11 @@ pub fn check(table: u32, p: &Pkt, remote: &[u8; 16]) -> Result<(bool, u32), Reas
             .copied()
             .unwrap_or(0)
     };
-    let star = if p.family == AF_INET { STAR_V4 } else { STAR_V6 };
+    let star = if p.family == AF_INET {
+        STAR_V4
+    } else {
+        STAR_V6
+    };
     if cidr_bits == 0 {
         return Ok((false, star));
     }

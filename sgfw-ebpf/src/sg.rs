@@ -9,7 +9,10 @@
 //! protocol/port prefix wins; all-protocol rules are the 32-bit prefix.
 
 use aya_ebpf::maps::lpm_trie::Key;
-use sgfw_common::{CIDR_V4_KEY_BITS, CIDR_V6_KEY_BITS, CidrKeyV4, CidrKeyV6, PORT_KEY_BITS, PortKey, limits::AF_INET};
+use sgfw_common::{
+    CIDR_V4_KEY_BITS, CIDR_V6_KEY_BITS, CidrKeyV4, CidrKeyV6, PORT_KEY_BITS, PortKey,
+    limits::AF_INET,
+};
 
 use crate::maps::{SG_CIDR_V4, SG_CIDR_V6, SG_PORTS};
 use crate::parse::Pkt;
