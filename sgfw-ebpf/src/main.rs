@@ -192,6 +192,26 @@ fn passthrough(p: &Pkt, dir: Direction, subnet: Option<&SubnetPolicy>) -> bool {
     false
 }
 
+/// Addresses that only make sense on the local link: an IPv6 link-local or
+/// unspecified source (sent by the instance), or a multicast or broadcast
+/// destination, or an IPv6 link-local destination (delivered to it).
+#[inline(always)]
+fn link_scoped(p: &Pkt, dir: Direction) -> bool {
+    match dir {
+        Direction::Egress => {
+            p.family == AF_INET6
+                && ((p.src[0] == 0xfe && p.src[1] & 0xc0 == 0x80) || p.src == [0u8; 16])
+        }
+        Direction::Ingress => {
+            if p.family == AF_INET6 {
+                p.dst[0] == 0xff || (p.dst[0] == 0xfe && p.dst[1] & 0xc0 == 0x80)
+            } else {
+                p.dst[0] & 0xf0 == 0xe0 || p.dst[..4] == [255, 255, 255, 255]
+            }
+        }
+    }
+}
+
 /// What decided the SG stage.
 enum SgOutcome {
     Tracked(*mut sgfw_common::CtEntry),
@@ -251,7 +271,23 @@ fn try_classify(p: &Pkt, dir: Direction, ifx: u32, cfg: &Config, now: u64) -> De
         Direction::Egress => (&p.src, &p.dst),
         Direction::Ingress => (&p.dst, &p.src),
     };
-    let local_info = lookup_addr(p.family, local);
+    // SAFETY: read-only hash lookup.
+    let bound = unsafe { PORTS.get(&ifx) }.copied();
+    let mut local_info = lookup_addr(p.family, local);
+    // On a bound port, link-scoped traffic (IPv6 link-local sources, and
+    // multicast or broadcast destinations) belongs to the port's instance:
+    // its security group judges it like any other packet.
+    if let (Some(b), None) = (bound, local_info) {
+        if link_scoped(p, dir) {
+            // SAFETY: read-only hash lookup.
+            if let Some(ip) = unsafe { INSTANCES.get(&b) } {
+                local_info = Some(AddrInfo {
+                    instance: b,
+                    subnet: ip.subnet,
+                });
+            }
+        }
+    }
     // SAFETY: read-only hash lookups.
     let subnet = local_info.and_then(|li| unsafe { SUBNETS.get(&li.subnet) });
     let local_instance = local_info.map_or(0, |li| li.instance);
@@ -263,8 +299,7 @@ fn try_classify(p: &Pkt, dir: Direction, ifx: u32, cfg: &Config, now: u64) -> De
             rule: NO_RULE,
         };
     }
-    // SAFETY: read-only hash lookup.
-    if let Some(bound) = unsafe { PORTS.get(&ifx) }.copied() {
+    if let Some(bound) = bound {
         if local_instance != bound {
             return Decision {
                 reason: match dir {

@@ -1,6 +1,7 @@
 //! `sgfw flows`: a live stream of dataplane decisions, one line each in the
 //! AWS VPC Flow Logs version-2 field order, plus the deciding stage and rule.
 
+use std::io::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -157,10 +158,10 @@ pub fn run(a: &FlowsArgs) -> Result<ExitCode, Failure> {
                     continue;
                 };
                 let rec = record(&ev, &state, offset);
-                if a.json {
-                    println!("{}", serde_json::to_string(&rec)?);
+                let line = if a.json {
+                    serde_json::to_string(&rec)?
                 } else {
-                    println!(
+                    format!(
                         "{} {} {} {} {} {} {} {} {} {} {} {} {} {} {} {}",
                         rec.version,
                         rec.account_id,
@@ -178,7 +179,12 @@ pub fn run(a: &FlowsArgs) -> Result<ExitCode, Failure> {
                         rec.log_status,
                         rec.stage,
                         rec.rule
-                    );
+                    )
+                };
+                // A closed pipe (`sgfw flows | head`) ends the stream quietly.
+                let mut out = std::io::stdout().lock();
+                if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+                    return Ok(());
                 }
                 printed += 1;
                 if a.count.is_some_and(|c| printed >= c) {

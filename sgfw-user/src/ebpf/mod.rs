@@ -959,3 +959,97 @@ impl EbpfBackend {
         Ok(km.keys(mn::CONNTRACK, size_of::<CtKey>())?.len())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys::FakeMaps;
+
+    fn flat(json: &str) -> FlatModel {
+        let m = crate::model::Model::from_json(json).unwrap();
+        crate::validate::validate(&m).unwrap().0.flatten()
+    }
+
+    const A: &str = r#"{"Subnets":[{"SubnetId":"subnet-a","CidrBlock":"10.0.0.0/24","Ipv6CidrBlock":"fd00::/64","Bridge":"bra"},
+        {"SubnetId":"subnet-b","CidrBlock":"10.0.1.0/24","Bridge":"brb"}],
+      "Instances":[{"InstanceId":"i-1","SubnetId":"subnet-a","PrivateIpAddress":"10.0.0.5","Ipv6Addresses":["fd00::5"],"SecurityGroupIds":["sg-1"]},
+        {"InstanceId":"i-2","SubnetId":"subnet-b","PrivateIpAddress":"10.0.1.5","SecurityGroupIds":["sg-2"]}],
+      "SecurityGroups":[{"GroupId":"sg-1","IpPermissions":[{"IpProtocol":"tcp","FromPort":80,"ToPort":90,"IpRanges":[{"CidrIp":"0.0.0.0/0"}]}],
+          "IpPermissionsEgress":[{"IpProtocol":"-1","IpRanges":[{"CidrIp":"0.0.0.0/0"}]}]},
+        {"GroupId":"sg-2","IpPermissions":[{"IpProtocol":"udp","FromPort":53,"ToPort":53,"UserIdGroupPairs":[{"GroupId":"sg-1"}]}]}],
+      "NetworkAcls":[{"NetworkAclId":"acl-b","IsDefault":false,"Associations":[{"SubnetId":"subnet-b"}],
+        "Entries":[{"RuleNumber":10,"Protocol":"6","RuleAction":"deny","Egress":false,"CidrBlock":"10.0.0.0/24","PortRange":{"From":22,"To":22}},
+                   {"RuleNumber":20,"Protocol":"-1","RuleAction":"allow","Egress":false,"CidrBlock":"0.0.0.0/0"}]}]}"#;
+
+    /// B: i-2 gone, i-3 added, sg-1 narrowed; every kind of map changes.
+    const B: &str = r#"{"Subnets":[{"SubnetId":"subnet-a","CidrBlock":"10.0.0.0/24","Ipv6CidrBlock":"fd00::/64","Bridge":"bra"}],
+      "Instances":[{"InstanceId":"i-1","SubnetId":"subnet-a","PrivateIpAddress":"10.0.0.5","SecurityGroupIds":["sg-1"]},
+        {"InstanceId":"i-3","SubnetId":"subnet-a","PrivateIpAddress":"10.0.0.7","Ipv6Addresses":["fd00::7"],"SecurityGroupIds":["sg-1"]}],
+      "SecurityGroups":[{"GroupId":"sg-1","IpPermissions":[{"IpProtocol":"tcp","FromPort":443,"ToPort":443,"Ipv6Ranges":[{"CidrIpv6":"::/0"}]}]}]}"#;
+
+    fn apply(
+        maps: &mut FakeMaps,
+        model: &FlatModel,
+        idx: &mut Indices,
+        parity: u32,
+        generation: u32,
+    ) -> Result<(), SysError> {
+        idx.update(model);
+        let c = compile::compile(model, idx, parity).unwrap();
+        write_generation(maps, &c, &[(7, 1)], &config_for(model, generation, 0))
+    }
+
+    #[test]
+    fn a_failed_write_at_any_point_restores_the_previous_contents() {
+        let (a, b) = (flat(A), flat(B));
+        let mut base = FakeMaps::default();
+        let mut idx = Indices::default();
+        apply(&mut base, &a, &mut idx, 0, 1).unwrap();
+        let before = base.maps.clone();
+        // How many writes a successful switch to B takes.
+        let mut probe = base.clone();
+        let start = probe.updates;
+        apply(&mut probe, &b, &mut idx.clone(), 1, 2).unwrap();
+        let total = probe.updates - start;
+        assert!(
+            total > 10,
+            "the switch should write many entries, wrote {total}"
+        );
+        for n in 0..total {
+            let mut maps = base.clone();
+            maps.fail_update_at = Some(maps.updates + n);
+            let err = apply(&mut maps, &b, &mut idx.clone(), 1, 2);
+            assert!(err.is_err(), "write {n} should have failed");
+            assert_eq!(
+                maps.maps, before,
+                "after a failure at write {n} the previous generation must be intact"
+            );
+        }
+    }
+
+    #[test]
+    fn a_switch_leaves_only_the_new_generation() {
+        let (a, b) = (flat(A), flat(B));
+        let mut idx = Indices::default();
+        let mut maps = FakeMaps::default();
+        apply(&mut maps, &a, &mut idx, 0, 1).unwrap();
+        apply(&mut maps, &b, &mut idx, 1, 2).unwrap();
+        let mut fresh = FakeMaps::default();
+        let mut idx2 = idx.clone();
+        apply(&mut fresh, &b, &mut idx2, 1, 2).unwrap();
+        let non_empty = |m: &FakeMaps| {
+            m.maps
+                .iter()
+                .filter(|(_, v)| !v.is_empty())
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect::<BTreeMap<_, _>>()
+        };
+        assert_eq!(
+            non_empty(&maps),
+            non_empty(&fresh),
+            "a re-apply must equal a fresh apply of the new model"
+        );
+        // Stable indices: i-1 kept its number across the change.
+        assert_eq!(idx.instances.get("i-1"), Some(&1));
+    }
+}
