@@ -93,6 +93,18 @@ pub trait Host {
         let _ = value;
         Err(unsupported("writing (not supported by this host)", key))
     }
+
+    /// Reads a small state file of sgfw's (under `/run/sgfw` on a real host).
+    /// The default implementation has none.
+    fn load_state(&self, _name: &str) -> Option<String> {
+        None
+    }
+
+    /// Writes a small state file of sgfw's. The default keeps nothing.
+    fn save_state(&self, _name: &str, _contents: &str) {}
+
+    /// Removes a state file of sgfw's. The default does nothing.
+    fn remove_state(&self, _name: &str) {}
 }
 
 fn unsupported(what: &'static str, key: &str) -> SysError {
@@ -124,6 +136,9 @@ fn sysctl_path(key: &str) -> Result<PathBuf, SysError> {
         })
     }
 }
+
+/// Where a real host keeps sgfw's small state files.
+pub const STATE_DIR: &str = "/run/sgfw";
 
 /// The real host: sysfs for links, the `nft` program for nftables.
 #[derive(Debug, Default, Clone, Copy)]
@@ -234,6 +249,21 @@ impl Host for RealHost {
             source,
         })
     }
+
+    fn load_state(&self, name: &str) -> Option<String> {
+        std::fs::read_to_string(Path::new(STATE_DIR).join(name)).ok()
+    }
+
+    fn save_state(&self, name: &str, contents: &str) {
+        let _ = std::fs::create_dir_all(STATE_DIR);
+        let _ = std::fs::write(Path::new(STATE_DIR).join(name), contents);
+    }
+
+    fn remove_state(&self, name: &str) {
+        let _ = std::fs::remove_file(Path::new(STATE_DIR).join(name));
+        // Only removes the directory when nothing else of sgfw's is left.
+        let _ = std::fs::remove_dir(STATE_DIR);
+    }
 }
 
 /// Element operations on BPF maps, by map name and raw bytes. LPM-trie keys
@@ -298,6 +328,22 @@ impl KernelMaps {
     /// Adds an open map under its name.
     pub fn insert(&mut self, name: &str, fd: OwnedFd) {
         self.fds.insert(name.to_string(), fd);
+    }
+
+    /// Kernel memory charged to each open map (`memlock` in its fdinfo), bytes.
+    pub fn memory(&self) -> BTreeMap<String, u64> {
+        self.fds
+            .iter()
+            .filter_map(|(name, fd)| {
+                let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))
+                    .ok()?;
+                let bytes = info
+                    .lines()
+                    .find_map(|l| l.strip_prefix("memlock:"))
+                    .and_then(|v| v.trim().parse().ok())?;
+                Some((name.clone(), bytes))
+            })
+            .collect()
     }
 
     fn fd(&self, map: &str) -> Result<u32, SysError> {

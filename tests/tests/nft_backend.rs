@@ -40,6 +40,9 @@ fn list_ours() -> String {
         .unwrap()
 }
 
+/// Serialises runs of this test on one host (the table name is fixed).
+const LOCK: &str = "/run/sgfw-nft-test.lock";
+
 /// Deletes `table inet sgfw` however the test ends.
 struct Cleanup;
 
@@ -48,6 +51,7 @@ impl Drop for Cleanup {
         if let Err(e) = NftBackend::new(&RealHost).teardown() {
             eprintln!("nft_backend: cleanup failed: {e}");
         }
+        let _ = std::fs::remove_file(LOCK);
     }
 }
 
@@ -85,16 +89,25 @@ fn nft_backend_apply_reapply_failed_apply_and_teardown() {
         return;
     }
     if RealHost.nft(&["--version"], None).is_err() {
+        // `cargo xtask test` installs nftables; a skip under CI is a failure.
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "nft is not installed"
+        );
         eprintln!("nft_backend: the nft program is not installed; skipped");
         return;
     }
     // One run at a time on this host (the table name is fixed).
-    let lock = File::create("/run/sgfw-nft-test.lock").unwrap();
+    let lock = File::create(LOCK).unwrap();
     // SAFETY: flock on a file descriptor we own; released when `lock` drops.
     assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
 
     let backend = NftBackend::new(&RealHost);
     if backend.is_applied().unwrap() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "table inet sgfw already exists on the CI host"
+        );
         eprintln!(
             "nft_backend: table inet sgfw already exists (a live sgfw?); skipped, not touching it"
         );

@@ -4,6 +4,7 @@
 //! everything else that fails exits 1.
 
 pub mod apply;
+pub mod bench;
 pub mod demo;
 pub mod explain;
 pub mod flows;
@@ -84,6 +85,8 @@ pub enum Cmd {
     Run(run::RunArgs),
     /// Build a small VPC in network namespaces, enforce it, probe it, tear it down.
     Demo(demo::DemoArgs),
+    /// Benchmarks (root): per-packet cost, real traffic, control plane, conntrack scale.
+    Bench(bench::BenchArgs),
 }
 
 /// Sets up tracing from RUST_LOG (default: info, or debug with -v).
@@ -132,6 +135,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
         Cmd::Render(a) => render::run(&a),
         Cmd::Run(a) => run::run(&a),
         Cmd::Demo(a) => demo::run(&a),
+        Cmd::Bench(a) => bench::run(&a),
     }
 }
 

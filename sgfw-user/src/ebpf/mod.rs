@@ -914,7 +914,12 @@ impl EbpfBackend {
             })?;
         }
         match std::fs::remove_file(&self.state_path) {
-            Ok(()) => {}
+            Ok(()) => {
+                // The state directory goes too once nothing else of sgfw's is in it.
+                if let Some(dir) = self.state_path.parent() {
+                    let _ = std::fs::remove_dir(dir);
+                }
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(source) => {
                 return Err(SysError::File {

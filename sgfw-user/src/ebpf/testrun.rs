@@ -81,6 +81,17 @@ impl TestDataplane {
         Ok(())
     }
 
+    /// Changes the dataplane configuration (timeouts, clock) in place.
+    pub fn update_config(&mut self, f: impl FnOnce(&mut Config)) -> Result<(), EbpfError> {
+        f(&mut self.config);
+        self.maps.update(
+            mn::CONFIG,
+            &0u32.to_ne_bytes(),
+            bytemuck::bytes_of(&self.config),
+        )?;
+        Ok(())
+    }
+
     /// Sets the dataplane clock (ns); 0 returns to the kernel clock.
     pub fn set_time(&mut self, now_ns: u64) -> Result<(), EbpfError> {
         self.config.time_override_ns = now_ns;

@@ -245,6 +245,22 @@ const PROBE_RULESET: &str = "table inet sgfw {
 }
 ";
 
+/// State file of the sysctl values an apply changed, `key=value` per line,
+/// so teardown can restore them.
+const SAVED_SYSCTLS: &str = "nft-sysctls";
+
+fn remember_sysctl(host: &dyn Host, key: &str, value: &str) {
+    let mut saved = host.load_state(SAVED_SYSCTLS).unwrap_or_default();
+    if saved
+        .lines()
+        .any(|l| l.split_once('=').is_some_and(|(k, _)| k == key))
+    {
+        return;
+    }
+    saved.push_str(&format!("{key}={value}\n"));
+    host.save_state(SAVED_SYSCTLS, &saved);
+}
+
 /// Whether the nftables backend can run here: `nft` is installed, runs with
 /// the needed rights and the kernel has every feature the ruleset uses
 /// (checked with `nft -c`, which changes nothing), and `br_netfilter` is
@@ -345,6 +361,8 @@ impl<'h> NftBackend<'h> {
                     source,
                 });
             }
+            // Remember the host's own value so teardown can give it back.
+            remember_sysctl(self.host, key, &value);
             set.push(dotted);
         }
         Ok(set)
@@ -402,11 +420,20 @@ impl<'h> NftBackend<'h> {
                 &["-f", "-"],
                 Some(&format!("add table {TABLE}\ndelete table {TABLE}\n")),
             )
-            .map(|_| ())
             .map_err(|source| NftError::Nft {
                 what: "deleting table inet sgfw",
                 source,
-            })
+            })?;
+        // The host leaves as it came: sysctls an apply switched on go back.
+        if let Some(saved) = self.host.load_state(SAVED_SYSCTLS) {
+            for line in saved.lines() {
+                if let Some((key, value)) = line.split_once('=') {
+                    let _ = self.host.write_sysctl(key, value);
+                }
+            }
+            self.host.remove_state(SAVED_SYSCTLS);
+        }
+        Ok(())
     }
 
     /// Whether `table inet sgfw` exists.

@@ -1,0 +1,215 @@
+//! Control plane: validate, compile and apply a 1,000-instance model, the
+//! time for a one-rule change to be enforced, BPF map memory. Measured in a
+//! child process so its peak memory is its own.
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, anyhow};
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use serde::{Deserialize, Serialize};
+use sgfw::ebpf::compile::{Indices, compile};
+use sgfw::ebpf::testrun::{TC_ACT_OK, TC_ACT_SHOT, frame};
+use sgfw::ebpf::{ApplyOptions, EbpfBackend};
+use sgfw::model::{IpPermission, Model};
+use sgfw::packet::{Packet, TcpFlags};
+use sgfw::sys::RealHost;
+use sgfw_common::program_names as pn;
+
+use super::models;
+use crate::cli::Failure;
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Measured {
+    instances: usize,
+    flat_rules: usize,
+    parse_ms: f64,
+    validate_flatten_ms: f64,
+    compile_ms: f64,
+    first_apply_ms: f64,
+    reapply_same_ms: f64,
+    one_rule_change_ms: f64,
+    one_rule_apply_only_ms: f64,
+    map_entries: Vec<(String, usize)>,
+    map_memory: Vec<(String, u64)>,
+}
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1000.0
+}
+
+/// Runs the child and formats its report section with its peak RSS.
+pub fn run() -> Result<String, Failure> {
+    let exe = std::env::current_exe().context("finding the sgfw binary")?;
+    let out = std::process::Command::new(exe)
+        .args(["bench", "--control-child"])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running the control-plane child")?;
+    if !out.status.success() {
+        return Err(Failure::Runtime(anyhow!(
+            "the control-plane benchmark failed ({})",
+            out.status
+        )));
+    }
+    let m: Measured =
+        serde_json::from_slice(&out.stdout).context("reading the child's measurements")?;
+    // SAFETY: getrusage writes into the struct we pass.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer; RUSAGE_CHILDREN covers the waited-for child.
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
+    let peak_mib = ru.ru_maxrss as f64 / 1024.0;
+    let mut s = String::new();
+    let _ = writeln!(s, "## 3. Control plane\n");
+    let _ = writeln!(
+        s,
+        "{} instances in 10 subnets, each with 5 of 50 groups of 60 ingress + 60 egress permissions (one per group references another group; the rest name an IPv4 and an IPv6 CIDR), 20-entry NACLs per direction and family: {} resolved SG rules in all.\n",
+        m.instances, m.flat_rules
+    );
+    let _ = writeln!(s, "| step | time |\n|---|---|");
+    let _ = writeln!(s, "| parse JSON | {:.0} ms |", m.parse_ms);
+    let _ = writeln!(
+        s,
+        "| validate + flatten | {:.0} ms |",
+        m.validate_flatten_ms
+    );
+    let _ = writeln!(s, "| compile to map entries | {:.0} ms |", m.compile_ms);
+    let _ = writeln!(
+        s,
+        "| first apply (compile, load, pin, write; target < 2 s) | {:.0} ms |",
+        m.first_apply_ms
+    );
+    let _ = writeln!(
+        s,
+        "| re-apply of the same model (new generation) | {:.0} ms |",
+        m.reapply_same_ms
+    );
+    let _ = writeln!(
+        s,
+        "| one-rule change: validate + apply + probe sees it (target < 50 ms) | {:.0} ms (apply alone {:.0} ms) |",
+        m.one_rule_change_ms, m.one_rule_apply_only_ms
+    );
+    let _ = writeln!(
+        s,
+        "| peak resident memory of the process | {peak_mib:.0} MiB |\n"
+    );
+    let total: u64 = m.map_memory.iter().map(|(_, b)| *b).sum();
+    let _ = writeln!(
+        s,
+        "BPF map memory (kernel memlock): **{:.1} MiB** in all.\n",
+        total as f64 / 1048576.0
+    );
+    let _ = writeln!(s, "| map | entries written | memory |\n|---|---|---|");
+    for (name, bytes) in &m.map_memory {
+        let n = m
+            .map_entries
+            .iter()
+            .find(|(k, _)| k == name)
+            .map_or("-".to_string(), |(_, v)| v.to_string());
+        let _ = writeln!(s, "| {name} | {n} | {:.1} MiB |", *bytes as f64 / 1048576.0);
+    }
+    let _ = writeln!(s);
+    Ok(s)
+}
+
+fn probe(pin_root: &std::path::Path, pkt: &Packet) -> Result<u32, Failure> {
+    let prog = SchedClassifier::from_pin(pin_root.join("progs").join(pn::TO_INSTANCE))
+        .context("opening the pinned program")?;
+    let f = frame(pkt);
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(&f);
+    Ok(prog
+        .test_run(opts)
+        .context("BPF_PROG_TEST_RUN")?
+        .return_value)
+}
+
+/// The measurement itself (in the child); prints JSON on stdout.
+pub fn child() -> Result<(), Failure> {
+    let model = models::large(1_000);
+    let json = model.to_json().map_err(|e| anyhow!("{e}"))?;
+    let t = Instant::now();
+    let parsed = Model::from_json(&json).map_err(|e| anyhow!("{e}"))?;
+    let parse_ms = ms(t);
+    let t = Instant::now();
+    let (valid, _) =
+        sgfw::validate::validate(&parsed).map_err(|e| anyhow!("large model invalid: {e}"))?;
+    let flat = valid.flatten();
+    let validate_flatten_ms = ms(t);
+    let flat_rules = flat
+        .instances
+        .iter()
+        .map(|i| i.ingress.len() + i.egress.len())
+        .sum();
+    let t = Instant::now();
+    let mut idx = Indices::default();
+    idx.update(&flat);
+    let c = compile(&flat, &idx, 0).map_err(|e| anyhow!("{e}"))?;
+    let compile_ms = ms(t);
+    drop(c);
+
+    let tag = format!("sgfw-bench-{}", std::process::id());
+    let be = EbpfBackend {
+        pin_root: PathBuf::from(format!("/sys/fs/bpf/{tag}")),
+        state_path: PathBuf::from(format!("/run/sgfw/{tag}.json")),
+    };
+    let result = (|| -> Result<Measured, Failure> {
+        let t = Instant::now();
+        let report = be
+            .apply(&flat, &RealHost, &ApplyOptions::default())
+            .context("first apply")?;
+        let first_apply_ms = ms(t);
+        let t = Instant::now();
+        be.apply(&flat, &RealHost, &ApplyOptions::default())
+            .context("re-apply")?;
+        let reapply_same_ms = ms(t);
+
+        // One rule added to sg-00, which i-00000 has.
+        let dst: IpAddr = flat.instances[0].addrs[0];
+        let src: IpAddr = "198.51.100.7".parse().map_err(|e| anyhow!("{e}"))?;
+        let pkt = Packet::tcp(src, dst, 40000, 9999, TcpFlags::SYN);
+        if probe(&be.pin_root, &pkt)? != TC_ACT_SHOT {
+            return Err(Failure::Runtime(anyhow!(
+                "the probe passed before the rule existed"
+            )));
+        }
+        let mut changed = parsed.clone();
+        changed.security_groups[0]
+            .ip_permissions
+            .push(IpPermission::tcp(9999, 9999).from_cidr("198.51.100.0/24"));
+        let t = Instant::now();
+        let (v2, _) = sgfw::validate::validate(&changed).map_err(|e| anyhow!("{e}"))?;
+        let f2 = v2.flatten();
+        let ta = Instant::now();
+        be.apply(&f2, &RealHost, &ApplyOptions::default())
+            .context("one-rule apply")?;
+        let one_rule_apply_only_ms = ms(ta);
+        let seen = probe(&be.pin_root, &pkt)?;
+        let one_rule_change_ms = ms(t);
+        if seen != TC_ACT_OK {
+            return Err(Failure::Runtime(anyhow!(
+                "the probe did not see the new rule"
+            )));
+        }
+        let map_memory = be.open_maps()?.memory().into_iter().collect();
+        Ok(Measured {
+            instances: flat.instances.len(),
+            flat_rules,
+            parse_ms,
+            validate_flatten_ms,
+            compile_ms,
+            first_apply_ms,
+            reapply_same_ms,
+            one_rule_change_ms,
+            one_rule_apply_only_ms,
+            map_entries: report.entries.into_iter().collect(),
+            map_memory,
+        })
+    })();
+    let _ = be.teardown();
+    let m = result?;
+    println!("{}", serde_json::to_string(&m)?);
+    Ok(())
+}
