@@ -415,6 +415,40 @@ impl TestBed {
         Ok(inst)
     }
 
+    /// A model of this bed: its subnets (`subnet-NAME`, bridge, CIDRs) and
+    /// instances (`i-NAME`, addresses, bound to their ports) with the
+    /// security groups `groups(name)` returns; no groups or NACLs yet.
+    pub fn model_skeleton(&self, groups: impl Fn(&str) -> Vec<String>) -> crate::model::Model {
+        use crate::model::{Instance, Model, Subnet};
+        Model {
+            subnets: self
+                .subnets
+                .iter()
+                .map(|s| Subnet {
+                    subnet_id: format!("subnet-{}", s.name),
+                    cidr_block: s.cidr_v4.clone(),
+                    ipv6_cidr_block: s.cidr_v6.clone(),
+                    bridge: s.bridge.clone(),
+                    ..Subnet::default()
+                })
+                .collect(),
+            instances: self
+                .instances
+                .iter()
+                .map(|i| Instance {
+                    instance_id: format!("i-{}", i.name),
+                    subnet_id: format!("subnet-{}", self.subnets[i.subnet].name),
+                    private_ip_address: i.v4.to_string(),
+                    ipv6_addresses: i.v6.map(|a| vec![a.to_string()]).unwrap_or_default(),
+                    security_group_ids: groups(&i.name),
+                    interface: Some(i.port.clone()),
+                    ..Instance::default()
+                })
+                .collect(),
+            ..Model::default()
+        }
+    }
+
     /// A UDP socket inside an instance's namespace, bound to an ephemeral
     /// port (for flows that must keep one 5-tuple).
     pub fn udp_socket(&self, inst: &str, v6: bool) -> Result<UdpSocket, BedError> {

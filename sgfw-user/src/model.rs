@@ -345,6 +345,49 @@ pub struct NetworkAclEntry {
     pub icmp_type_code: Option<IcmpTypeCode>,
 }
 
+impl NetworkAclEntry {
+    /// An entry; the CIDR's text decides whether it is `CidrBlock` or
+    /// `Ipv6CidrBlock`. `ports` is the `PortRange` (for protocols 6 and 17).
+    pub fn new(
+        rule_number: i64,
+        egress: bool,
+        protocol: &str,
+        action: &str,
+        cidr: &str,
+        ports: Option<(i64, i64)>,
+    ) -> Self {
+        let v6 = cidr.contains(':');
+        NetworkAclEntry {
+            rule_number,
+            protocol: protocol.into(),
+            rule_action: action.into(),
+            egress,
+            cidr_block: (!v6).then(|| cidr.into()),
+            ipv6_cidr_block: v6.then(|| cidr.into()),
+            port_range: ports.map(|(from, to)| PortRange {
+                from: Some(from),
+                to: Some(to),
+            }),
+            ..NetworkAclEntry::default()
+        }
+    }
+}
+
+impl NetworkAcl {
+    /// A custom (non-default) NACL associated with one subnet.
+    pub fn custom(id: &str, subnet_id: &str, entries: Vec<NetworkAclEntry>) -> Self {
+        NetworkAcl {
+            network_acl_id: id.into(),
+            is_default: false,
+            associations: vec![NaclAssociation {
+                subnet_id: subnet_id.into(),
+                ..NaclAssociation::default()
+            }],
+            entries,
+        }
+    }
+}
+
 /// A NACL entry's port range.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]

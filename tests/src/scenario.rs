@@ -9,10 +9,7 @@ use std::sync::{Mutex, MutexGuard};
 use sgfw::ebpf::{ApplyOptions, EbpfBackend};
 use sgfw::eval::{Conntrack, evaluate};
 use sgfw::flat::FlatModel;
-use sgfw::model::{
-    Instance, IpPermission, Model, NaclAssociation, NetworkAcl, NetworkAclEntry, SecurityGroup,
-    Subnet,
-};
+use sgfw::model::{IpPermission, Model, NetworkAcl, NetworkAclEntry, SecurityGroup};
 use sgfw::nft::NftBackend;
 use sgfw::packet::{Packet, TcpFlags};
 use sgfw::sys::RealHost;
@@ -85,33 +82,12 @@ pub fn entry(
     cidr: &str,
     ports: Option<(i64, i64)>,
 ) -> NetworkAclEntry {
-    let v6 = cidr.contains(':');
-    NetworkAclEntry {
-        rule_number: num,
-        protocol: proto.into(),
-        rule_action: action.into(),
-        egress,
-        cidr_block: (!v6).then(|| cidr.to_string()),
-        ipv6_cidr_block: v6.then(|| cidr.to_string()),
-        port_range: ports.map(|(f, t)| sgfw::model::PortRange {
-            from: Some(f),
-            to: Some(t),
-        }),
-        ..NetworkAclEntry::default()
-    }
+    NetworkAclEntry::new(num, egress, proto, action, cidr, ports)
 }
 
 /// A custom NACL associated with one subnet.
 pub fn nacl(id: &str, subnet: &str, entries: Vec<NetworkAclEntry>) -> NetworkAcl {
-    NetworkAcl {
-        network_acl_id: id.into(),
-        is_default: false,
-        associations: vec![NaclAssociation {
-            subnet_id: subnet.into(),
-            ..NaclAssociation::default()
-        }],
-        entries,
-    }
+    NetworkAcl::custom(id, subnet, entries)
 }
 
 impl Lab {
@@ -197,43 +173,16 @@ impl Lab {
         sgs: Vec<SecurityGroup>,
         nacls: Vec<NetworkAcl>,
     ) -> Model {
-        let subnets = self
-            .bed
-            .subnets
-            .iter()
-            .map(|s| Subnet {
-                subnet_id: format!("subnet-{}", s.name),
-                cidr_block: s.cidr_v4.clone(),
-                ipv6_cidr_block: s.cidr_v6.clone(),
-                bridge: s.bridge.clone(),
-                ..Subnet::default()
-            })
-            .collect();
-        let instances = self
-            .bed
-            .instances
-            .iter()
-            .map(|i| Instance {
-                instance_id: format!("i-{}", i.name),
-                subnet_id: format!("subnet-{}", self.bed.subnets[i.subnet].name),
-                private_ip_address: i.v4.to_string(),
-                ipv6_addresses: i.v6.map(|a| vec![a.to_string()]).unwrap_or_default(),
-                security_group_ids: groups
-                    .iter()
-                    .find(|(n, _)| *n == i.name)
-                    .map(|(_, g)| g.iter().map(|s| (*s).to_string()).collect())
-                    .unwrap_or_default(),
-                interface: Some(i.port.clone()),
-                ..Instance::default()
-            })
-            .collect();
-        Model {
-            subnets,
-            instances,
-            security_groups: sgs,
-            network_acls: nacls,
-            ..Model::default()
-        }
+        let mut m = self.bed.model_skeleton(|name| {
+            groups
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, g)| g.iter().map(|s| (*s).to_string()).collect())
+                .unwrap_or_default()
+        });
+        m.security_groups = sgs;
+        m.network_acls = nacls;
+        m
     }
 
     /// Validates and enforces a model with the lab's backend.

@@ -11,10 +11,7 @@ use clap::Args;
 use sgfw::eval::{Decider, Verdict, explain_new_flow};
 use sgfw::flat::FlatModel;
 use sgfw::lab::{InstanceSpec, SubnetSpec, TestBed};
-use sgfw::model::{
-    Instance, IpPermission, Model, NaclAssociation, NetworkAcl, NetworkAclEntry, SecurityGroup,
-    Subnet,
-};
+use sgfw::model::{IpPermission, Model, NetworkAcl, NetworkAclEntry, SecurityGroup};
 use sgfw::packet::{Packet, TcpFlags};
 
 use super::{BackendArg, Failure};
@@ -72,56 +69,22 @@ fn nacl_entry(
     cidr: &str,
     port: Option<i64>,
 ) -> NetworkAclEntry {
-    let v6 = cidr.contains(':');
-    NetworkAclEntry {
-        rule_number: num,
-        protocol: proto.into(),
-        rule_action: action.into(),
-        egress,
-        cidr_block: (!v6).then(|| cidr.into()),
-        ipv6_cidr_block: v6.then(|| cidr.into()),
-        port_range: port.map(|p| sgfw::model::PortRange {
-            from: Some(p),
-            to: Some(p),
-        }),
-        ..NetworkAclEntry::default()
-    }
+    NetworkAclEntry::new(num, egress, proto, action, cidr, port.map(|p| (p, p)))
 }
 
 /// The demo model over the lab's addresses. `db_open`: sg-db admits
 /// PostgreSQL; `pg_denied`: the private NACL denies PostgreSQL (rule 80).
 fn model(bed: &TestBed, db_open: bool, pg_denied: bool) -> Model {
-    let subnets = bed
-        .subnets
-        .iter()
-        .map(|s| Subnet {
-            subnet_id: format!("subnet-{}", s.name),
-            cidr_block: s.cidr_v4.clone(),
-            ipv6_cidr_block: s.cidr_v6.clone(),
-            bridge: s.bridge.clone(),
-            ..Subnet::default()
-        })
-        .collect();
-    let instances = bed
-        .instances
-        .iter()
-        .map(|i| Instance {
-            instance_id: format!("i-{}", i.name),
-            subnet_id: format!("subnet-{}", bed.subnets[i.subnet].name),
-            private_ip_address: i.v4.to_string(),
-            ipv6_addresses: i.v6.map(|a| vec![a.to_string()]).unwrap_or_default(),
-            security_group_ids: vec![
-                if i.name.starts_with("web") {
-                    "sg-web"
-                } else {
-                    "sg-db"
-                }
-                .into(),
-            ],
-            interface: Some(i.port.clone()),
-            ..Instance::default()
-        })
-        .collect();
+    let mut m = bed.model_skeleton(|name| {
+        vec![
+            if name.starts_with("web") {
+                "sg-web"
+            } else {
+                "sg-db"
+            }
+            .into(),
+        ]
+    });
     let mut db = vec![IpPermission::tcp(22, 22).from_group("sg-web")];
     if db_open {
         db.insert(0, IpPermission::tcp(5432, 5432).from_group("sg-web"));
@@ -137,33 +100,21 @@ fn model(bed: &TestBed, db_open: bool, pg_denied: bool) -> Model {
         entries.push(nacl_entry(80, false, "6", "deny", "0.0.0.0/0", Some(5432)));
         entries.push(nacl_entry(81, false, "6", "deny", "::/0", Some(5432)));
     }
-    Model {
-        subnets,
-        instances,
-        security_groups: vec![
-            ingress(
-                "sg-web",
-                vec![
-                    IpPermission::tcp(80, 80)
-                        .from_cidr("0.0.0.0/0")
-                        .from_cidr("::/0"),
-                    IpPermission::with_ports("icmp", 8, -1).from_cidr("0.0.0.0/0"),
-                    IpPermission::with_ports("icmpv6", -1, -1).from_cidr("::/0"),
-                ],
-            ),
-            ingress("sg-db", db),
-        ],
-        network_acls: vec![NetworkAcl {
-            network_acl_id: "acl-private".into(),
-            is_default: false,
-            associations: vec![NaclAssociation {
-                subnet_id: "subnet-private".into(),
-                ..NaclAssociation::default()
-            }],
-            entries,
-        }],
-        ..Model::default()
-    }
+    m.security_groups = vec![
+        ingress(
+            "sg-web",
+            vec![
+                IpPermission::tcp(80, 80)
+                    .from_cidr("0.0.0.0/0")
+                    .from_cidr("::/0"),
+                IpPermission::with_ports("icmp", 8, -1).from_cidr("0.0.0.0/0"),
+                IpPermission::with_ports("icmpv6", -1, -1).from_cidr("::/0"),
+            ],
+        ),
+        ingress("sg-db", db),
+    ];
+    m.network_acls = vec![NetworkAcl::custom("acl-private", "subnet-private", entries)];
+    m
 }
 
 fn decided_by(v: &Verdict) -> String {

@@ -500,6 +500,22 @@ fn map_pin(root: &Path, name: &str) -> PathBuf {
     root.join("maps").join(name)
 }
 
+/// A TC classifier of the object by name.
+pub fn classifier<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &str,
+) -> Result<&'a mut SchedClassifier, EbpfError> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| {
+            prog_err(
+                format!("finding program {name}"),
+                SysError::NoSuchMap(name.into()),
+            )
+        })?
+        .try_into()
+        .map_err(|e| prog_err(format!("program {name}"), e))
+}
+
 /// Loads the embedded object with the given map sizes (not attached, not pinned).
 pub fn load_object(caps: &BTreeMap<&'static str, u32>) -> Result<Ebpf, EbpfError> {
     if BPF_OBJECT.is_empty() {
@@ -519,17 +535,8 @@ pub fn load_object(caps: &BTreeMap<&'static str, u32>) -> Result<Ebpf, EbpfError
         pn::PORT_COUNT_EGRESS,
         pn::NOOP,
     ] {
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(name)
-            .ok_or_else(|| {
-                prog_err(
-                    format!("finding program {name}"),
-                    SysError::NoSuchMap(name.into()),
-                )
-            })?
-            .try_into()
-            .map_err(|e| prog_err(format!("program {name}"), e))?;
-        prog.load()
+        classifier(&mut ebpf, name)?
+            .load()
             .map_err(|e| prog_err(format!("loading program {name}"), e))?;
     }
     Ok(ebpf)
@@ -779,18 +786,9 @@ impl EbpfBackend {
                 .map_err(|e| prog_err(format!("pinning map {name}"), e))?;
         }
         for name in [pn::FROM_INSTANCE, pn::TO_INSTANCE] {
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or_else(|| {
-                    prog_err(
-                        format!("finding program {name}"),
-                        SysError::NoSuchMap(name.into()),
-                    )
-                })?
-                .try_into()
-                .map_err(|e| prog_err(format!("program {name}"), e))?;
             let path = self.pin_root.join("progs").join(name);
-            prog.pin(&path)
+            classifier(ebpf, name)?
+                .pin(&path)
                 .map_err(|e| prog_err(format!("pinning program {name}"), e))?;
         }
         Ok(())

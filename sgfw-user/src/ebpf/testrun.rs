@@ -8,7 +8,7 @@
 use std::net::IpAddr;
 
 use aya::Ebpf;
-use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use aya::programs::{TestRun, TestRunOptions};
 use sgfw_common::{Config, Direction, map_names as mn, program_names as pn};
 
 use super::compile::{self, Indices};
@@ -110,17 +110,7 @@ impl TestDataplane {
         frame: &[u8],
         repeat: u32,
     ) -> Result<(u32, u64), EbpfError> {
-        let prog: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(program)
-            .ok_or_else(|| {
-                prog_err(
-                    format!("finding {program}"),
-                    crate::sys::SysError::NoSuchMap(program.into()),
-                )
-            })?
-            .try_into()
-            .map_err(|e| prog_err(format!("program {program}"), e))?;
+        let prog = super::classifier(&mut self.ebpf, program)?;
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(frame);
         opts.repeat = repeat;

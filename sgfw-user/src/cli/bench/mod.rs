@@ -129,24 +129,40 @@ pub fn run(a: &BenchArgs) -> Result<ExitCode, Failure> {
         report,
         "All figures of one table come from one run on this machine; read the ratios, not the absolute numbers (the machine is shared and noisy).\n"
     );
+    let mut failed = 0;
+    let mut part = |report: &mut String, what: &str, r: Result<String, Failure>| match r {
+        Ok(s) => report.push_str(&s),
+        Err(e) => {
+            failed += 1;
+            let msg = match e {
+                Failure::BadInput(e) | Failure::Runtime(e) => super::chain(&e),
+            };
+            eprintln!("bench: {what} failed: {msg}");
+            let _ = writeln!(report, "## {what}: FAILED\n\n{msg}\n");
+        }
+    };
     if wants(a, Part::Packet) {
         eprintln!(
             "bench: per-packet classifier cost (BPF_PROG_TEST_RUN, {} repeats x {} runs)",
             a.repeat, a.runs
         );
-        report.push_str(&packet::run(a)?);
+        part(&mut report, "per-packet cost", packet::run(a));
     }
     if wants(a, Part::Conntrack) {
         eprintln!("bench: connection tracking at 1,000,000 flows");
-        report.push_str(&packet::conntrack_scale(a)?);
+        part(
+            &mut report,
+            "conntrack at scale",
+            packet::conntrack_scale(a),
+        );
     }
     if wants(a, Part::Control) {
         eprintln!("bench: control plane (1,000 instances x 5 groups x 60 rules per direction)");
-        report.push_str(&control::run()?);
+        part(&mut report, "control plane", control::run());
     }
     if wants(a, Part::Traffic) {
         eprintln!("bench: real traffic (iperf3, {} s per run)", a.seconds);
-        report.push_str(&traffic::run(a)?);
+        part(&mut report, "real traffic", traffic::run(a));
     }
     let _ = writeln!(
         report,
@@ -157,5 +173,10 @@ pub fn run(a: &BenchArgs) -> Result<ExitCode, Failure> {
     std::fs::write(&path, &report).with_context(|| format!("writing {}", path.display()))?;
     println!("{report}");
     eprintln!("bench: wrote {}", path.display());
+    if failed > 0 {
+        return Err(Failure::Runtime(anyhow::anyhow!(
+            "{failed} benchmark part(s) failed"
+        )));
+    }
     Ok(ExitCode::SUCCESS)
 }

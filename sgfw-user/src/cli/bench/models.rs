@@ -1,8 +1,7 @@
 //! Synthetic models of a given size for the benchmarks.
 
 use sgfw::model::{
-    Instance, IpPermission, Model, NaclAssociation, NetworkAcl, NetworkAclEntry, PortRange,
-    SecurityGroup, Subnet,
+    Instance, IpPermission, Model, NetworkAcl, NetworkAclEntry, SecurityGroup, Subnet,
 };
 
 /// The outside address whose packets match the last SG rule of
@@ -27,20 +26,7 @@ fn entry(
     cidr: &str,
     ports: Option<(i64, i64)>,
 ) -> NetworkAclEntry {
-    let v6 = cidr.contains(':');
-    NetworkAclEntry {
-        rule_number: num,
-        protocol: proto.into(),
-        rule_action: action.into(),
-        egress: false,
-        cidr_block: (!v6).then(|| cidr.into()),
-        ipv6_cidr_block: v6.then(|| cidr.into()),
-        port_range: ports.map(|(f, t)| PortRange {
-            from: Some(f),
-            to: Some(t),
-        }),
-        ..NetworkAclEntry::default()
-    }
+    NetworkAclEntry::new(num, false, proto, action, cidr, ports)
 }
 
 /// One instance `i-target` (10.20.0.10, fd20::10) in `subnet-a`, with
@@ -103,15 +89,7 @@ pub fn target(rules: usize, nacl: usize, bridge: &str) -> Model {
             ..Instance::default()
         }],
         security_groups: groups,
-        network_acls: vec![NetworkAcl {
-            network_acl_id: "acl-a".into(),
-            is_default: false,
-            associations: vec![NaclAssociation {
-                subnet_id: "subnet-a".into(),
-                ..NaclAssociation::default()
-            }],
-            entries,
-        }],
+        network_acls: vec![NetworkAcl::custom("acl-a", "subnet-a", entries)],
         ..Model::default()
     }
 }
@@ -119,7 +97,7 @@ pub fn target(rules: usize, nacl: usize, bridge: &str) -> Model {
 /// The control-plane model: `instances` instances in 10 subnets, each with 5
 /// of 50 groups; every group has 60 ingress and 60 egress permissions (a few
 /// of them referencing other groups); every subnet has a 20-entry NACL per
-/// direction and family.
+/// direction and family (the last allows the rest).
 pub fn large(instances: usize) -> Model {
     let nsub = 10;
     let subnets = (0..nsub)
@@ -173,7 +151,13 @@ pub fn large(instances: usize) -> Model {
         .map(|s| {
             let mut entries = Vec::new();
             for egress in [false, true] {
-                for i in 0..20i64 {
+                // 19 specific entries per family, then allow the rest (20 in all).
+                for (num, cidr) in [(1000, "0.0.0.0/0"), (1001, "::/0")] {
+                    let mut e = entry(num, "-1", "allow", cidr, None);
+                    e.egress = egress;
+                    entries.push(e);
+                }
+                for i in 0..19i64 {
                     let mut v4 = entry(
                         100 + i * 2,
                         "6",
@@ -194,15 +178,7 @@ pub fn large(instances: usize) -> Model {
                     entries.push(v6);
                 }
             }
-            NetworkAcl {
-                network_acl_id: format!("acl-{s}"),
-                is_default: false,
-                associations: vec![NaclAssociation {
-                    subnet_id: format!("subnet-{s}"),
-                    ..NaclAssociation::default()
-                }],
-                entries,
-            }
+            NetworkAcl::custom(&format!("acl-{s}"), &format!("subnet-{s}"), entries)
         })
         .collect();
     Model {

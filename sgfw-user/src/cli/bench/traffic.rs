@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use anyhow::{Context, anyhow};
 use sgfw::ebpf::{ApplyOptions, EbpfBackend};
 use sgfw::lab::{InstanceSpec, SubnetSpec, TestBed};
-use sgfw::model::{Instance, IpPermission, Model, SecurityGroup, Subnet};
+use sgfw::model::{IpPermission, Model, SecurityGroup};
 use sgfw::nft::NftBackend;
 use sgfw::sys::RealHost;
 
@@ -25,32 +25,13 @@ struct Result3 {
 
 fn model(bed: &TestBed, rules: usize) -> Model {
     let client = bed.instance("client");
-    let subnets = bed
-        .subnets
-        .iter()
-        .map(|s| Subnet {
-            subnet_id: format!("subnet-{}", s.name),
-            cidr_block: s.cidr_v4.clone(),
-            bridge: s.bridge.clone(),
-            ..Subnet::default()
-        })
-        .collect();
-    let instances = bed
-        .instances
-        .iter()
-        .map(|i| Instance {
-            instance_id: format!("i-{}", i.name),
-            subnet_id: format!("subnet-{}", bed.subnets[i.subnet].name),
-            private_ip_address: i.v4.to_string(),
-            security_group_ids: if i.name == "server" {
-                (0..5).map(|g| format!("sg-{g}")).collect()
-            } else {
-                vec!["sg-client".into()]
-            },
-            interface: Some(i.port.clone()),
-            ..Instance::default()
-        })
-        .collect();
+    let mut m = bed.model_skeleton(|name| {
+        if name == "server" {
+            (0..5).map(|g| format!("sg-{g}")).collect()
+        } else {
+            vec!["sg-client".into()]
+        }
+    });
     let all = || IpPermission::all().from_cidr("0.0.0.0/0");
     let mut groups: Vec<SecurityGroup> = (0..5)
         .map(|g| SecurityGroup {
@@ -77,12 +58,8 @@ fn model(bed: &TestBed, rules: usize) -> Model {
         ip_permissions_egress: vec![all()],
         ..SecurityGroup::default()
     });
-    Model {
-        subnets,
-        instances,
-        security_groups: groups,
-        ..Model::default()
-    }
+    m.security_groups = groups;
+    m
 }
 
 fn iperf(
