@@ -191,7 +191,9 @@ pub const fn counter_index(instance: u32, reason: Reason) -> u32 {
 }
 
 /// Key of [`map_names::ADDRS`]: an address of either family (IPv4 in the first 4 bytes).
-#[repr(C)]
+///
+/// Word-aligned (like [`CtKey`]) so the BPF side fills it with word stores.
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct AddrKey {
     /// [`limits::AF_INET`] or [`limits::AF_INET6`].
@@ -318,7 +320,10 @@ const _: () = assert!(size_of::<NaclMeta>() == 136);
 ///
 /// TCP/UDP: ports. ICMP queries: `local_port` = identifier, `remote_port` =
 /// the request type. Other ICMP: type and code. Other protocols: zero.
-#[repr(C)]
+///
+/// 8-byte aligned: BPF has no unaligned loads, so an align-1 copy of the
+/// addresses would become a byte loop on every packet.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct CtKey {
     /// The instance's address.

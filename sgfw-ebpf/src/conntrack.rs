@@ -12,7 +12,7 @@ use sgfw_common::{
 
 use crate::maps::CONNTRACK;
 use crate::parse::{
-    IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Inner, Pkt, TCP_FIN, TCP_RST,
+    Addr, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Inner, Pkt, TCP_FIN, TCP_RST,
 };
 
 /// The dataplane clock: the test override when set, else monotonic time.
@@ -22,7 +22,7 @@ pub fn now(cfg: &Config) -> u64 {
         cfg.time_override_ns
     } else {
         // SAFETY: no preconditions.
-        unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() }
+        unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() }
     }
 }
 
@@ -45,8 +45,8 @@ pub fn key(p: &Pkt, dir: Direction) -> CtKey {
         _ => (0, 0),
     };
     CtKey {
-        local,
-        remote,
+        local: bytemuck::cast(local),
+        remote: bytemuck::cast(remote),
         local_port,
         remote_port,
         proto: p.proto,
@@ -58,7 +58,7 @@ pub fn key(p: &Pkt, dir: Direction) -> CtKey {
 /// The key of the flow an ICMP error quotes, for the instance whose address
 /// is `local`; `None` when the quote does not involve `local`.
 #[inline(always)]
-pub fn inner_key(family: u8, i: &Inner, local: &[u8; 16]) -> Option<CtKey> {
+pub fn inner_key(family: u8, i: &Inner, local: &Addr) -> Option<CtKey> {
     let (l, r, lport, rport) = if i.src == *local {
         (i.src, i.dst, i.sport, i.dport)
     } else if i.dst == *local {
@@ -80,8 +80,8 @@ pub fn inner_key(family: u8, i: &Inner, local: &[u8; 16]) -> Option<CtKey> {
         _ => (0, 0),
     };
     Some(CtKey {
-        local: l,
-        remote: r,
+        local: bytemuck::cast(l),
+        remote: bytemuck::cast(r),
         local_port,
         remote_port,
         proto: i.proto,

@@ -40,11 +40,12 @@ use sgfw_common::{
 };
 
 use crate::maps::{ADDRS, CONFIG, INSTANCES, PORT_COUNTS, PORTS, SCRATCH, SUBNETS};
-use crate::parse::{Frame, IPPROTO_ICMPV6, IPPROTO_UDP, Pkt};
+use crate::parse::{Addr, Frame, IPPROTO_ICMPV6, IPPROTO_UDP, Pkt};
 use crate::verdict::{Decision, finish};
 
 const NO_RULE: u32 = u32::MAX;
-const METADATA: [u8; 4] = [169, 254, 169, 254];
+/// 169.254.169.254 as an address word.
+const METADATA: u32 = u32::from_ne_bytes([169, 254, 169, 254]);
 
 #[classifier]
 pub fn sgfw_from_instance(ctx: TcContext) -> i32 {
@@ -149,16 +150,16 @@ fn classify(ctx: &TcContext, dir: Direction) -> i32 {
 }
 
 #[inline(always)]
-fn addr_key(family: u8, addr: &[u8; 16]) -> AddrKey {
+fn addr_key(family: u8, addr: &Addr) -> AddrKey {
     AddrKey {
         family,
         _pad: [0; 3],
-        addr: *addr,
+        addr: bytemuck::cast(*addr),
     }
 }
 
 #[inline(always)]
-fn lookup_addr(family: u8, addr: &[u8; 16]) -> Option<AddrInfo> {
+fn lookup_addr(family: u8, addr: &Addr) -> Option<AddrInfo> {
     // SAFETY: read-only copy of a hash value.
     unsafe { ADDRS.get(&addr_key(family, addr)) }.copied()
 }
@@ -174,7 +175,7 @@ fn passthrough(p: &Pkt, dir: Direction, subnet: Option<&SubnetPolicy>) -> bool {
     {
         return true;
     }
-    if p.family == AF_INET && (p.src[..4] == METADATA || p.dst[..4] == METADATA) {
+    if p.family == AF_INET && (p.src[0] == METADATA || p.dst[0] == METADATA) {
         return true;
     }
     if let Some(s) = subnet {
@@ -182,10 +183,16 @@ fn passthrough(p: &Pkt, dir: Direction, subnet: Option<&SubnetPolicy>) -> bool {
             Direction::Egress => &p.dst,
             Direction::Ingress => &p.src,
         };
-        if p.family == AF_INET && s.flags & SUBNET_HAS_DNS_V4 != 0 && peer[..4] == s.dns_v4 {
+        if p.family == AF_INET
+            && s.flags & SUBNET_HAS_DNS_V4 != 0
+            && peer[0] == u32::from_ne_bytes(s.dns_v4)
+        {
             return true;
         }
-        if p.family == AF_INET6 && s.flags & SUBNET_HAS_DNS_V6 != 0 && *peer == s.dns_v6 {
+        if p.family == AF_INET6
+            && s.flags & SUBNET_HAS_DNS_V6 != 0
+            && *peer == bytemuck::cast::<[u8; 16], Addr>(s.dns_v6)
+        {
             return true;
         }
     }
@@ -197,16 +204,22 @@ fn passthrough(p: &Pkt, dir: Direction, subnet: Option<&SubnetPolicy>) -> bool {
 /// destination, or an IPv6 link-local destination (delivered to it).
 #[inline(always)]
 fn link_scoped(p: &Pkt, dir: Direction) -> bool {
+    // The first two bytes of an address word, in network order.
+    let lead = |a: &Addr| {
+        let b = a[0].to_ne_bytes();
+        (b[0], b[1])
+    };
     match dir {
         Direction::Egress => {
-            p.family == AF_INET6
-                && ((p.src[0] == 0xfe && p.src[1] & 0xc0 == 0x80) || p.src == [0u8; 16])
+            let (b0, b1) = lead(&p.src);
+            p.family == AF_INET6 && ((b0 == 0xfe && b1 & 0xc0 == 0x80) || p.src == [0; 4])
         }
         Direction::Ingress => {
+            let (b0, b1) = lead(&p.dst);
             if p.family == AF_INET6 {
-                p.dst[0] == 0xff || (p.dst[0] == 0xfe && p.dst[1] & 0xc0 == 0x80)
+                b0 == 0xff || (b0 == 0xfe && b1 & 0xc0 == 0x80)
             } else {
-                p.dst[0] & 0xf0 == 0xe0 || p.dst[..4] == [255, 255, 255, 255]
+                b0 & 0xf0 == 0xe0 || p.dst[0] == u32::MAX
             }
         }
     }
@@ -226,8 +239,8 @@ fn sg_stage(
     key: &sgfw_common::CtKey,
     hit: Option<*mut sgfw_common::CtEntry>,
     policy: u32,
-    local: &[u8; 16],
-    remote: &[u8; 16],
+    local: &Addr,
+    remote: &Addr,
     cfg: &Config,
     now: u64,
 ) -> SgOutcome {

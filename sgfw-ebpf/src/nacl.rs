@@ -14,7 +14,7 @@ use sgfw_common::{
 };
 
 use crate::maps::{NACL_CIDR_V4, NACL_CIDR_V6, NACL_META, NACL_PORTS};
-use crate::parse::Pkt;
+use crate::parse::{Addr, Pkt};
 
 /// Rule number AWS prints for the implicit deny, IPv4.
 const STAR_V4: u32 = 32767;
@@ -55,10 +55,9 @@ fn lowest_bit_index(x: u64) -> u32 {
 /// `Ok((allowed, rule number))`, or `Err(DropNoPolicy)` when the table's
 /// metadata is missing (fail closed).
 #[inline(always)]
-pub fn check(table: u32, p: &Pkt, remote: &[u8; 16]) -> Result<(bool, u32), Reason> {
+pub fn check(table: u32, p: &Pkt, remote: &Addr) -> Result<(bool, u32), Reason> {
     let cidr_bits = if p.family == AF_INET {
-        let mut addr = [0u8; 4];
-        addr.copy_from_slice(&remote[..4]);
+        let addr = remote[0].to_ne_bytes();
         NACL_CIDR_V4
             .get(Key::new(
                 CIDR_V4_KEY_BITS,
@@ -75,7 +74,7 @@ pub fn check(table: u32, p: &Pkt, remote: &[u8; 16]) -> Result<(bool, u32), Reas
                 CIDR_V6_KEY_BITS,
                 CidrKeyV6 {
                     table: table.to_be_bytes(),
-                    addr: *remote,
+                    addr: bytemuck::cast(*remote),
                 },
             ))
             .copied()

@@ -15,14 +15,13 @@ use sgfw_common::{
 };
 
 use crate::maps::{SG_CIDR_V4, SG_CIDR_V6, SG_PORTS};
-use crate::parse::Pkt;
+use crate::parse::{Addr, Pkt};
 
 /// The allowing rule's reference, or `None` when no rule allows.
 #[inline(always)]
-pub fn allows(policy: u32, p: &Pkt, remote: &[u8; 16]) -> Option<u32> {
+pub fn allows(policy: u32, p: &Pkt, remote: &Addr) -> Option<u32> {
     let set = if p.family == AF_INET {
-        let mut addr = [0u8; 4];
-        addr.copy_from_slice(&remote[..4]);
+        let addr = remote[0].to_ne_bytes();
         *SG_CIDR_V4.get(Key::new(
             CIDR_V4_KEY_BITS,
             CidrKeyV4 {
@@ -35,7 +34,7 @@ pub fn allows(policy: u32, p: &Pkt, remote: &[u8; 16]) -> Option<u32> {
             CIDR_V6_KEY_BITS,
             CidrKeyV6 {
                 table: policy.to_be_bytes(),
-                addr: *remote,
+                addr: bytemuck::cast(*remote),
             },
         ))?
     };

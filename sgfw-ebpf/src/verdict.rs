@@ -73,8 +73,8 @@ pub fn finish(
                 (*ev).direction = dir as u8;
                 match p {
                     Some(p) => {
-                        (*ev).src = p.src;
-                        (*ev).dst = p.dst;
+                        (*ev).src = bytemuck::cast(p.src);
+                        (*ev).dst = bytemuck::cast(p.dst);
                         (*ev).proto = p.proto;
                         (*ev).family = p.family;
                         if p.is_icmp_proto() {

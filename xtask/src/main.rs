@@ -139,7 +139,10 @@ fn build_ebpf(root: &Path) -> Result<()> {
         .env_remove("RUSTUP_TOOLCHAIN")
         .env(
             "CARGO_TARGET_BPFEL_UNKNOWN_NONE_RUSTFLAGS",
-            "-C debuginfo=2 -C link-arg=--btf",
+            // bpf-linker asks LLVM to keep memcpy "in order" for old JITs,
+            // which turns every memset/memmove into a byte-loop call; the
+            // kernels sgfw targets need no such care, so let LLVM inline them.
+            "-C debuginfo=2 -C link-arg=--btf -C link-arg=--llvm-args=-bpf-expand-memcpy-in-order=0",
         )
         .args([
             "+nightly",
