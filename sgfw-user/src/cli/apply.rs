@@ -17,6 +17,9 @@ use super::{BackendArg, Failure, load_model};
 ///
 /// Example: `sgfw apply -f vpc.json --backend ebpf`
 #[derive(Debug, Args)]
+#[command(
+    after_help = "Example:\n  sgfw apply -f vpc.json --backend ebpf\n  sgfw apply -f - < vpc.json"
+)]
 pub struct ApplyArgs {
     /// The model (EC2 JSON); `-` reads standard input.
     #[arg(short = 'f', long = "file")]

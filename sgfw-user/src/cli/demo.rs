@@ -26,6 +26,7 @@ use super::{BackendArg, Failure};
 ///
 /// Example: `sgfw demo --backend nftables`
 #[derive(Debug, Args)]
+#[command(after_help = "Example:\n  sgfw demo\n  sgfw demo --backend nftables --keep")]
 pub struct DemoArgs {
     /// Which dataplane enforces the demo VPC.
     #[arg(long, value_enum, default_value_t = BackendArg::Auto)]

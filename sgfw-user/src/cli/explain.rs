@@ -16,6 +16,9 @@ use sgfw::packet::{L4, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Packet, T
 /// `DENY`, then one line per stage (sg-egress, nacl-out, nacl-in,
 /// sg-ingress) with the rule that decided. Exit 2 on a bad model or bad arguments.
 #[derive(Debug, Clone, Args)]
+#[command(
+    after_help = "Example:\n  sgfw explain -f examples/web-db-vpc.json --src 10.0.1.10 --dst 10.0.2.20 --proto tcp --dport 5432"
+)]
 pub struct ExplainArgs {
     /// The model (EC2-style JSON); `-` reads standard input.
     #[arg(short = 'f', long = "file", value_name = "MODEL")]

@@ -26,6 +26,7 @@ use super::Failure;
 ///
 /// Example: `sgfw flows --accepts --count 10`
 #[derive(Debug, Args)]
+#[command(after_help = "Example:\n  sgfw flows\n  sgfw flows --accepts --json --count 10")]
 pub struct FlowsArgs {
     /// One JSON object per line instead of flow-log text.
     #[arg(long)]

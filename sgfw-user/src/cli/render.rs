@@ -25,6 +25,9 @@ pub enum RenderBackend {
 ///
 /// Example: `sgfw render --backend nftables -f vpc.json > sgfw.nft`
 #[derive(Debug, Args)]
+#[command(
+    after_help = "Example:\n  sgfw render --backend nftables -f vpc.json > sgfw.nft\n  sgfw render --backend ebpf -f vpc.json"
+)]
 pub struct RenderArgs {
     /// The model (EC2 JSON); `-` reads standard input.
     #[arg(short = 'f', long = "file")]

@@ -25,6 +25,7 @@ use super::{BackendArg, Failure, load_model};
 ///
 /// Example: `RUST_LOG=info sgfw run -f vpc.json --backend ebpf`
 #[derive(Debug, Args)]
+#[command(after_help = "Example:\n  RUST_LOG=info sgfw run -f vpc.json --backend ebpf")]
 pub struct RunArgs {
     /// The model (EC2 JSON).
     #[arg(short = 'f', long = "file")]

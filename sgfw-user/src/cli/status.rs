@@ -17,6 +17,7 @@ use super::Failure;
 ///
 /// Example: `sgfw status --json`
 #[derive(Debug, Args)]
+#[command(after_help = "Example:\n  sgfw status\n  sgfw status --json | jq .instances")]
 pub struct StatusArgs {
     /// Print one JSON document (stable field names, see README).
     #[arg(long)]

@@ -13,6 +13,7 @@ use super::Failure;
 ///
 /// Example: `sgfw teardown`
 #[derive(Debug, Args)]
+#[command(after_help = "Example:\n  sgfw teardown")]
 pub struct TeardownArgs {}
 
 /// Runs `sgfw teardown`.

@@ -13,6 +13,7 @@ use clap::Args;
 /// Check a model file: exit 0 when it is valid (warnings on stderr), exit 2
 /// with one line per error on stderr when it is not.
 #[derive(Debug, Clone, Args)]
+#[command(after_help = "Example:\n  sgfw validate -f examples/web-db-vpc.json")]
 pub struct ValidateArgs {
     /// The model: EC2-style JSON with Subnets, Instances, SecurityGroups,
     /// NetworkAcls, PrefixLists; `-` reads standard input.

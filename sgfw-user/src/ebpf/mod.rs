@@ -648,7 +648,16 @@ impl EbpfBackend {
         let mut state = prev.clone().unwrap_or_default();
         state.indices.update(model);
         let parity = prev.as_ref().map_or(0, |p| 1 - p.parity);
+        let t = std::time::Instant::now();
         let compiled = compile::compile(model, &state.indices, parity)?;
+        tracing::info!(
+            "compiled {} instances: {} SG prefixes, {} port-set entries, {} NACL tables ({} ms)",
+            compiled.instances.len(),
+            compiled.sg_cidr_v4.len() + compiled.sg_cidr_v6.len(),
+            compiled.sg_ports.len(),
+            compiled.nacl_meta.len(),
+            t.elapsed().as_millis()
+        );
         let mut report = ApplyReport::default();
 
         sys::ensure_bpffs()?;
@@ -690,6 +699,7 @@ impl EbpfBackend {
                     });
                 }
             }
+            tracing::info!("loading the BPF object (first apply)");
             let mut ebpf = load_object(&caps)?;
             let km = kernel_maps_of(&ebpf)?;
             self.pin_object(&mut ebpf)?;
@@ -718,6 +728,10 @@ impl EbpfBackend {
             0
         };
         let config = config_for(model, generation, flags);
+        tracing::info!(
+            "writing generation {generation} and switching {} instances",
+            compiled.instances.len()
+        );
         if let Err(e) = write_generation(&mut maps, &compiled, &ports, &config) {
             if report.loaded {
                 // Nothing was in force before: leave nothing behind.

@@ -38,6 +38,9 @@ pub enum Part {
 ///
 /// Example: `sgfw bench --out target/bench` (what `cargo xtask bench` runs)
 #[derive(Debug, Args)]
+#[command(
+    after_help = "Example:\n  sgfw bench --out target/bench\n  sgfw bench --only packet --repeat 200000"
+)]
 pub struct BenchArgs {
     /// Where report.md and the charts go.
     #[arg(long, default_value = "target/bench")]
