@@ -73,9 +73,9 @@ pub fn lines(
     Ok(())
 }
 
-/// Horizontal-label bar chart of ratios (1.0 = baseline).
+/// Bar chart of ratios (1.0 = baseline), one labelled bar per entry.
 pub fn bars(path: &Path, title: &str, labels: &[String], values: &[f64]) -> Result<(), Failure> {
-    let root = SVGBackend::new(path, (1000, 520)).into_drawing_area();
+    let root = SVGBackend::new(path, (1100, 560)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let ymax = values
         .iter()
@@ -83,39 +83,42 @@ pub fn bars(path: &Path, title: &str, labels: &[String], values: &[f64]) -> Resu
         .filter(|v| v.is_finite())
         .fold(1.0f64, f64::max)
         * 1.15;
-    let n = labels.len().max(1);
+    let n = labels.len().max(1) as u32;
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 22))
         .margin(15)
-        .x_label_area_size(60)
+        .x_label_area_size(50)
         .y_label_area_size(60)
-        .build_cartesian_2d(0f64..n as f64, 0f64..ymax)
+        .build_cartesian_2d((0u32..n).into_segmented(), 0f64..ymax)
         .map_err(err)?;
     chart
         .configure_mesh()
-        .x_labels(n + 1)
-        .x_label_formatter(&|x| {
-            let i = x.floor() as usize;
-            if (x - i as f64 - 0.5).abs() < 0.26 {
-                labels.get(i).cloned().unwrap_or_default()
-            } else {
-                String::new()
-            }
+        .disable_x_mesh()
+        .x_labels(n as usize)
+        .x_label_formatter(&|x| match x {
+            SegmentValue::CenterOf(i) => labels.get(*i as usize).cloned().unwrap_or_default(),
+            _ => String::new(),
         })
         .y_desc("ratio to baseline")
         .draw()
         .map_err(err)?;
     chart
         .draw_series(values.iter().enumerate().map(|(i, v)| {
-            Rectangle::new(
-                [(i as f64 + 0.15, 0.0), (i as f64 + 0.85, *v)],
+            let i = i as u32;
+            let mut bar = Rectangle::new(
+                [
+                    (SegmentValue::Exact(i), 0.0),
+                    (SegmentValue::Exact(i + 1), *v),
+                ],
                 BLUE.mix(0.6).filled(),
-            )
+            );
+            bar.set_margin(0, 0, 12, 12);
+            bar
         }))
         .map_err(err)?;
     chart
         .draw_series(LineSeries::new(
-            vec![(0.0, 1.0), (n as f64, 1.0)],
+            vec![(SegmentValue::Exact(0), 1.0), (SegmentValue::Exact(n), 1.0)],
             RED.stroke_width(1),
         ))
         .map_err(err)?;

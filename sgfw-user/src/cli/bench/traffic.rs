@@ -155,10 +155,16 @@ pub fn run(a: &BenchArgs) -> Result<String, Failure> {
     }
     std::thread::sleep(std::time::Duration::from_millis(500));
     let mut rows: Vec<(String, Result3)> = Vec::new();
+    // The baseline is measured at the start, in the middle and at the end;
+    // ratios are to its median, and its spread shows the run's noise.
+    let mut baselines = Vec::new();
     eprintln!("bench:   baseline (no filtering)");
-    let base = measure(&bed, a.seconds)?;
-    rows.push(("no filtering".into(), base));
+    baselines.push(measure(&bed, a.seconds)?);
     for rules in [10usize, 1_000, 10_000] {
+        if rules == 10_000 {
+            eprintln!("bench:   baseline again");
+            baselines.push(measure(&bed, a.seconds)?);
+        }
         let m = model(&bed, rules);
         let (v, _) =
             sgfw::validate::validate(&m).map_err(|e| anyhow!("traffic model invalid: {e}"))?;
@@ -177,9 +183,26 @@ pub fn run(a: &BenchArgs) -> Result<String, Failure> {
         ));
         nft.teardown().context("nft teardown")?;
     }
+    eprintln!("bench:   baseline once more");
+    baselines.push(measure(&bed, a.seconds)?);
     let _ = server.kill();
     let _ = server.wait();
     drop(bed);
+    let med = |f: fn(&Result3) -> f64| super::median(baselines.iter().map(f).collect());
+    let base = Result3 {
+        tcp1_gbps: med(|r| r.tcp1_gbps),
+        tcp4_gbps: med(|r| r.tcp4_gbps),
+        udp_kpps: med(|r| r.udp_kpps),
+    };
+    let spread = |f: fn(&Result3) -> f64| {
+        let v: Vec<f64> = baselines.iter().map(f).collect();
+        let (lo, hi) = (
+            v.iter().copied().fold(f64::MAX, f64::min),
+            v.iter().copied().fold(0.0, f64::max),
+        );
+        format!("{:.2}–{:.2}×", lo / med(f), hi / med(f))
+    };
+    rows.insert(0, ("no filtering (median of 3)".into(), base));
 
     let mut s = String::new();
     let _ = writeln!(s, "## 2. Real traffic\n");
@@ -187,6 +210,13 @@ pub fn run(a: &BenchArgs) -> Result<String, Failure> {
         s,
         "iperf3 between two namespaces in different subnets (routed through the host, {} s per run): TCP one stream and four, and 64-byte UDP at full rate (received packets per second). Rules are the server's ingress permissions (the matching one last).\n",
         a.seconds
+    );
+    let _ = writeln!(
+        s,
+        "The baseline was measured three times (start, middle, end); its spread in this run — TCP 1 stream {}, TCP 4 streams {}, UDP {} of its median — is the noise floor of the ratios below.\n",
+        spread(|r| r.tcp1_gbps),
+        spread(|r| r.tcp4_gbps),
+        spread(|r| r.udp_kpps)
     );
     let _ = writeln!(
         s,
