@@ -352,8 +352,14 @@ impl TestBed {
                 .ok()
         });
         self.on_drop({
-            let ns = netns.clone();
-            move || sh_quiet(&["ip", "netns", "del", &ns])
+            let (ns, port) = (netns.clone(), port.clone());
+            move || {
+                // The veth goes first and at once: a namespace outlives its
+                // name while sockets in it linger (TIME_WAIT, for a minute),
+                // and with it the host end of its veth.
+                sh_quiet(&["ip", "link", "del", &port]);
+                sh_quiet(&["ip", "netns", "del", &ns]);
+            }
         });
         sh(&["ip", "netns", "add", &netns])?;
         // No duplicate address detection inside either (see the bridge).
