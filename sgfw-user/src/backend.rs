@@ -195,6 +195,138 @@ pub fn select_for_library(env: Option<&str>, probes: &Probes) -> (EnforcementMod
     }
 }
 
+/// Errors of [`Enforcer`].
+#[derive(Debug, thiserror::Error)]
+pub enum EnforceError {
+    /// The eBPF backend failed; the previous policy stays in force.
+    #[error("eBPF backend")]
+    Ebpf(#[from] crate::ebpf::EbpfError),
+    /// The nftables backend failed; the previous ruleset stays in force.
+    #[error("nftables backend")]
+    Nft(#[from] crate::nft::NftError),
+}
+
+/// What an embedding AWS emulator holds: the chosen mode and the backend
+/// behind it. `apply` with a new model whenever security groups, NACLs,
+/// subnets or instances change; `attach_new_ports` after an instance joined a
+/// bridge; `teardown` on shutdown. In [`EnforcementMode::Disabled`] every
+/// call succeeds and changes nothing (the model is metadata only).
+///
+/// ```no_run
+/// # fn model() -> sgfw::flat::FlatModel { unimplemented!() }
+/// let (enforcer, warning) = sgfw::backend::Enforcer::from_env();
+/// if let Some(w) = warning {
+///     eprintln!("{w}"); // exactly one warning when enforcement had to be disabled
+/// }
+/// enforcer.apply(&model())?;
+/// # Ok::<(), sgfw::backend::EnforceError>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct Enforcer {
+    mode: EnforcementMode,
+    ebpf: crate::ebpf::EbpfBackend,
+}
+
+impl Enforcer {
+    /// An enforcer in `mode` (the eBPF backend at its default pin paths).
+    pub fn with_mode(mode: EnforcementMode) -> Enforcer {
+        Enforcer {
+            mode,
+            ebpf: crate::ebpf::EbpfBackend::default(),
+        }
+    }
+
+    /// The mode from `SGFW_ENFORCEMENT` and the probes (see
+    /// [`select_for_library`]), with the one warning to show when a
+    /// requested backend cannot run. The warning is also logged once with
+    /// `tracing::warn!`.
+    pub fn from_env_and_probes(env: Option<&str>, probes: &Probes) -> (Enforcer, Option<String>) {
+        let (mode, warning) = select_for_library(env, probes);
+        if let Some(w) = &warning {
+            tracing::warn!("{w}");
+        }
+        (Enforcer::with_mode(mode), warning)
+    }
+
+    /// [`Enforcer::from_env_and_probes`] with the real environment and
+    /// probes; a backend is probed only when the setting could choose it.
+    pub fn from_env() -> (Enforcer, Option<String>) {
+        let env = std::env::var(ENFORCEMENT_ENV).ok();
+        let choice = env.as_deref().and_then(|v| v.parse::<BackendChoice>().ok());
+        let host = crate::sys::RealHost;
+        let wants =
+            |b: BackendChoice| matches!(choice, Some(c) if c == b || c == BackendChoice::Auto);
+        let probes = Probes {
+            ebpf: if wants(BackendChoice::Ebpf) {
+                crate::ebpf::probe()
+            } else {
+                Err("not requested".into())
+            },
+            nftables: if wants(BackendChoice::Nftables) {
+                crate::nft::probe_nftables(&host)
+            } else {
+                Err("not requested".into())
+            },
+        };
+        Enforcer::from_env_and_probes(env.as_deref(), &probes)
+    }
+
+    /// The mode in force.
+    pub fn mode(&self) -> EnforcementMode {
+        self.mode
+    }
+
+    /// Enforces `model` (atomically; on error the previous policy stays).
+    ///
+    /// # Errors
+    ///
+    /// The backend's error, with its cause chain.
+    pub fn apply(&self, model: &crate::flat::FlatModel) -> Result<(), EnforceError> {
+        let host = crate::sys::RealHost;
+        match self.mode {
+            EnforcementMode::Ebpf => {
+                self.ebpf
+                    .apply(model, &host, &crate::ebpf::ApplyOptions::default())?;
+            }
+            EnforcementMode::Nftables => {
+                crate::nft::NftBackend::new(&host).apply(model)?;
+            }
+            EnforcementMode::Disabled => {}
+        }
+        Ok(())
+    }
+
+    /// Attaches the eBPF classifiers to bridge ports that appeared since the
+    /// last apply (instances started later); returns their names. Nothing to
+    /// do for the other modes (nftables rules follow addresses).
+    ///
+    /// # Errors
+    ///
+    /// The eBPF backend's error.
+    pub fn attach_new_ports(&self) -> Result<Vec<String>, EnforceError> {
+        match self.mode {
+            EnforcementMode::Ebpf => Ok(self.ebpf.attach_ports(&crate::sys::RealHost)?),
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// Removes every trace of the backend in force.
+    ///
+    /// # Errors
+    ///
+    /// The backend's error.
+    pub fn teardown(&self) -> Result<(), EnforceError> {
+        match self.mode {
+            EnforcementMode::Ebpf => self.ebpf.teardown()?,
+            EnforcementMode::Nftables => {
+                crate::nft::NftBackend::new(&crate::sys::RealHost).teardown()?
+            }
+            EnforcementMode::Disabled => {}
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -345,5 +477,26 @@ mod tests {
             w.contains("\"iptables\"") && w.contains("auto, ebpf, nftables, off"),
             "{w}"
         );
+    }
+
+    #[test]
+    fn enforcer_in_disabled_mode_changes_nothing_and_warns_once() {
+        let (e, w) = Enforcer::from_env_and_probes(Some("ebpf"), &probes(false, true));
+        assert_eq!(e.mode(), EnforcementMode::Disabled);
+        let w = w.expect("a warning");
+        assert!(w.contains("CAP_BPF"), "{w}");
+        // Metadata only: every call succeeds without touching the host.
+        let flat = crate::flat::FlatModel {
+            subnets: vec![],
+            instances: vec![],
+            timeouts: Default::default(),
+        };
+        assert!(e.apply(&flat).is_ok());
+        assert!(e.attach_new_ports().is_ok_and(|p| p.is_empty()));
+        assert!(e.teardown().is_ok());
+        let (e, w) = Enforcer::from_env_and_probes(None, &probes(true, true));
+        assert_eq!((e.mode(), w), (EnforcementMode::Disabled, None));
+        let (e, w) = Enforcer::from_env_and_probes(Some("auto"), &probes(false, true));
+        assert_eq!((e.mode(), w), (EnforcementMode::Nftables, None));
     }
 }
