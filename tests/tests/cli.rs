@@ -79,8 +79,25 @@ fn apply_status_flows_teardown() {
     let file = write_model(&lab, &model);
     let _guard = Teardown;
     lab.serve("web", &[80, 81], &[]);
+    // First on nftables, then switched to eBPF: one backend at a time.
+    let o = sgfw(&[
+        "apply",
+        "-f",
+        file.to_str().unwrap(),
+        "--backend",
+        "nftables",
+    ]);
+    assert!(o.status.success(), "nft apply failed: {}", text(&o));
     let o = sgfw(&["apply", "-f", file.to_str().unwrap(), "--backend", "ebpf"]);
     assert!(o.status.success(), "apply failed: {}", text(&o));
+    let tables = Command::new("nft")
+        .args(["list", "tables"])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&tables.stdout).contains("sgfw"),
+        "switching to eBPF must remove the nft ruleset"
+    );
     assert!(Path::new("/sys/fs/bpf/sgfw/maps/SGFW_CONFIG").exists());
     let web = lab.addr("web", false);
     assert!(lab.bed.tcp("client", web, 80), "allowed probe after apply");

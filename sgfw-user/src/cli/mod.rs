@@ -208,7 +208,14 @@ pub fn apply_with(
     conntrack_max: u32,
 ) -> Result<String, Failure> {
     match mode {
-        EnforcementMode::Ebpf => apply::apply_ebpf(flat, conntrack_max),
+        EnforcementMode::Ebpf => {
+            let mut s = apply::apply_ebpf(flat, conntrack_max)?;
+            // Switching backends: the new one enforces now, the old one goes.
+            if teardown_nft()? {
+                s.push_str("; the nftables ruleset it replaces was removed");
+            }
+            Ok(s)
+        }
         EnforcementMode::Nftables => {
             let r = NftBackend::new(&RealHost).apply(flat).map_err(|e| {
                 anyhow::Error::new(e)
@@ -217,6 +224,13 @@ pub fn apply_with(
             for n in &r.notes {
                 eprintln!("note: {n}");
             }
+            let ebpf = sgfw::ebpf::EbpfBackend::default();
+            let replaced = ebpf.is_applied();
+            if replaced {
+                ebpf.teardown().map_err(|e| {
+                    anyhow::Error::new(e).context("removing the eBPF dataplane it replaces")
+                })?;
+            }
             Ok(format!(
                 "; {} bytes of ruleset in one nft transaction{}",
                 r.ruleset_bytes,
@@ -224,8 +238,12 @@ pub fn apply_with(
                     String::new()
                 } else {
                     format!(", set {}", r.sysctls_set.join(", "))
-                }
-            ))
+                },
+            ) + if replaced {
+                "; the eBPF dataplane it replaces was removed"
+            } else {
+                ""
+            })
         }
         EnforcementMode::Disabled => Ok("; enforcement disabled (metadata only)".into()),
     }
