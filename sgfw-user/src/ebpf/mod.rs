@@ -644,6 +644,17 @@ impl EbpfBackend {
         host: &dyn Host,
         opts: &ApplyOptions,
     ) -> Result<ApplyReport, EbpfError> {
+        let _lock = self.lock()?;
+        if self.is_applied() && self.state()?.is_none() {
+            // Pins without their state (the state directory was cleared):
+            // the numbering they were written with is lost, so start afresh.
+            tracing::warn!(
+                "{} holds pins but {} is gone; removing them and loading afresh",
+                self.pin_root.display(),
+                self.state_path.display()
+            );
+            self.teardown_unlocked()?;
+        }
         let prev = self.state()?.filter(|_| self.is_applied());
         let mut state = prev.clone().unwrap_or_default();
         state.indices.update(model);
@@ -907,6 +918,39 @@ impl EbpfBackend {
     /// Removes every trace: links (detaching the programs), programs, maps,
     /// the pin directory and the state file. Succeeds when nothing is there.
     pub fn teardown(&self) -> Result<(), EbpfError> {
+        let _lock = self.lock()?;
+        self.teardown_unlocked()
+    }
+
+    /// One apply or teardown at a time on this host (per pin root): an
+    /// exclusive `flock` on a file beside the state file, released on drop.
+    fn lock(&self) -> Result<std::fs::File, EbpfError> {
+        let path = self.state_path.with_extension("lock");
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|source| SysError::File {
+                what: "creating",
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        }
+        let file = std::fs::File::create(&path).map_err(|source| SysError::File {
+            what: "creating",
+            path: path.clone(),
+            source,
+        })?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX) } != 0 {
+            return Err(SysError::File {
+                what: "locking",
+                path,
+                source: std::io::Error::last_os_error(),
+            }
+            .into());
+        }
+        Ok(file)
+    }
+
+    fn teardown_unlocked(&self) -> Result<(), EbpfError> {
         let links = self.pin_root.join("links");
         if let Ok(entries) = std::fs::read_dir(&links) {
             for e in entries.flatten() {
@@ -926,12 +970,7 @@ impl EbpfBackend {
             })?;
         }
         match std::fs::remove_file(&self.state_path) {
-            Ok(()) => {
-                // The state directory goes too once nothing else of sgfw's is in it.
-                if let Some(dir) = self.state_path.parent() {
-                    let _ = std::fs::remove_dir(dir);
-                }
-            }
+            Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(source) => {
                 return Err(SysError::File {
@@ -941,6 +980,12 @@ impl EbpfBackend {
                 }
                 .into());
             }
+        }
+        // The lock file and the state directory go too, once nothing else of
+        // sgfw's is in it (the lock is held, so no one else is mid-apply).
+        let _ = std::fs::remove_file(self.state_path.with_extension("lock"));
+        if let Some(dir) = self.state_path.parent() {
+            let _ = std::fs::remove_dir(dir);
         }
         Ok(())
     }
