@@ -261,6 +261,25 @@ fn sg_stage(
     }
 }
 
+/// A NACL stage: `None` when the table allows, else the drop (its rule
+/// number), or `DropNoPolicy` when the table is missing (fail closed).
+#[inline(always)]
+fn nacl_stage(table: u32, p: &Pkt, remote: &Addr, deny: Reason, instance: u32) -> Option<Decision> {
+    match nacl::check(table, p, remote) {
+        Ok((true, _)) => None,
+        Ok((false, rule)) => Some(Decision {
+            reason: deny,
+            instance,
+            rule,
+        }),
+        Err(reason) => Some(Decision {
+            reason,
+            instance,
+            rule: NO_RULE,
+        }),
+    }
+}
+
 #[inline(always)]
 fn try_classify(p: &Pkt, dir: Direction, ifx: u32, cfg: &Config, now: u64) -> Decision {
     let key = conntrack::key(p, dir);
@@ -362,16 +381,8 @@ fn try_classify(p: &Pkt, dir: Direction, ifx: u32, cfg: &Config, now: u64) -> De
                 } else {
                     subnet.nacl_out_v6
                 };
-                match nacl::check(table, p, remote) {
-                    Ok((true, _)) => {}
-                    Ok((false, rule)) => {
-                        return Decision {
-                            reason: Reason::DropNaclOut,
-                            instance: li.instance,
-                            rule,
-                        };
-                    }
-                    Err(_) => return no_policy,
+                if let Some(drop) = nacl_stage(table, p, remote, Reason::DropNaclOut, li.instance) {
+                    return drop;
                 }
             }
             sg
@@ -383,16 +394,8 @@ fn try_classify(p: &Pkt, dir: Direction, ifx: u32, cfg: &Config, now: u64) -> De
                 } else {
                     subnet.nacl_in_v6
                 };
-                match nacl::check(table, p, remote) {
-                    Ok((true, _)) => {}
-                    Ok((false, rule)) => {
-                        return Decision {
-                            reason: Reason::DropNaclIn,
-                            instance: li.instance,
-                            rule,
-                        };
-                    }
-                    Err(_) => return no_policy,
+                if let Some(drop) = nacl_stage(table, p, remote, Reason::DropNaclIn, li.instance) {
+                    return drop;
                 }
             }
             let sg = sg_stage(p, &key, hit, inst.policy_ingress, local, remote, cfg, now);

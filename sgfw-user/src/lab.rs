@@ -586,17 +586,10 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_millis(400);
 /// Runs `f` on a thread that has entered the network namespace `ns`.
 pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
     let path = format!("/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).ok()?;
-        // SAFETY: setns on a valid namespace fd; affects only this thread.
-        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return None;
-        }
-        Some(f())
-    })
-    .join()
-    .ok()
-    .flatten()
+    std::thread::spawn(move || enter_netns(&path).then(f))
+        .join()
+        .ok()
+        .flatten()
 }
 
 /// A TCP connection kept open across a policy change.
@@ -622,49 +615,32 @@ struct Server {
     thread: Option<JoinHandle<()>>,
 }
 
+/// Enters the network namespace at `path` on the calling thread.
+fn enter_netns(path: &str) -> bool {
+    std::fs::File::open(path)
+        // SAFETY: setns on a valid namespace fd; affects only this thread.
+        .map(|f| unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } == 0)
+        .unwrap_or(false)
+}
+
 impl Server {
-    fn tcp(ns: &str, port: u16) -> Result<Server, BedError> {
+    /// A thread that enters `ns`, binds with `bind` and then runs `serve`
+    /// until the stop flag is set; fails when the bind fails.
+    fn start<S: Send + 'static>(
+        ns: &str,
+        what: String,
+        bind: impl FnOnce() -> Option<S> + Send + 'static,
+        serve: impl FnOnce(S, &AtomicBool) + Send + 'static,
+    ) -> Result<Server, BedError> {
         let stop = Arc::new(AtomicBool::new(false));
         let s2 = stop.clone();
         let (tx, rx) = std::sync::mpsc::channel();
         let path = format!("/run/netns/{ns}");
         let thread = std::thread::spawn(move || {
-            let ok = std::fs::File::open(&path)
-                // SAFETY: see in_netns.
-                .map(|f| unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } == 0)
-                .unwrap_or(false);
-            let l = ok.then(|| TcpListener::bind(("::", port)).ok()).flatten();
-            let _ = tx.send(l.is_some());
-            let Some(l) = l else { return };
-            let _ = l.set_nonblocking(true);
-            while !s2.load(Ordering::Relaxed) {
-                match l.accept() {
-                    Ok((mut c, _)) => {
-                        let s3 = s2.clone();
-                        std::thread::spawn(move || {
-                            let _ = c.set_read_timeout(Some(Duration::from_millis(100)));
-                            let mut buf = [0u8; 1024];
-                            while !s3.load(Ordering::Relaxed) {
-                                match c.read(&mut buf) {
-                                    Ok(0) => break,
-                                    Ok(n) => {
-                                        if c.write_all(&buf[..n]).is_err() {
-                                            break;
-                                        }
-                                    }
-                                    Err(e)
-                                        if matches!(
-                                            e.kind(),
-                                            std::io::ErrorKind::WouldBlock
-                                                | std::io::ErrorKind::TimedOut
-                                        ) => {}
-                                    Err(_) => break,
-                                }
-                            }
-                        });
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
-                }
+            let bound = if enter_netns(&path) { bind() } else { None };
+            let _ = tx.send(bound.is_some());
+            if let Some(b) = bound {
+                serve(b, &s2);
             }
         });
         match rx.recv_timeout(Duration::from_secs(5)) {
@@ -673,43 +649,70 @@ impl Server {
                 thread: Some(thread),
             }),
             _ => Err(BedError::Command {
-                cmd: format!("tcp server on {ns}:{port}"),
+                cmd: what,
                 stderr: "could not bind".into(),
             }),
         }
     }
 
+    /// A TCP echo server on `port` (IPv4 and IPv6).
+    fn tcp(ns: &str, port: u16) -> Result<Server, BedError> {
+        Server::start(
+            ns,
+            format!("tcp server on {ns}:{port}"),
+            move || TcpListener::bind(("::", port)).ok(),
+            |l, stop| {
+                let _ = l.set_nonblocking(true);
+                std::thread::scope(|scope| {
+                    while !stop.load(Ordering::Relaxed) {
+                        match l.accept() {
+                            Ok((mut c, _)) => {
+                                scope.spawn(move || {
+                                    let _ = c.set_read_timeout(Some(Duration::from_millis(100)));
+                                    let mut buf = [0u8; 1024];
+                                    while !stop.load(Ordering::Relaxed) {
+                                        match c.read(&mut buf) {
+                                            Ok(0) => break,
+                                            Ok(n) => {
+                                                if c.write_all(&buf[..n]).is_err() {
+                                                    break;
+                                                }
+                                            }
+                                            Err(e)
+                                                if matches!(
+                                                    e.kind(),
+                                                    std::io::ErrorKind::WouldBlock
+                                                        | std::io::ErrorKind::TimedOut
+                                                ) => {}
+                                            Err(_) => break,
+                                        }
+                                    }
+                                });
+                            }
+                            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                        }
+                    }
+                });
+            },
+        )
+    }
+
+    /// A UDP echo server on `port` (IPv4 and IPv6).
     fn udp(ns: &str, port: u16) -> Result<Server, BedError> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let s2 = stop.clone();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let path = format!("/run/netns/{ns}");
-        let thread = std::thread::spawn(move || {
-            let ok = std::fs::File::open(&path)
-                // SAFETY: see in_netns.
-                .map(|f| unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } == 0)
-                .unwrap_or(false);
-            let s = ok.then(|| UdpSocket::bind(("::", port)).ok()).flatten();
-            let _ = tx.send(s.is_some());
-            let Some(s) = s else { return };
-            let _ = s.set_read_timeout(Some(Duration::from_millis(50)));
-            let mut buf = [0u8; 2048];
-            while !s2.load(Ordering::Relaxed) {
-                if let Ok((n, from)) = s.recv_from(&mut buf) {
-                    let _ = s.send_to(&buf[..n], from);
+        Server::start(
+            ns,
+            format!("udp server on {ns}:{port}"),
+            move || UdpSocket::bind(("::", port)).ok(),
+            |s, stop| {
+                let _ = s.set_read_timeout(Some(Duration::from_millis(50)));
+                let mut buf = [0u8; 2048];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((n, from)) = s.recv_from(&mut buf) {
+                        let _ = s.send_to(&buf[..n], from);
+                    }
                 }
-            }
-        });
-        match rx.recv_timeout(Duration::from_secs(5)) {
-            Ok(true) => Ok(Server {
-                stop,
-                thread: Some(thread),
-            }),
-            _ => Err(BedError::Command {
-                cmd: format!("udp server on {ns}:{port}"),
-                stderr: "could not bind".into(),
-            }),
-        }
+            },
+        )
     }
 }
 

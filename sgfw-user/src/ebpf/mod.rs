@@ -819,20 +819,28 @@ impl EbpfBackend {
         Ok(())
     }
 
+    /// Pinned links: (path, interface name, ifindex), from the pin names
+    /// that [`EbpfBackend::link_pin`] gives them.
+    fn link_pins(&self) -> Vec<(PathBuf, String, u32)> {
+        let Ok(entries) = std::fs::read_dir(self.pin_root.join("links")) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let (ifname, rest) = name.split_once('@')?;
+                let ifx = rest.split('-').next()?.parse::<u32>().ok()?;
+                Some((e.path(), ifname.to_string(), ifx))
+            })
+            .collect()
+    }
+
     /// Ports with both links pinned: (interface name, ifindex).
     pub fn attached_ports(&self) -> Vec<(String, u32)> {
         let mut out: BTreeMap<(String, u32), u8> = BTreeMap::new();
-        if let Ok(entries) = std::fs::read_dir(self.pin_root.join("links")) {
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                let Some((ifname, rest)) = name.split_once('@') else {
-                    continue;
-                };
-                let Some(ifx) = rest.split('-').next().and_then(|s| s.parse::<u32>().ok()) else {
-                    continue;
-                };
-                *out.entry((ifname.to_string(), ifx)).or_default() += 1;
-            }
+        for (_, ifname, ifx) in self.link_pins() {
+            *out.entry((ifname, ifx)).or_default() += 1;
         }
         out.into_iter()
             .filter(|(_, n)| *n == 2)
@@ -854,20 +862,10 @@ impl EbpfBackend {
         let Some(state) = self.state()? else {
             return Err(EbpfError::NotApplied);
         };
-        let links_dir = self.pin_root.join("links");
         // Forget links of interfaces that no longer exist.
-        if let Ok(entries) = std::fs::read_dir(&links_dir) {
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                let Some((ifname, rest)) = name.split_once('@') else {
-                    continue;
-                };
-                let Some(ifx) = rest.split('-').next().and_then(|s| s.parse::<u32>().ok()) else {
-                    continue;
-                };
-                if host.ifindex(ifname)? != Some(ifx) {
-                    let _ = std::fs::remove_file(e.path());
-                }
+        for (path, ifname, ifx) in self.link_pins() {
+            if host.ifindex(&ifname)? != Some(ifx) {
+                let _ = std::fs::remove_file(path);
             }
         }
         let mut attached = Vec::new();
