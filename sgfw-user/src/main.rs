@@ -11,7 +11,9 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
-    cli::init_tracing(args.verbose);
+    // The demo's table is its output; its progress logs would only clutter it.
+    let quiet = matches!(args.cmd, cli::Cmd::Demo(_));
+    cli::init_tracing(args.verbose, quiet);
     match cli::dispatch(args) {
         Ok(code) => code,
         Err(cli::Failure::BadInput(e)) => {

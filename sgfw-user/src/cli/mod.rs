@@ -89,9 +89,15 @@ pub enum Cmd {
     Bench(bench::BenchArgs),
 }
 
-/// Sets up tracing from RUST_LOG (default: info, or debug with -v).
-pub fn init_tracing(verbose: bool) {
-    let default = if verbose { "debug" } else { "info" };
+/// Sets up tracing from RUST_LOG (default: info, warn when `quiet`, debug with -v).
+pub fn init_tracing(verbose: bool, quiet: bool) {
+    let default = if verbose {
+        "debug"
+    } else if quiet {
+        "warn"
+    } else {
+        "info"
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
