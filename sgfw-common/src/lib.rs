@@ -255,8 +255,17 @@ pub struct SubnetPolicy {
     pub dns_v4: [u8; 4],
     /// The subnet's DNS address, IPv6.
     pub dns_v6: [u8; 16],
+    /// The subnet's IPv4 prefix (network address) ...
+    pub net_v4: [u8; 4],
+    /// ... and its mask: a remote outside it is never an instance of this
+    /// subnet, so no owner lookup is needed to know the packet crosses.
+    pub mask_v4: [u8; 4],
+    /// The subnet's IPv6 prefix (all zero when it has none) ...
+    pub net_v6: [u8; 16],
+    /// ... and its mask (all zero when it has none: every address may be local).
+    pub mask_v6: [u8; 16],
 }
-const _: () = assert!(size_of::<SubnetPolicy>() == 40);
+const _: () = assert!(size_of::<SubnetPolicy>() == 80);
 
 /// LPM key data: a table id and an IPv4 address (both big-endian).
 #[repr(C)]

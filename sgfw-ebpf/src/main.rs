@@ -199,6 +199,20 @@ fn passthrough(p: &Pkt, dir: Direction, subnet: Option<&SubnetPolicy>) -> bool {
     false
 }
 
+/// Whether `a` lies in the subnet's prefix of its family.
+#[inline(always)]
+fn in_prefix(s: &SubnetPolicy, family: u8, a: &Addr) -> bool {
+    if family == AF_INET {
+        a[0] & u32::from_ne_bytes(s.mask_v4) == u32::from_ne_bytes(s.net_v4)
+    } else {
+        let (net, mask): (Addr, Addr) = (bytemuck::cast(s.net_v6), bytemuck::cast(s.mask_v6));
+        (a[0] & mask[0]) == net[0]
+            && (a[1] & mask[1]) == net[1]
+            && (a[2] & mask[2]) == net[2]
+            && (a[3] & mask[3]) == net[3]
+    }
+}
+
 /// Addresses that only make sense on the local link: an IPv6 link-local or
 /// unspecified source (sent by the instance), or a multicast or broadcast
 /// destination, or an IPv6 link-local destination (delivered to it).
@@ -362,7 +376,10 @@ fn try_classify(p: &Pkt, dir: Direction, ifx: u32, cfg: &Config, now: u64) -> De
     let Some(subnet) = subnet else {
         return no_policy;
     };
-    let crossing = lookup_addr(p.family, remote).is_none_or(|r| r.subnet != li.subnet);
+    // Outside the subnet's prefix the peer cannot be an instance of it: the
+    // packet crosses the boundary without an owner lookup.
+    let crossing = !in_prefix(subnet, p.family, remote)
+        || lookup_addr(p.family, remote).is_none_or(|r| r.subnet != li.subnet);
     let v4 = p.family == AF_INET;
 
     let outcome = match dir {

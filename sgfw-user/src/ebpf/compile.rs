@@ -351,6 +351,10 @@ pub fn compile(model: &FlatModel, idx: &Indices, parity: u32) -> Result<Compiled
             flags: 0,
             dns_v4: [0; 4],
             dns_v6: [0; 16],
+            net_v4: s.cidr_v4.network().octets(),
+            mask_v4: s.cidr_v4.netmask().octets(),
+            net_v6: s.cidr_v6.map_or([0; 16], |n| n.network().octets()),
+            mask_v6: s.cidr_v6.map_or([0; 16], |n| n.netmask().octets()),
         };
         for d in &s.dns {
             match d {
