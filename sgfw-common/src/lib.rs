@@ -34,9 +34,9 @@ pub mod map_names {
     pub const SG_CIDR_V6: &str = "SGFW_SG_CIDR_V6";
     /// LPM [`crate::PortKey`] → SG rule reference (`u32`).
     pub const SG_PORTS: &str = "SGFW_SG_PORTS";
-    /// LPM [`crate::CidrKeyV4`] → entry bitmask (`u64`): NACL CIDRs, IPv4.
+    /// LPM [`crate::CidrKeyV4`] → [`crate::NaclBits`]: NACL CIDRs, IPv4.
     pub const NACL_CIDR_V4: &str = "SGFW_NACL_CIDR_V4";
-    /// LPM [`crate::CidrKeyV6`] → entry bitmask (`u64`): NACL CIDRs, IPv6.
+    /// LPM [`crate::CidrKeyV6`] → [`crate::NaclBits`]: NACL CIDRs, IPv6.
     pub const NACL_CIDR_V6: &str = "SGFW_NACL_CIDR_V6";
     /// LPM [`crate::PortKey`] → entry bitmask (`u64`): NACL protocol/port matches.
     pub const NACL_PORTS: &str = "SGFW_NACL_PORTS";
@@ -313,6 +313,19 @@ pub const CIDR_V4_KEY_BITS: u32 = (size_of::<CidrKeyV4>() * 8) as u32;
 /// Prefix length of a full [`CidrKeyV6`].
 pub const CIDR_V6_KEY_BITS: u32 = (size_of::<CidrKeyV6>() * 8) as u32;
 
+/// Value of the NACL CIDR tries: the entries whose CIDR contains the
+/// address, and (repeated from [`NaclMeta`], so an allow needs no third
+/// lookup) which entries of the table allow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct NaclBits {
+    /// Bit i: entry i's CIDR contains the address.
+    pub entries: u64,
+    /// Bit i: entry i allows.
+    pub allow_mask: u64,
+}
+const _: () = assert!(size_of::<NaclBits>() == 16);
+
 /// Value of [`map_names::NACL_META`]: how to turn a match bitmask into a decision.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
@@ -499,6 +512,7 @@ mod user {
         CidrKeyV6,
         PortKey,
         NaclMeta,
+        NaclBits,
         CtKey,
         CtEntry,
         Config,

@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use sgfw_common::{
-    AddrInfo, AddrKey, CidrKeyV4, CidrKeyV6, Config, CtEntry, CtKey, InstancePolicy, NaclMeta,
-    PortCountKey, PortKey, SubnetPolicy,
+    AddrInfo, AddrKey, CidrKeyV4, CidrKeyV6, Config, CtEntry, CtKey, InstancePolicy, NaclBits,
+    NaclMeta, PortCountKey, PortKey, SubnetPolicy,
 };
 
 #[map(name = "SGFW_ADDRS")]
@@ -32,10 +32,10 @@ pub static SG_CIDR_V6: LpmTrie<CidrKeyV6, u32> = LpmTrie::with_max_entries(4096,
 pub static SG_PORTS: LpmTrie<PortKey, u32> = LpmTrie::with_max_entries(4096, 0);
 
 #[map(name = "SGFW_NACL_CIDR_V4")]
-pub static NACL_CIDR_V4: LpmTrie<CidrKeyV4, u64> = LpmTrie::with_max_entries(4096, 0);
+pub static NACL_CIDR_V4: LpmTrie<CidrKeyV4, NaclBits> = LpmTrie::with_max_entries(4096, 0);
 
 #[map(name = "SGFW_NACL_CIDR_V6")]
-pub static NACL_CIDR_V6: LpmTrie<CidrKeyV6, u64> = LpmTrie::with_max_entries(4096, 0);
+pub static NACL_CIDR_V6: LpmTrie<CidrKeyV6, NaclBits> = LpmTrie::with_max_entries(4096, 0);
 
 #[map(name = "SGFW_NACL_PORTS")]
 pub static NACL_PORTS: LpmTrie<PortKey, u64> = LpmTrie::with_max_entries(4096, 0);

@@ -5,7 +5,9 @@
 //! (table, remote address) returns the bitmask of entries whose CIDR contains
 //! the address; one on (table, protocol, port) the bitmask of entries whose
 //! protocol and ports match. Their AND's lowest set bit is the first matching
-//! entry; `allow_mask` says whether it allows. No bit: the `*` rule denies.
+//! entry; `allow_mask` (carried in the CIDR trie's value) says whether it
+//! allows. No bit: the `*` rule denies. The rule number of a deny comes from
+//! the table's metadata, looked up only then.
 
 use aya_ebpf::maps::lpm_trie::Key;
 use sgfw_common::{
@@ -56,18 +58,16 @@ fn lowest_bit_index(x: u64) -> u32 {
 /// metadata is missing (fail closed).
 #[inline(always)]
 pub fn check(table: u32, p: &Pkt, remote: &Addr) -> Result<(bool, u32), Reason> {
-    let cidr_bits = if p.family == AF_INET {
-        let addr = remote[0].to_ne_bytes();
+    let cidr = if p.family == AF_INET {
         NACL_CIDR_V4
             .get(Key::new(
                 CIDR_V4_KEY_BITS,
                 CidrKeyV4 {
                     table: table.to_be_bytes(),
-                    addr,
+                    addr: remote[0].to_ne_bytes(),
                 },
             ))
             .copied()
-            .unwrap_or(0)
     } else {
         NACL_CIDR_V6
             .get(Key::new(
@@ -78,16 +78,15 @@ pub fn check(table: u32, p: &Pkt, remote: &Addr) -> Result<(bool, u32), Reason> 
                 },
             ))
             .copied()
-            .unwrap_or(0)
     };
     let star = if p.family == AF_INET {
         STAR_V4
     } else {
         STAR_V6
     };
-    if cidr_bits == 0 {
+    let Some(cidr) = cidr else {
         return Ok((false, star));
-    }
+    };
     let port_bits = NACL_PORTS
         .get(Key::new(
             PORT_KEY_BITS,
@@ -99,13 +98,17 @@ pub fn check(table: u32, p: &Pkt, remote: &Addr) -> Result<(bool, u32), Reason> 
         ))
         .copied()
         .unwrap_or(0);
-    let m = cidr_bits & port_bits;
+    let m = cidr.entries & port_bits;
     if m == 0 {
         return Ok((false, star));
     }
+    let first = m & m.wrapping_neg();
+    if cidr.allow_mask & first != 0 {
+        // Allowed: the rule number is only reported for denies.
+        return Ok((true, 0));
+    }
     // SAFETY: hash lookup; the value is read only.
     let meta = unsafe { NACL_META.get(&table) }.ok_or(Reason::DropNoPolicy)?;
-    let first = m & m.wrapping_neg();
     let idx = lowest_bit_index(m) as usize & 63;
-    Ok((meta.allow_mask & first != 0, meta.rule_numbers[idx] as u32))
+    Ok((false, meta.rule_numbers[idx] as u32))
 }

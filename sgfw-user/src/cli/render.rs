@@ -179,22 +179,28 @@ pub fn ebpf_dump(flat: &sgfw::flat::FlatModel) -> Result<String, Failure> {
             .collect();
         let _ = writeln!(o, "{id:#x} -> [{}]", entries.join(" "));
     }
-    let _ = writeln!(o, "\n[SGFW_NACL_CIDR_V4] table, prefix -> entry bits");
+    let _ = writeln!(
+        o,
+        "\n[SGFW_NACL_CIDR_V4] table, prefix -> entries containing it"
+    );
     for e in &c.nacl_cidr_v4 {
         let _ = writeln!(
             o,
             "{} -> {:#b}",
             cidr4(e.key.table, e.key.addr, e.prefix_len),
-            e.value
+            e.value.entries
         );
     }
-    let _ = writeln!(o, "\n[SGFW_NACL_CIDR_V6] table, prefix -> entry bits");
+    let _ = writeln!(
+        o,
+        "\n[SGFW_NACL_CIDR_V6] table, prefix -> entries containing it"
+    );
     for e in &c.nacl_cidr_v6 {
         let _ = writeln!(
             o,
             "{} -> {:#b}",
             cidr6(e.key.table, e.key.addr, e.prefix_len),
-            e.value
+            e.value.entries
         );
     }
     let _ = writeln!(

@@ -27,8 +27,8 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use sgfw_common::{
-    AddrInfo, AddrKey, CidrKeyV4, CidrKeyV6, InstancePolicy, NaclMeta, PortKey, SUBNET_HAS_DNS_V4,
-    SUBNET_HAS_DNS_V6, SubnetPolicy,
+    AddrInfo, AddrKey, CidrKeyV4, CidrKeyV6, InstancePolicy, NaclBits, NaclMeta, PortKey,
+    SUBNET_HAS_DNS_V4, SUBNET_HAS_DNS_V6, SubnetPolicy,
     limits::{self, AF_INET, AF_INET6},
 };
 
@@ -141,9 +141,9 @@ pub struct Compiled {
     /// SG port sets.
     pub sg_ports: Vec<LpmEntry<PortKey, u32>>,
     /// NACL CIDR bitmasks, IPv4.
-    pub nacl_cidr_v4: Vec<LpmEntry<CidrKeyV4, u64>>,
+    pub nacl_cidr_v4: Vec<LpmEntry<CidrKeyV4, NaclBits>>,
     /// NACL CIDR bitmasks, IPv6.
-    pub nacl_cidr_v6: Vec<LpmEntry<CidrKeyV6, u64>>,
+    pub nacl_cidr_v6: Vec<LpmEntry<CidrKeyV6, NaclBits>>,
     /// NACL protocol/port bitmasks.
     pub nacl_ports: Vec<LpmEntry<PortKey, u64>>,
     /// NACL table id → decision metadata.
@@ -463,12 +463,16 @@ fn emit_nacl_table(out: &mut Compiled, id: u32, t: &NaclTable, v6: bool) {
     prefixes.sort();
     prefixes.dedup();
     for p in prefixes {
-        let mut bits = 0u64;
+        let mut entries = 0u64;
         for (i, e) in t.entries.iter().enumerate() {
             if e.2.contains(&p) {
-                bits |= 1 << i;
+                entries |= 1 << i;
             }
         }
+        let bits = NaclBits {
+            entries,
+            allow_mask: meta.allow_mask,
+        };
         match (p, v6) {
             (IpNet::V4(n), false) => {
                 let e = cidr_v4(id, &n);
