@@ -247,10 +247,12 @@ enum SgOutcome {
     NoMatch,
 }
 
+/// The SG stage, in precedence order: (1) the flow is tracked for this
+/// instance; (2) an ICMP error quoting a flow tracked for it; (3) a rule of
+/// the instance's policy for this direction allows it; else no match.
 #[inline(always)]
 fn sg_stage(
     p: &Pkt,
-    key: &sgfw_common::CtKey,
     hit: Option<*mut sgfw_common::CtEntry>,
     policy: u32,
     local: &Addr,
@@ -268,7 +270,6 @@ fn sg_stage(
             }
         }
     }
-    let _ = key;
     match sg::allows(policy, p, remote) {
         Some(rule) => SgOutcome::Rule(rule),
         None => SgOutcome::NoMatch,
@@ -384,7 +385,7 @@ fn try_classify(p: &Pkt, dir: Direction, ifx: u32, cfg: &Config, now: u64) -> De
 
     let outcome = match dir {
         Direction::Egress => {
-            let sg = sg_stage(p, &key, hit, inst.policy_egress, local, remote, cfg, now);
+            let sg = sg_stage(p, hit, inst.policy_egress, local, remote, cfg, now);
             if let SgOutcome::NoMatch = sg {
                 return Decision {
                     reason: Reason::DropSgEgress,
@@ -415,7 +416,7 @@ fn try_classify(p: &Pkt, dir: Direction, ifx: u32, cfg: &Config, now: u64) -> De
                     return drop;
                 }
             }
-            let sg = sg_stage(p, &key, hit, inst.policy_ingress, local, remote, cfg, now);
+            let sg = sg_stage(p, hit, inst.policy_ingress, local, remote, cfg, now);
             if let SgOutcome::NoMatch = sg {
                 return Decision {
                     reason: Reason::DropSgIngress,
