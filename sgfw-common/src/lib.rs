@@ -50,6 +50,10 @@ pub mod map_names {
     pub const COUNTERS: &str = "SGFW_COUNTERS";
     /// Ring buffer of [`crate::Event`].
     pub const EVENTS: &str = "SGFW_EVENTS";
+    /// Per-CPU `[window start ns, events]`: the event rate limiter.
+    pub const EVENT_RATE: &str = "SGFW_EVENT_RATE";
+    /// Per-CPU scratch slot for the packet being classified.
+    pub const SCRATCH: &str = "SGFW_SCRATCH";
     /// Per-CPU hash [`crate::PortCountKey`] → packets (`u64`), for the port-count programs.
     pub const PORT_COUNTS: &str = "SGFW_PORT_COUNTS";
 }

@@ -443,8 +443,8 @@ pub const ALL_MAPS: &[&str] = &[
     mn::COUNTERS,
     mn::EVENTS,
     mn::PORT_COUNTS,
-    "SGFW_EVENT_RATE",
-    "SGFW_SCRATCH",
+    mn::EVENT_RATE,
+    mn::SCRATCH,
 ];
 
 /// Options of an apply.
