@@ -214,7 +214,7 @@ fn record(ev: &Event, state: &sgfw::ebpf::State, offset: u64) -> FlowRecord {
     let rule = match reason {
         Reason::AllowSgEgress | Reason::AllowSgIngress => state
             .rule_refs
-            .get(ev.rule as usize)
+            .get(&ev.rule)
             .cloned()
             .unwrap_or_else(|| "-".into()),
         Reason::DropNaclIn | Reason::DropNaclOut => {

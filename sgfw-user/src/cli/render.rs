@@ -85,7 +85,8 @@ fn port(set: [u8; 4], proto: u8, port: [u8; 2], plen: u32) -> String {
 pub fn ebpf_dump(flat: &sgfw::flat::FlatModel) -> Result<String, Failure> {
     let mut idx = Indices::default();
     idx.update(flat);
-    let c = compile(flat, &idx, 0).map_err(|e| Failure::BadInput(e.into()))?;
+    let c = compile(flat, &idx, &sgfw::ebpf::compile::IdBook::default())
+        .map_err(|e| Failure::BadInput(e.into()))?;
     let mut o = String::new();
     let _ = writeln!(o, "# sgfw eBPF maps for this model (generation parity 0)");
     let _ = writeln!(
@@ -149,7 +150,7 @@ pub fn ebpf_dump(flat: &sgfw::flat::FlatModel) -> Result<String, Failure> {
     for e in &c.sg_ports {
         let rule = c
             .rule_refs
-            .get(e.value as usize)
+            .get(&e.value)
             .map(ToString::to_string)
             .unwrap_or_default();
         let _ = writeln!(

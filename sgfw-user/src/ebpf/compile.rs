@@ -18,11 +18,13 @@
 //!   of every entry matching them. The dataplane ANDs them and takes the
 //!   lowest bit.
 //!
-//! Ids carry a generation parity in their top bit, so a new policy can be
-//! written beside the one in force and switched to with one write per
-//! instance and subnet.
+//! Ids are content-addressed and kept across applies ([`IdBook`]): the same
+//! policy, port set, NACL table or rule gets the same id again, so a
+//! re-apply writes only what changed — new objects under new ids, beside
+//! the ones in force — switches each instance and subnet with one write,
+//! and then retires the ids nothing uses any more.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -126,8 +128,12 @@ pub struct LpmEntry<K, V> {
 /// Everything the maps hold for one model, in deterministic order.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Compiled {
-    /// Generation parity of every id below (0 or 1).
-    pub parity: u32,
+    /// Ids handed out by this compile: only their entries need writing.
+    pub fresh: BTreeSet<u32>,
+    /// Ids of the previous book that nothing uses any more.
+    pub retired: BTreeSet<u32>,
+    /// The book to keep for the next apply.
+    pub book: IdBook,
     /// Address → owner.
     pub addrs: Vec<(AddrKey, AddrInfo)>,
     /// Instance index → policies.
@@ -148,51 +154,78 @@ pub struct Compiled {
     pub nacl_ports: Vec<LpmEntry<PortKey, u64>>,
     /// NACL table id → decision metadata.
     pub nacl_meta: Vec<(u32, NaclMeta)>,
-    /// SG rule reference → where it came from (index = reference).
-    pub rule_refs: Vec<RuleOrigin>,
+    /// SG rule reference → where it came from.
+    pub rule_refs: BTreeMap<u32, RuleOrigin>,
     /// Instance index → instance id.
     pub instance_ids: BTreeMap<u32, String>,
 }
 
-/// The top bit of every id: the generation parity.
-pub const PARITY_BIT: u32 = 1 << 31;
-
-/// Whether an id belongs to the generation with this parity.
-pub fn id_has_parity(id: u32, parity: u32) -> bool {
-    (id & PARITY_BIT != 0) == (parity != 0)
+/// Ids of compiled objects by content, kept across applies in the state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct IdBook {
+    /// Kind letter + 128-bit content hash (hex) → id.
+    pub ids: BTreeMap<String, u32>,
+    /// The next id to hand out (ids are never reused while sgfw is loaded).
+    pub next: u32,
 }
 
-struct Interner<T: Ord + Clone> {
-    ids: BTreeMap<T, u32>,
-    parity: u32,
-    what: &'static str,
+/// A 128-bit hash of a value (two SipHash passes with different prefixes):
+/// collisions between distinct policies are not a practical concern.
+fn hash128(kind: char, v: &impl std::hash::Hash) -> String {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut a = DefaultHasher::new();
+    (kind, 0u8, v).hash(&mut a);
+    let mut b = DefaultHasher::new();
+    (kind, 1u8, v).hash(&mut b);
+    format!("{kind}{:016x}{:016x}", a.finish(), b.finish())
 }
 
-impl<T: Ord + Clone> Interner<T> {
-    fn new(parity: u32, what: &'static str) -> Self {
-        Self {
-            ids: BTreeMap::new(),
-            parity,
-            what,
+/// Hands out ids for one compile from the previous book.
+struct Ids<'a> {
+    old: &'a IdBook,
+    book: IdBook,
+    fresh: BTreeSet<u32>,
+}
+
+impl<'a> Ids<'a> {
+    fn new(old: &'a IdBook) -> Self {
+        Ids {
+            old,
+            book: IdBook {
+                ids: BTreeMap::new(),
+                next: old.next.max(1),
+            },
+            fresh: BTreeSet::new(),
         }
     }
-    /// Returns (id, newly created).
-    fn intern(&mut self, v: &T) -> Result<(u32, bool), CompileError> {
-        if let Some(id) = self.ids.get(v) {
+
+    /// The id of `v` of kind `kind`, and whether this compile sees it for
+    /// the first time (then its entries are emitted).
+    fn intern(
+        &mut self,
+        kind: char,
+        v: &impl std::hash::Hash,
+    ) -> Result<(u32, bool), CompileError> {
+        let key = hash128(kind, v);
+        if let Some(id) = self.book.ids.get(&key) {
             return Ok((*id, false));
         }
-        let n = u32::try_from(self.ids.len() + 1).map_err(|_| CompileError::IdSpace(self.what))?;
-        if n >= PARITY_BIT {
-            return Err(CompileError::IdSpace(self.what));
-        }
-        let id = n | if self.parity != 0 { PARITY_BIT } else { 0 };
-        self.ids.insert(v.clone(), id);
+        let id = match self.old.ids.get(&key) {
+            Some(id) => *id,
+            None => {
+                let id = self.book.next;
+                self.book.next = id.checked_add(1).ok_or(CompileError::IdSpace("ids"))?;
+                self.fresh.insert(id);
+                id
+            }
+        };
+        self.book.ids.insert(key, id);
         Ok((id, true))
     }
 }
 
 /// What a matcher covers in the (protocol, 16-bit port) space.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 enum Span {
     /// Every protocol.
     All,
@@ -295,21 +328,16 @@ pub fn addr_key(a: &IpAddr) -> AddrKey {
 }
 
 /// One NACL direction of one family, as the dataplane sees it.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 struct NaclTable {
     entries: Vec<(u16, bool, IpNet, Span)>,
 }
 
-/// Compiles `model` with ids of generation `parity`.
-pub fn compile(model: &FlatModel, idx: &Indices, parity: u32) -> Result<Compiled, CompileError> {
-    let mut out = Compiled {
-        parity,
-        ..Compiled::default()
-    };
-    let mut rule_refs: Interner<RuleOrigin> = Interner::new(0, "SG rules");
-    let mut policies: Interner<Vec<FirewallRule>> = Interner::new(parity, "SG policies");
-    let mut port_sets: Interner<Vec<(Span, u32)>> = Interner::new(parity, "SG port sets");
-    let mut nacl_tables: Interner<NaclTable> = Interner::new(parity, "NACL tables");
+/// Compiles `model`, reusing the ids of `book` for content it already has.
+/// Every entry is in the result; [`Compiled::fresh`] says which ids are new.
+pub fn compile(model: &FlatModel, idx: &Indices, book: &IdBook) -> Result<Compiled, CompileError> {
+    let mut out = Compiled::default();
+    let mut ids = Ids::new(book);
 
     // Subnets and their NACL tables.
     for s in &model.subnets {
@@ -337,7 +365,7 @@ pub fn compile(model: &FlatModel, idx: &Indices, parity: u32) -> Result<Compiled
                     max: limits::NACL_ENTRIES,
                 });
             }
-            let (id, new) = nacl_tables.intern(&table)?;
+            let (id, new) = ids.intern('n', &table)?;
             if new {
                 emit_nacl_table(&mut out, id, &table, v6);
             }
@@ -390,35 +418,33 @@ pub fn compile(model: &FlatModel, idx: &Indices, parity: u32) -> Result<Compiled
                 },
             ));
         }
-        let mut ids = [0u32; 2];
+        let mut policy_ids = [0u32; 2];
         for (slot, rules) in [&inst.ingress, &inst.egress].into_iter().enumerate() {
-            let (pid, new) = policies.intern(rules)?;
-            ids[slot] = pid;
+            let (pid, new) = ids.intern('p', rules)?;
+            policy_ids[slot] = pid;
             if new {
-                emit_policy(&mut out, pid, rules, &mut port_sets, &mut rule_refs)?;
+                emit_policy(&mut out, pid, rules, &mut ids)?;
             }
         }
         out.instances.push((
             iidx,
             InstancePolicy {
                 subnet: sidx,
-                policy_ingress: ids[0],
-                policy_egress: ids[1],
+                policy_ingress: policy_ids[0],
+                policy_egress: policy_ids[1],
                 _pad: 0,
             },
         ));
     }
-    let mut refs: Vec<(u32, RuleOrigin)> =
-        rule_refs.ids.into_iter().map(|(o, id)| (id, o)).collect();
-    refs.sort_by_key(|(id, _)| *id);
-    // Reference n is at index n; index 0 is never used.
-    out.rule_refs = std::iter::once(RuleOrigin {
-        group_id: String::new(),
-        direction: crate::flat::SgDirection::Ingress,
-        permission: 0,
-    })
-    .chain(refs.into_iter().map(|(_, o)| o))
-    .collect();
+    let in_use: BTreeSet<u32> = ids.book.ids.values().copied().collect();
+    out.retired = book
+        .ids
+        .values()
+        .copied()
+        .filter(|id| !in_use.contains(id))
+        .collect();
+    out.fresh = ids.fresh;
+    out.book = ids.book;
     out.addrs.sort_by_key(|a| (a.0.family, a.0.addr));
     // Two rules of one set may produce the same key: keep one (any is a match).
     dedup_lpm(&mut out.sg_ports);
@@ -580,8 +606,7 @@ fn emit_policy(
     out: &mut Compiled,
     pid: u32,
     rules: &[FirewallRule],
-    port_sets: &mut Interner<Vec<(Span, u32)>>,
-    rule_refs: &mut Interner<RuleOrigin>,
+    ids: &mut Ids<'_>,
 ) -> Result<(), CompileError> {
     let mut prefixes: Vec<IpNet> = rules.iter().map(|r| r.remote).collect();
     prefixes.sort();
@@ -590,14 +615,15 @@ fn emit_policy(
         // Fold in every rule whose remote contains this prefix.
         let mut set: BTreeMap<Span, u32> = BTreeMap::new();
         for r in rules.iter().filter(|r| r.remote.contains(&p)) {
-            let (rref, _) = rule_refs.intern(&r.origin)?;
+            let (rref, _) = ids.intern('r', &r.origin)?;
+            out.rule_refs.insert(rref, r.origin.clone());
             let s = span(&r.matcher);
             set.entry(s)
                 .and_modify(|v| *v = (*v).min(rref))
                 .or_insert(rref);
         }
         let set: Vec<(Span, u32)> = set.into_iter().collect();
-        let (sid, new) = port_sets.intern(&set)?;
+        let (sid, new) = ids.intern('s', &set)?;
         if new {
             for (s, rref) in &set {
                 match *s {

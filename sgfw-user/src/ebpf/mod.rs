@@ -4,7 +4,8 @@
 //! Owns the BPF object's lifecycle (load, pin under [`PIN_ROOT`], attach with
 //! TCX, teardown) and the atomic update protocol ([`write_generation`]). It
 //! must never leave a half-written policy in force: new entries are written
-//! under ids of the other generation parity, each instance and subnet is then
+//! under ids of their own (content-addressed, so unchanged objects are not
+//! rewritten), each instance and subnet is then
 //! switched with one hash-map write, and only then are old entries removed;
 //! any failure before the switch completes restores the previous contents.
 
@@ -27,7 +28,7 @@ use sgfw_common::{
 
 use crate::flat::FlatModel;
 use crate::sys::{self, Host, KernelMaps, MapOps, SysError};
-use compile::{CompileError, Compiled, Indices, LpmEntry, id_has_parity};
+use compile::{CompileError, Compiled, IdBook, Indices, LpmEntry};
 
 /// Where sgfw pins its maps, programs and links.
 pub const PIN_ROOT: &str = "/sys/fs/bpf/sgfw";
@@ -99,12 +100,13 @@ fn prog_err(what: String, e: impl std::error::Error + Send + Sync + 'static) -> 
 pub struct State {
     /// Policy generation (bumped by each apply).
     pub generation: u32,
-    /// Id parity of the generation in force.
-    pub parity: u32,
+    /// Ids of the compiled objects in the maps, by content.
+    #[serde(default)]
+    pub book: IdBook,
     /// Stable instance/subnet numbering.
     pub indices: Indices,
     /// SG rule reference → display name.
-    pub rule_refs: Vec<String>,
+    pub rule_refs: BTreeMap<u32, String>,
     /// Instance index → id.
     pub instance_ids: BTreeMap<u32, String>,
     /// Subnet id → bridge.
@@ -177,8 +179,9 @@ fn lpm_bytes<K: bytemuck::Pod>(prefix_len: u32, key: &K) -> Vec<u8> {
 fn lpm_rows<'a, K: bytemuck::Pod, V: bytemuck::Pod>(
     map: &'static str,
     rows: &'a [LpmEntry<K, V>],
+    keep: impl Fn(&K) -> bool + 'a,
 ) -> impl Iterator<Item = (&'static str, Vec<u8>, Vec<u8>)> + 'a {
-    rows.iter().map(move |e| {
+    rows.iter().filter(move |e| keep(&e.key)).map(move |e| {
         (
             map,
             lpm_bytes(e.prefix_len, &e.key),
@@ -272,30 +275,38 @@ pub fn write_generation(
         if let Some(cfg) = old_config {
             let _ = maps.update(mn::CONFIG, &0u32.to_ne_bytes(), &cfg);
         }
-        let _ = delete_parity(maps, c.parity);
+        // The new objects were never referenced: drop them again.
+        let _ = delete_ids(maps, &c.fresh);
         return Err(e);
     }
-    // The new generation is in force: drop the old one.
-    delete_parity(maps, 1 - c.parity)?;
+    // The new generation is in force: drop what nothing uses any more.
+    delete_ids(maps, &c.retired)?;
     Ok(())
 }
 
-fn delete_parity(maps: &mut dyn MapOps, parity: u32) -> Result<(), SysError> {
+/// Deletes every entry of these ids (one pass over the id-keyed maps; none
+/// when there is nothing to delete).
+fn delete_ids(maps: &mut dyn MapOps, ids: &BTreeSet<u32>) -> Result<(), SysError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
     for (map, ks, off) in GENERATIONAL {
         for k in maps.keys(map, *ks)? {
             let id = u32::from_be_bytes([k[*off], k[off + 1], k[off + 2], k[off + 3]]);
-            if id_has_parity(id, parity) {
+            if ids.contains(&id) {
                 maps.delete(map, &k)?;
             }
         }
     }
-    for k in maps.keys(mn::NACL_META, 4)? {
-        let id = u32::from_ne_bytes([k[0], k[1], k[2], k[3]]);
-        if id_has_parity(id, parity) {
-            maps.delete(mn::NACL_META, &k)?;
-        }
+    for id in ids {
+        maps.delete(mn::NACL_META, &id.to_ne_bytes())?;
     }
     Ok(())
+}
+
+/// The id inside an LPM key's data (big-endian, first 4 bytes).
+fn key_id(table: [u8; 4]) -> u32 {
+    u32::from_be_bytes(table)
 }
 
 fn write_and_switch(
@@ -304,17 +315,29 @@ fn write_and_switch(
     ports: &[(u32, u32)],
     config: &Config,
 ) -> Result<(), SysError> {
-    // 1. The new generation's lookup structures, beside the old ones.
-    let rows = lpm_rows(mn::SG_CIDR_V4, &c.sg_cidr_v4)
-        .chain(lpm_rows(mn::SG_CIDR_V6, &c.sg_cidr_v6))
-        .chain(lpm_rows(mn::SG_PORTS, &c.sg_ports))
-        .chain(lpm_rows(mn::NACL_CIDR_V4, &c.nacl_cidr_v4))
-        .chain(lpm_rows(mn::NACL_CIDR_V6, &c.nacl_cidr_v6))
-        .chain(lpm_rows(mn::NACL_PORTS, &c.nacl_ports));
+    // 1. The new objects' lookup structures, beside the ones in force
+    //    (objects the maps already hold keep their ids and are not touched).
+    let fresh = |id: u32| c.fresh.contains(&id);
+    let rows = lpm_rows(mn::SG_CIDR_V4, &c.sg_cidr_v4, |k| fresh(key_id(k.table)))
+        .chain(lpm_rows(mn::SG_CIDR_V6, &c.sg_cidr_v6, |k| {
+            fresh(key_id(k.table))
+        }))
+        .chain(lpm_rows(mn::SG_PORTS, &c.sg_ports, |k| {
+            fresh(key_id(k.set))
+        }))
+        .chain(lpm_rows(mn::NACL_CIDR_V4, &c.nacl_cidr_v4, |k| {
+            fresh(key_id(k.table))
+        }))
+        .chain(lpm_rows(mn::NACL_CIDR_V6, &c.nacl_cidr_v6, |k| {
+            fresh(key_id(k.table))
+        }))
+        .chain(lpm_rows(mn::NACL_PORTS, &c.nacl_ports, |k| {
+            fresh(key_id(k.set))
+        }));
     for (map, k, v) in rows {
         maps.update(map, &k, &v)?;
     }
-    for (id, meta) in &c.nacl_meta {
+    for (id, meta) in c.nacl_meta.iter().filter(|(id, _)| fresh(*id)) {
         maps.update(
             mn::NACL_META,
             &id.to_ne_bytes(),
@@ -658,9 +681,8 @@ impl EbpfBackend {
         let prev = self.state()?.filter(|_| self.is_applied());
         let mut state = prev.clone().unwrap_or_default();
         state.indices.update(model);
-        let parity = prev.as_ref().map_or(0, |p| 1 - p.parity);
         let t = std::time::Instant::now();
-        let compiled = compile::compile(model, &state.indices, parity)?;
+        let compiled = compile::compile(model, &state.indices, &state.book)?;
         tracing::info!(
             "compiled {} instances: {} SG prefixes, {} port-set entries, {} NACL tables ({} ms)",
             compiled.instances.len(),
@@ -752,8 +774,12 @@ impl EbpfBackend {
         }
 
         state.generation = generation;
-        state.parity = parity;
-        state.rule_refs = compiled.rule_refs.iter().map(ToString::to_string).collect();
+        state.book = compiled.book.clone();
+        state.rule_refs = compiled
+            .rule_refs
+            .iter()
+            .map(|(id, o)| (*id, o.to_string()))
+            .collect();
         state.instance_ids = compiled.instance_ids.clone();
         state.bridges = model
             .subnets
@@ -1047,16 +1073,48 @@ mod tests {
         {"InstanceId":"i-3","SubnetId":"subnet-a","PrivateIpAddress":"10.0.0.7","Ipv6Addresses":["fd00::7"],"SecurityGroupIds":["sg-1"]}],
       "SecurityGroups":[{"GroupId":"sg-1","IpPermissions":[{"IpProtocol":"tcp","FromPort":443,"ToPort":443,"Ipv6Ranges":[{"CidrIpv6":"::/0"}]}]}]}"#;
 
+    /// Compiles against the book and writes; returns the book to keep.
     fn apply(
         maps: &mut FakeMaps,
         model: &FlatModel,
         idx: &mut Indices,
-        parity: u32,
+        book: &IdBook,
         generation: u32,
-    ) -> Result<(), SysError> {
+    ) -> Result<(Compiled, IdBook), SysError> {
         idx.update(model);
-        let c = compile::compile(model, idx, parity).unwrap();
-        write_generation(maps, &c, &[(7, 1)], &config_for(model, generation, 0))
+        let c = compile::compile(model, idx, book).unwrap();
+        write_generation(maps, &c, &[(7, 1)], &config_for(model, generation, 0))?;
+        let b = c.book.clone();
+        Ok((c, b))
+    }
+
+    /// Every id found in the LPM keys and NACL metadata.
+    fn ids_in_maps(maps: &FakeMaps) -> BTreeSet<u32> {
+        let mut ids = BTreeSet::new();
+        for (map, _, off) in GENERATIONAL {
+            for k in maps
+                .maps
+                .get(*map)
+                .map(|m| m.keys().cloned().collect::<Vec<_>>())
+                .unwrap_or_default()
+            {
+                ids.insert(u32::from_be_bytes([
+                    k[*off],
+                    k[off + 1],
+                    k[off + 2],
+                    k[off + 3],
+                ]));
+            }
+        }
+        for k in maps
+            .maps
+            .get(mn::NACL_META)
+            .map(|m| m.keys().cloned().collect::<Vec<_>>())
+            .unwrap_or_default()
+        {
+            ids.insert(u32::from_ne_bytes([k[0], k[1], k[2], k[3]]));
+        }
+        ids
     }
 
     #[test]
@@ -1064,52 +1122,98 @@ mod tests {
         let (a, b) = (flat(A), flat(B));
         let mut base = FakeMaps::default();
         let mut idx = Indices::default();
-        apply(&mut base, &a, &mut idx, 0, 1).unwrap();
+        let (_, book) = apply(&mut base, &a, &mut idx, &IdBook::default(), 1).unwrap();
         let before = base.maps.clone();
         // How many writes a successful switch to B takes.
         let mut probe = base.clone();
         let start = probe.updates;
-        apply(&mut probe, &b, &mut idx.clone(), 1, 2).unwrap();
+        apply(&mut probe, &b, &mut idx.clone(), &book, 2).unwrap();
         let total = probe.updates - start;
         assert!(
-            total > 10,
-            "the switch should write many entries, wrote {total}"
+            total >= 5,
+            "the switch should write several entries, wrote {total}"
         );
         for n in 0..total {
             let mut maps = base.clone();
             maps.fail_update_at = Some(maps.updates + n);
-            let err = apply(&mut maps, &b, &mut idx.clone(), 1, 2);
+            let err = apply(&mut maps, &b, &mut idx.clone(), &book, 2);
             assert!(err.is_err(), "write {n} should have failed");
+            let non_empty = |m: &BTreeMap<String, BTreeMap<Vec<u8>, Vec<u8>>>| {
+                m.iter()
+                    .filter(|(_, v)| !v.is_empty())
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect::<BTreeMap<_, _>>()
+            };
             assert_eq!(
-                maps.maps, before,
+                non_empty(&maps.maps),
+                non_empty(&before),
                 "after a failure at write {n} the previous generation must be intact"
             );
         }
     }
 
     #[test]
-    fn a_switch_leaves_only_the_new_generation() {
+    fn a_switch_keeps_exactly_the_ids_in_use_and_rewrites_nothing_unchanged() {
         let (a, b) = (flat(A), flat(B));
         let mut idx = Indices::default();
         let mut maps = FakeMaps::default();
-        apply(&mut maps, &a, &mut idx, 0, 1).unwrap();
-        apply(&mut maps, &b, &mut idx, 1, 2).unwrap();
-        let mut fresh = FakeMaps::default();
-        let mut idx2 = idx.clone();
-        apply(&mut fresh, &b, &mut idx2, 1, 2).unwrap();
-        let non_empty = |m: &FakeMaps| {
-            m.maps
-                .iter()
-                .filter(|(_, v)| !v.is_empty())
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect::<BTreeMap<_, _>>()
-        };
+        let (_, book_a) = apply(&mut maps, &a, &mut idx, &IdBook::default(), 1).unwrap();
+        let (cb, book_b) = apply(&mut maps, &b, &mut idx, &book_a, 2).unwrap();
+        let in_use: BTreeSet<u32> = book_b.ids.values().copied().collect();
+        let present = ids_in_maps(&maps);
+        assert!(
+            present.is_subset(&in_use),
+            "retired ids stayed: {:?}",
+            present.difference(&in_use)
+        );
+        assert!(present.is_disjoint(&cb.retired));
+        // Every key the compile produced is in the maps.
+        let expected: BTreeSet<u32> = cb
+            .sg_cidr_v4
+            .iter()
+            .map(|e| key_id(e.key.table))
+            .chain(cb.sg_cidr_v6.iter().map(|e| key_id(e.key.table)))
+            .chain(cb.sg_ports.iter().map(|e| key_id(e.key.set)))
+            .chain(cb.nacl_ports.iter().map(|e| key_id(e.key.set)))
+            .collect();
+        assert!(
+            expected.is_subset(&present),
+            "missing: {:?}",
+            expected.difference(&present)
+        );
+        assert!(!cb.retired.is_empty(), "B drops objects of A");
+        // Applying B again writes no lookup entry at all: only the switch maps.
+        let before = maps.updates;
+        let (c2, _) = apply(&mut maps, &b, &mut idx, &book_b, 3).unwrap();
+        assert!(c2.fresh.is_empty() && c2.retired.is_empty());
+        let switch_writes = c2.addrs.len() + c2.instances.len() + c2.subnets.len() + 1 /* port */ + 1 /* config */;
         assert_eq!(
-            non_empty(&maps),
-            non_empty(&fresh),
-            "a re-apply must equal a fresh apply of the new model"
+            maps.updates - before,
+            switch_writes,
+            "an unchanged model rewrote lookup entries"
         );
         // Stable indices: i-1 kept its number across the change.
         assert_eq!(idx.instances.get("i-1"), Some(&1));
+    }
+
+    #[test]
+    fn content_addressed_ids_survive_reordering_and_change_with_content() {
+        let a = flat(A);
+        let mut idx = Indices::default();
+        idx.update(&a);
+        let c1 = compile::compile(&a, &idx, &IdBook::default()).unwrap();
+        let c2 = compile::compile(&a, &idx, &c1.book).unwrap();
+        assert_eq!(c1.book, c2.book, "the same model maps to the same ids");
+        assert!(c2.fresh.is_empty());
+        let b = flat(B);
+        idx.update(&b);
+        let c3 = compile::compile(&b, &idx, &c1.book).unwrap();
+        assert!(!c3.fresh.is_empty(), "changed policies need new ids");
+        assert!(
+            c3.fresh
+                .iter()
+                .all(|id| !c1.book.ids.values().any(|v| v == id)),
+            "new ids are never reused ones"
+        );
     }
 }

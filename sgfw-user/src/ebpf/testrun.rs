@@ -27,7 +27,7 @@ pub struct TestDataplane {
     ebpf: Ebpf,
     maps: KernelMaps,
     indices: Indices,
-    parity: u32,
+    book: compile::IdBook,
     generation: u32,
     config: Config,
 }
@@ -46,7 +46,7 @@ impl TestDataplane {
     pub fn new(model: &FlatModel, conntrack_max: u32) -> Result<Self, EbpfError> {
         let mut indices = Indices::default();
         indices.update(model);
-        let compiled = compile::compile(model, &indices, 0)?;
+        let compiled = compile::compile(model, &indices, &compile::IdBook::default())?;
         let mut caps = super::capacities(&compiled, conntrack_max);
         // Room for many re-applies of growing test models.
         for v in caps.values_mut() {
@@ -59,7 +59,7 @@ impl TestDataplane {
             ebpf,
             maps,
             indices,
-            parity: 1,
+            book: compile::IdBook::default(),
             generation: 0,
             config,
         };
@@ -70,13 +70,12 @@ impl TestDataplane {
     /// Re-applies a (changed) model with the same switch protocol as a real apply.
     pub fn apply(&mut self, model: &FlatModel) -> Result<(), EbpfError> {
         self.indices.update(model);
-        let parity = 1 - self.parity;
-        let compiled = compile::compile(model, &self.indices, parity)?;
+        let compiled = compile::compile(model, &self.indices, &self.book)?;
         self.generation += 1;
         let mut config = config_for(model, self.generation, 0);
         config.time_override_ns = self.config.time_override_ns;
         write_generation(&mut self.maps, &compiled, &[], &config)?;
-        self.parity = parity;
+        self.book = compiled.book.clone();
         self.config = config;
         Ok(())
     }

@@ -153,7 +153,8 @@ pub fn child() -> Result<(), Failure> {
     let t = Instant::now();
     let mut idx = Indices::default();
     idx.update(&flat);
-    let c = compile(&flat, &idx, 0).map_err(|e| anyhow!("{e}"))?;
+    let c = compile(&flat, &idx, &sgfw::ebpf::compile::IdBook::default())
+        .map_err(|e| anyhow!("{e}"))?;
     let compile_ms = ms(t);
     drop(c);
 
