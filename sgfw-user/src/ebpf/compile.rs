@@ -132,6 +132,11 @@ pub struct Compiled {
     pub fresh: BTreeSet<u32>,
     /// Ids of the previous book that nothing uses any more.
     pub retired: BTreeSet<u32>,
+    /// Kinds of the fresh and of the retired ids (`p` policy, `s` port set,
+    /// `n` NACL table, `r` rule): which maps can hold their entries.
+    pub fresh_kinds: BTreeSet<char>,
+    /// See [`Compiled::fresh_kinds`].
+    pub retired_kinds: BTreeSet<char>,
     /// The book to keep for the next apply.
     pub book: IdBook,
     /// Address → owner.
@@ -437,12 +442,17 @@ pub fn compile(model: &FlatModel, idx: &Indices, book: &IdBook) -> Result<Compil
         ));
     }
     let in_use: BTreeSet<u32> = ids.book.ids.values().copied().collect();
-    out.retired = book
-        .ids
-        .values()
-        .copied()
-        .filter(|id| !in_use.contains(id))
-        .collect();
+    for (key, id) in &book.ids {
+        if !in_use.contains(id) {
+            out.retired.insert(*id);
+            out.retired_kinds.extend(key.chars().next());
+        }
+    }
+    for (key, id) in &ids.book.ids {
+        if ids.fresh.contains(id) {
+            out.fresh_kinds.extend(key.chars().next());
+        }
+    }
     out.fresh = ids.fresh;
     out.book = ids.book;
     out.addrs.sort_by_key(|a| (a.0.family, a.0.addr));
@@ -608,19 +618,38 @@ fn emit_policy(
     rules: &[FirewallRule],
     ids: &mut Ids<'_>,
 ) -> Result<(), CompileError> {
-    let mut prefixes: Vec<IpNet> = rules.iter().map(|r| r.remote).collect();
-    prefixes.sort();
-    prefixes.dedup();
+    // Rules by remote prefix, their references, and the prefix lengths that
+    // occur: a prefix's containing prefixes are its truncations to those
+    // lengths, so folding costs a few map lookups per prefix, not a pass
+    // over every rule.
+    let mut by_net: BTreeMap<IpNet, Vec<(Span, u32)>> = BTreeMap::new();
+    let mut lengths: BTreeSet<(bool, u8)> = BTreeSet::new();
+    for r in rules {
+        let (rref, _) = ids.intern('r', &r.origin)?;
+        out.rule_refs.insert(rref, r.origin.clone());
+        by_net
+            .entry(r.remote)
+            .or_default()
+            .push((span(&r.matcher), rref));
+        lengths.insert((r.remote.addr().is_ipv6(), r.remote.prefix_len()));
+    }
+    let prefixes: Vec<IpNet> = by_net.keys().copied().collect();
     for p in prefixes {
         // Fold in every rule whose remote contains this prefix.
         let mut set: BTreeMap<Span, u32> = BTreeMap::new();
-        for r in rules.iter().filter(|r| r.remote.contains(&p)) {
-            let (rref, _) = ids.intern('r', &r.origin)?;
-            out.rule_refs.insert(rref, r.origin.clone());
-            let s = span(&r.matcher);
-            set.entry(s)
-                .and_modify(|v| *v = (*v).min(rref))
-                .or_insert(rref);
+        let v6 = p.addr().is_ipv6();
+        for &(_, len) in lengths
+            .iter()
+            .filter(|(f, l)| *f == v6 && *l <= p.prefix_len())
+        {
+            let Ok(anc) = IpNet::new(p.addr(), len).map(|n| n.trunc()) else {
+                continue;
+            };
+            for &(s, rref) in by_net.get(&anc).into_iter().flatten() {
+                set.entry(s)
+                    .and_modify(|v| *v = (*v).min(rref))
+                    .or_insert(rref);
+            }
         }
         let set: Vec<(Span, u32)> = set.into_iter().collect();
         let (sid, new) = ids.intern('s', &set)?;

@@ -121,6 +121,9 @@ pub struct State {
     /// Subnet id → NACL id in force.
     #[serde(default)]
     pub nacls: BTreeMap<String, String>,
+    /// Entries per map after the last apply (for the capacity check).
+    #[serde(default)]
+    pub entry_counts: BTreeMap<String, usize>,
 }
 
 impl State {
@@ -276,21 +279,31 @@ pub fn write_generation(
             let _ = maps.update(mn::CONFIG, &0u32.to_ne_bytes(), &cfg);
         }
         // The new objects were never referenced: drop them again.
-        let _ = delete_ids(maps, &c.fresh);
+        let _ = delete_ids(maps, &c.fresh, &c.fresh_kinds);
         return Err(e);
     }
     // The new generation is in force: drop what nothing uses any more.
-    delete_ids(maps, &c.retired)?;
+    delete_ids(maps, &c.retired, &c.retired_kinds)?;
     Ok(())
 }
 
 /// Deletes every entry of these ids (one pass over the id-keyed maps; none
 /// when there is nothing to delete).
-fn delete_ids(maps: &mut dyn MapOps, ids: &BTreeSet<u32>) -> Result<(), SysError> {
+fn delete_ids(
+    maps: &mut dyn MapOps,
+    ids: &BTreeSet<u32>,
+    kinds: &BTreeSet<char>,
+) -> Result<(), SysError> {
     if ids.is_empty() {
         return Ok(());
     }
-    for (map, ks, off) in GENERATIONAL {
+    // Only the maps that objects of these kinds have entries in.
+    let holds = |map: &str| match map {
+        mn::SG_CIDR_V4 | mn::SG_CIDR_V6 => kinds.contains(&'p'),
+        mn::SG_PORTS => kinds.contains(&'s'),
+        _ => kinds.contains(&'n'),
+    };
+    for (map, ks, off) in GENERATIONAL.iter().filter(|g| holds(g.0)) {
         for k in maps.keys(map, *ks)? {
             let id = u32::from_be_bytes([k[*off], k[off + 1], k[off + 2], k[off + 3]]);
             if ids.contains(&id) {
@@ -298,8 +311,10 @@ fn delete_ids(maps: &mut dyn MapOps, ids: &BTreeSet<u32>) -> Result<(), SysError
             }
         }
     }
-    for id in ids {
-        maps.delete(mn::NACL_META, &id.to_ne_bytes())?;
+    if kinds.contains(&'n') {
+        for id in ids {
+            maps.delete(mn::NACL_META, &id.to_ne_bytes())?;
+        }
     }
     Ok(())
 }
@@ -695,20 +710,10 @@ impl EbpfBackend {
 
         sys::ensure_bpffs()?;
         let mut maps = if let Some(prev) = &prev {
-            let mut km = self.open_maps()?;
-            // Capacity check before anything is written.
-            let mut old = BTreeMap::new();
-            for (map, _, _) in GENERATIONAL {
-                let ks = GENERATIONAL.iter().find(|g| g.0 == *map).map_or(0, |g| g.1);
-                old.insert(map.to_string(), km.keys(map, ks)?.len());
-            }
-            old.insert(
-                mn::ADDRS.into(),
-                km.keys(mn::ADDRS, size_of::<AddrKey>())?.len(),
-            );
-            old.insert(mn::INSTANCES.into(), km.keys(mn::INSTANCES, 4)?.len());
-            old.insert(mn::SUBNETS.into(), km.keys(mn::SUBNETS, 4)?.len());
-            old.insert(mn::NACL_META.into(), km.keys(mn::NACL_META, 4)?.len());
+            let km = self.open_maps()?;
+            // Capacity check before anything is written: what the maps hold
+            // now (recorded by the last apply) plus everything of this model.
+            let old = prev.entry_counts.clone();
             for (map, need) in needed(&compiled, &old) {
                 let capacity = prev.capacities.get(map).copied().unwrap_or(0);
                 if need > capacity as usize {
@@ -796,10 +801,6 @@ impl EbpfBackend {
             .iter()
             .map(|i| (i.id.clone(), (i.ingress.len(), i.egress.len())))
             .collect();
-        state.save(&self.state_path)?;
-
-        report.attached = self.attach_ports(host)?;
-        report.generation = generation;
         report.entries = [
             (mn::ADDRS, compiled.addrs.len()),
             (mn::INSTANCES, compiled.instances.len()),
@@ -815,6 +816,12 @@ impl EbpfBackend {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
+        // The maps now hold exactly this model's entries.
+        state.entry_counts = report.entries.clone();
+        state.save(&self.state_path)?;
+
+        report.attached = self.attach_ports(host)?;
+        report.generation = generation;
         Ok(report)
     }
 
