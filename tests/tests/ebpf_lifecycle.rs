@@ -1,5 +1,5 @@
-//! eBPF backend lifecycle: hitless re-applies under traffic and the source
-//! check on bound ports. (A failure part-way through an apply is tested
+//! Lifecycle: hitless eBPF re-applies under traffic, and the source check
+//! on bound ports (both backends). (A failure part-way through an apply is tested
 //! without root in `sgfw::ebpf`'s unit tests, with a map store that fails
 //! at every possible write.)
 
@@ -120,11 +120,22 @@ fn thousand_reapplies_lose_no_reply_and_leak_nothing() {
 /// "When an instance names its Interface, a packet from that port with a
 /// source address that is not the instance's is dropped."
 #[test]
-fn bound_port_drops_spoofed_sources() {
-    if !sgfw_tests::require_root("source_check") {
-        return;
+fn bound_port_drops_spoofed_sources_ebpf() {
+    if sgfw_tests::require_root("source_check_ebpf") {
+        spoofed_sources_are_dropped(Backend::Ebpf);
     }
-    let mut lab = Lab::new(Backend::Ebpf, &["a"], &[("a1", 0), ("a2", 0)]);
+}
+
+#[test]
+fn bound_port_drops_spoofed_sources_nftables() {
+    if sgfw_tests::require_root("source_check_nftables") {
+        spoofed_sources_are_dropped(Backend::Nft);
+    }
+}
+
+#[expect(clippy::unwrap_used, reason = "test code: a failed step is a failed test")]
+fn spoofed_sources_are_dropped(backend: Backend) {
+    let mut lab = Lab::new(backend, &["a"], &[("a1", 0), ("a2", 0)]);
     let model = lab.model(
         &[("a1", &["sg-open"]), ("a2", &["sg-open"])],
         vec![sg("sg-open", vec![all_anywhere()], vec![all_anywhere()])],

@@ -87,7 +87,7 @@
 
 mod render;
 
-pub use render::{HOOK_PRIORITY, NFLOG_GROUP, RenderError, TABLE, render, sanitize};
+pub use render::{BRIDGE_TABLE, HOOK_PRIORITY, NFLOG_GROUP, RenderError, TABLE, render, sanitize};
 
 use serde::Serialize;
 
@@ -219,7 +219,9 @@ fn parse_counter_name(name: &str) -> Option<CounterKind> {
 /// atomically: `add` (so `delete` cannot fail on a first apply), `delete`,
 /// then the whole new table. `nft -f` commits all of it or nothing.
 pub fn transaction(ruleset: &str) -> String {
-    format!("add table {TABLE}\ndelete table {TABLE}\n{ruleset}")
+    format!(
+        "add table {TABLE}\ndelete table {TABLE}\nadd table {BRIDGE_TABLE}\ndelete table {BRIDGE_TABLE}\n{ruleset}"
+    )
 }
 
 /// A miniature of every kernel feature the ruleset uses (inet base chain,
@@ -418,7 +420,9 @@ impl<'h> NftBackend<'h> {
         self.host
             .nft(
                 &["-f", "-"],
-                Some(&format!("add table {TABLE}\ndelete table {TABLE}\n")),
+                Some(&format!(
+                    "add table {TABLE}\ndelete table {TABLE}\nadd table {BRIDGE_TABLE}\ndelete table {BRIDGE_TABLE}\n"
+                )),
             )
             .map_err(|source| NftError::Nft {
                 what: "deleting table inet sgfw",

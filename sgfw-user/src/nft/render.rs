@@ -32,6 +32,9 @@ use crate::packet::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
 /// The one table sgfw owns. Nothing else is ever touched.
 pub const TABLE: &str = "inet sgfw";
 
+/// sgfw's bridge table: the source check at instance ports.
+pub const BRIDGE_TABLE: &str = "bridge sgfw";
+
 /// The NFLOG group every drop is logged to (prefix `sgfw drop <stage> <who> `).
 pub const NFLOG_GROUP: u16 = 3210;
 
@@ -66,6 +69,15 @@ pub enum RenderError {
     Matcher {
         /// The matcher.
         matcher: Match,
+    },
+    /// An interface name the source check cannot name safely (only
+    /// letters, digits and `._-@+` are written into the ruleset).
+    #[error("Instances[{instance}].Interface: {name:?} cannot be written into an nft ruleset")]
+    Interface {
+        /// Instance id.
+        instance: String,
+        /// The name.
+        name: String,
     },
 }
 
@@ -518,7 +530,78 @@ pub fn render(model: &FlatModel) -> Result<String, RenderError> {
         render_sg_chain(&mut out, ChainKind::SgIn, i, &inst.ingress)?;
     }
     out.line(0, "}");
+    render_source_check(&mut out, model)?;
     Ok(out.text)
+}
+
+/// The bridge table that drops, at an instance's own port, packets whose
+/// source is not the instance's address (the source/destination check of
+/// instances bound to an `Interface`). The bridge family sees the port a
+/// packet came in on, which the inet hooks (via br_netfilter) do not.
+/// Passthrough classes go first, as in the eBPF dataplane: DHCP from
+/// 0.0.0.0, NDP, the metadata address, and IPv6 link-local or unspecified
+/// sources are the instance's to send. Interface names are validated
+/// (letters, digits, `.`, `-`, `_`) and quoted; addresses are typed.
+fn render_source_check(out: &mut Out, model: &FlatModel) -> Result<(), RenderError> {
+    out.line(0, format!("table {BRIDGE_TABLE} {{"));
+    out.line(1, "chain source_check {");
+    out.line(
+        2,
+        "type filter hook prerouting priority filter - 10; policy accept;",
+    );
+    let bound: Vec<_> = model
+        .instances
+        .iter()
+        .filter_map(|i| i.interface.as_ref().map(|n| (n, i)))
+        .collect();
+    if !bound.is_empty() {
+        out.line(2, "udp sport 68 udp dport 67 accept");
+        out.line(2, "icmpv6 type { 133-137 } accept");
+    }
+    for (name, inst) in bound {
+        let v4: Vec<String> = inst
+            .addrs
+            .iter()
+            .filter(|a| a.is_ipv4())
+            .map(ToString::to_string)
+            .collect();
+        let v6: Vec<String> = inst
+            .addrs
+            .iter()
+            .filter(|a| a.is_ipv6())
+            .map(ToString::to_string)
+            .collect();
+        if !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-@+".contains(c))
+        {
+            return Err(RenderError::Interface {
+                instance: inst.id.clone(),
+                name: name.clone(),
+            });
+        }
+        let mut ok4 = v4;
+        ok4.extend(["0.0.0.0".to_string(), "169.254.169.254".to_string()]);
+        out.line(
+            2,
+            format!(
+                "iifname \"{name}\" ip saddr != {{ {} }} drop",
+                ok4.join(", ")
+            ),
+        );
+        let mut ok6 = v6;
+        ok6.extend(["::".to_string(), "fe80::/10".to_string()]);
+        out.line(
+            2,
+            format!(
+                "iifname \"{name}\" ip6 saddr != {{ {} }} drop",
+                ok6.join(", ")
+            ),
+        );
+    }
+    out.line(1, "}");
+    out.line(0, "}");
+    Ok(())
 }
 
 fn render_timeouts(out: &mut Out, model: &FlatModel) {

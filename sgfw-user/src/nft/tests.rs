@@ -113,10 +113,22 @@ fn render_is_deterministic() {
 }
 
 #[test]
-fn render_is_one_table_inet_sgfw() {
+fn hostile_interface_names_are_refused_not_written() {
+    for p in PAYLOADS {
+        let mut m = fixture();
+        m.instances[0].interface = Some(format!("veth{p}"));
+        match render(&m) {
+            Err(RenderError::Interface { name, .. }) => assert_eq!(name, format!("veth{p}")),
+            other => panic!("{p:?}: expected an Interface error, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn render_is_sgfws_two_tables_only() {
     let text = render(&fixture()).unwrap();
     let tables: Vec<&str> = text.lines().filter(|l| l.starts_with("table")).collect();
-    assert_eq!(tables, ["table inet sgfw {"]);
+    assert_eq!(tables, ["table inet sgfw {", "table bridge sgfw {"]);
     assert!(!text.contains("flush ruleset"));
     assert_eq!(text.lines().last(), Some("}"));
 }
@@ -260,12 +272,13 @@ fn hostile_ids_in_a_flat_model_are_rendered_inert() {
         let i = k % m.instances.len();
         m.instances[i].id = format!("i{p}");
         m.instances[i].subnet_id = format!("subnet{p}");
-        m.instances[i].interface = Some(format!("veth{p}"));
+        // Hostile interface names are refused outright (checked below).
+        m.instances[i].interface = None;
         if let Some(r) = m.instances[i].ingress.first_mut() {
             r.origin.group_id = format!("sg{p}");
         }
         let text = render(&m).unwrap();
-        assert_eq!(text.lines().filter(|l| l.starts_with("table")).count(), 1);
+        assert_eq!(text.lines().filter(|l| l.starts_with("table")).count(), 2);
         // Words of a payload may survive sanitising, but only as `_`-joined
         // text inside a comment: never as a statement.
         assert!(
@@ -419,7 +432,9 @@ fn teardown_deletes_only_our_table_and_tolerates_absence() {
     let calls = host.nft_calls();
     assert_eq!(
         calls[0].1.as_deref(),
-        Some("add table inet sgfw\ndelete table inet sgfw\n")
+        Some(
+            "add table inet sgfw\ndelete table inet sgfw\nadd table bridge sgfw\ndelete table bridge sgfw\n"
+        )
     );
 }
 
