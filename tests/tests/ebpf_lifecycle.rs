@@ -133,7 +133,10 @@ fn bound_port_drops_spoofed_sources_nftables() {
     }
 }
 
-#[expect(clippy::unwrap_used, reason = "test code: a failed step is a failed test")]
+#[expect(
+    clippy::unwrap_used,
+    reason = "test code: a failed step is a failed test"
+)]
 fn spoofed_sources_are_dropped(backend: Backend) {
     let mut lab = Lab::new(backend, &["a"], &[("a1", 0), ("a2", 0)]);
     let model = lab.model(
