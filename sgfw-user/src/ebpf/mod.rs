@@ -147,13 +147,7 @@ impl State {
     }
 
     fn save(&self, path: &Path) -> Result<(), EbpfError> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|source| SysError::File {
-                what: "creating",
-                path: dir.to_path_buf(),
-                source,
-            })?;
-        }
+        parent_dir(path)?;
         let tmp = path.with_extension("json.tmp");
         let bytes = serde_json::to_vec_pretty(self).map_err(|source| EbpfError::State {
             path: path.to_path_buf(),
@@ -169,6 +163,18 @@ impl State {
                 }
                 .into()
             })
+    }
+}
+
+/// Creates the directory a file of sgfw's goes in.
+fn parent_dir(path: &Path) -> Result<(), SysError> {
+    match path.parent() {
+        Some(dir) => std::fs::create_dir_all(dir).map_err(|source| SysError::File {
+            what: "creating",
+            path: dir.to_path_buf(),
+            source,
+        }),
+        None => Ok(()),
     }
 }
 
@@ -957,13 +963,7 @@ impl EbpfBackend {
     /// exclusive `flock` on a file beside the state file, released on drop.
     fn lock(&self) -> Result<std::fs::File, EbpfError> {
         let path = self.state_path.with_extension("lock");
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|source| SysError::File {
-                what: "creating",
-                path: dir.to_path_buf(),
-                source,
-            })?;
-        }
+        parent_dir(&path)?;
         let file = std::fs::File::create(&path).map_err(|source| SysError::File {
             what: "creating",
             path: path.clone(),

@@ -93,13 +93,7 @@ impl TestDataplane {
 
     /// Sets the dataplane clock (ns); 0 returns to the kernel clock.
     pub fn set_time(&mut self, now_ns: u64) -> Result<(), EbpfError> {
-        self.config.time_override_ns = now_ns;
-        self.maps.update(
-            mn::CONFIG,
-            &0u32.to_ne_bytes(),
-            bytemuck::bytes_of(&self.config),
-        )?;
-        Ok(())
+        self.update_config(|c| c.time_override_ns = now_ns)
     }
 
     /// Runs one hook on a frame `repeat` times; returns (TC action, mean ns per run).
