@@ -541,6 +541,24 @@ pub fn render(model: &FlatModel) -> Result<String, RenderError> {
 /// Passthrough classes go first, as in the eBPF dataplane: DHCP from
 /// 0.0.0.0, NDP, the metadata address, and IPv6 link-local or unspecified
 /// sources are the instance's to send. Interface names are validated
+/// The verdict-map jumps to the chains of two stages, both families.
+fn dispatch(out: &mut Out, kinds: [ChainKind; 2]) {
+    for kind in kinds {
+        for f in Family::ALL {
+            out.line(
+                2,
+                format!(
+                    "{} {} vmap @{}_{}",
+                    f.l3(),
+                    kind.key_side().word(),
+                    kind.prefix(),
+                    f.suffix()
+                ),
+            );
+        }
+    }
+}
+
 /// (letters, digits, `.`, `-`, `_`) and quoted; addresses are typed.
 fn render_source_check(out: &mut Out, model: &FlatModel) -> Result<(), RenderError> {
     out.line(0, format!("table {BRIDGE_TABLE} {{"));
@@ -780,20 +798,7 @@ fn render_entry(out: &mut Out) {
         2,
         "# 2. NACLs are stateless: every packet, before any conntrack shortcut.",
     );
-    for kind in [ChainKind::NaclOut, ChainKind::NaclIn] {
-        for f in Family::ALL {
-            out.line(
-                2,
-                format!(
-                    "{} {} vmap @{}_{}",
-                    f.l3(),
-                    kind.key_side().word(),
-                    kind.prefix(),
-                    f.suffix()
-                ),
-            );
-        }
-    }
+    dispatch(out, [ChainKind::NaclOut, ChainKind::NaclIn]);
     out.line(
         2,
         "# 3. A flow the kernel tracks passed both SG legs when it began: skip the SG rules.",
@@ -807,20 +812,7 @@ fn render_entry(out: &mut Out) {
         2,
         "# 4. SG egress of the sender, then SG ingress of the receiver (chains return on allow).",
     );
-    for kind in [ChainKind::SgOut, ChainKind::SgIn] {
-        for f in Family::ALL {
-            out.line(
-                2,
-                format!(
-                    "{} {} vmap @{}_{}",
-                    f.l3(),
-                    kind.key_side().word(),
-                    kind.prefix(),
-                    f.suffix()
-                ),
-            );
-        }
-    }
+    dispatch(out, [ChainKind::SgOut, ChainKind::SgIn]);
     out.line(
         2,
         "# 5. A new flow allowed by every stage: the SEMANTICS timeouts.",
