@@ -56,6 +56,9 @@ pub mod map_names {
     pub const SCRATCH: &str = "SGFW_SCRATCH";
     /// Per-CPU hash [`crate::PortCountKey`] → packets (`u64`), for the port-count programs.
     pub const PORT_COUNTS: &str = "SGFW_PORT_COUNTS";
+    /// LRU [`crate::FragKey`] → [`crate::FragEntry`]: the verdict of a
+    /// datagram's first fragment at one hook, for its later fragments.
+    pub const FRAGS: &str = "SGFW_FRAGS";
 }
 
 /// Names of the programs in the BPF object.
@@ -82,6 +85,90 @@ pub mod limits {
     /// Address-family tag for IPv6 in keys.
     pub const AF_INET6: u8 = 6;
 }
+
+/// The traffic classes SEMANTICS (docs/semantics.md, "Passthrough") leaves
+/// unfiltered, defined once for the BPF programs, the reference evaluator and
+/// the nftables renderer. Addresses are in network byte order.
+pub mod passthrough {
+    /// Service addresses, IPv4: metadata, Time Sync, Amazon DNS.
+    pub const SERVICES_V4: [[u8; 4]; 3] = [
+        [169, 254, 169, 254],
+        [169, 254, 169, 123],
+        [169, 254, 169, 253],
+    ];
+    /// Service addresses, IPv6: fd00:ec2::254, fd00:ec2::123, fd00:ec2::253.
+    pub const SERVICES_V6: [[u8; 16]; 3] = [
+        [
+            0xfd, 0, 0x0e, 0xc2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x02, 0x54,
+        ],
+        [
+            0xfd, 0, 0x0e, 0xc2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x01, 0x23,
+        ],
+        [
+            0xfd, 0, 0x0e, 0xc2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x02, 0x53,
+        ],
+    ];
+    /// What each service address is, in [`SERVICES_V4`] / [`SERVICES_V6`] order.
+    pub const SERVICE_NAMES: [&str; 3] = ["metadata", "time-sync", "amazon-dns"];
+    /// DHCP client port: an instance sends 68 -> 67 ...
+    pub const DHCP_CLIENT_PORT: u16 = 68;
+    /// ... and is answered 67 -> 68.
+    pub const DHCP_SERVER_PORT: u16 = 67;
+    /// ICMPv6 router solicitation/advertisement, neighbour solicitation/advertisement.
+    pub const NDP_TYPES: core::ops::RangeInclusive<u8> = 133..=136;
+    /// ICMPv6 redirect: never delivered.
+    pub const ICMPV6_REDIRECT: u8 = 137;
+}
+
+/// [`AddrInfo::instance`] of the entries that mark a subnet's broadcast
+/// address: a destination a VPC does not carry.
+pub const BROADCAST_OWNER: u32 = u32::MAX;
+
+/// [`CtKey::remote_port`] of an ICMP query flow that the local instance
+/// started: this bit, or-ed with the request type.
+pub const CT_ICMP_QUERY_LOCAL: u16 = 0x100;
+/// [`CtKey::remote_port`] of an ICMP query flow that the peer started.
+pub const CT_ICMP_QUERY_REMOTE: u16 = 0x200;
+
+/// How long the verdict of a datagram's first fragment stands for its later
+/// fragments (the kernel's IPv4 reassembly timeout).
+pub const FRAGMENT_TIMEOUT_NS: u64 = 30_000_000_000;
+
+/// Key of [`map_names::FRAGS`]: one datagram at one hook.
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct FragKey {
+    /// Source address (IPv4 in the first 4 bytes).
+    pub src: [u8; 16],
+    /// Destination address.
+    pub dst: [u8; 16],
+    /// IP identification (16 bits for IPv4, 32 for IPv6).
+    pub id: u32,
+    /// Ifindex of the port.
+    pub ifindex: u32,
+    /// IP protocol (IPv6: the fragment header's next header).
+    pub proto: u8,
+    /// [`limits::AF_INET`] or [`limits::AF_INET6`].
+    pub family: u8,
+    /// [`Direction`] of the hook.
+    pub direction: u8,
+    /// Always zero.
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<FragKey>() == 44);
+
+/// Value of [`map_names::FRAGS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct FragEntry {
+    /// Dataplane clock (ns) after which the record no longer stands.
+    pub expires_ns: u64,
+    /// 1: the first fragment was allowed at this hook; 0: denied.
+    pub allowed: u8,
+    /// Always zero.
+    pub _pad: [u8; 7],
+}
+const _: () = assert!(size_of::<FragEntry>() == 16);
 
 /// Where a packet was seen, from the instance's point of view.
 #[repr(u8)]
@@ -122,7 +209,8 @@ pub enum Reason {
     DropSourceCheck = 10,
     /// A bound port was handed a packet for an address that is not its instance's.
     DropNotForInstance = 11,
-    /// A non-first IP fragment (its ports cannot be known, so it is never let past a rule).
+    /// A non-first IP fragment whose first fragment was not seen at this hook,
+    /// was denied, or is too long ago.
     DropFragment = 12,
     /// A truncated or malformed header, or too many IPv6 extension headers.
     DropMalformed = 13,
@@ -130,11 +218,18 @@ pub enum Reason {
     DropNonIp = 14,
     /// The policy maps are inconsistent (an id with no entry): fail closed.
     DropNoPolicy = 15,
+    /// A later fragment of a datagram whose first fragment was allowed at this hook.
+    AllowFragment = 16,
+    /// A VLAN-tagged frame (802.1Q, 802.1ad, priority tags with VID 0).
+    DropVlan = 17,
+    /// Traffic a VPC does not carry: a broadcast or multicast destination,
+    /// or an ICMPv6 redirect.
+    DropNotCarried = 18,
 }
 
 impl Reason {
     /// Number of reasons; counters are laid out with this stride.
-    pub const COUNT: usize = 16;
+    pub const COUNT: usize = 19;
 
     /// All reasons in numeric order.
     pub const ALL: [Reason; Self::COUNT] = [
@@ -154,6 +249,9 @@ impl Reason {
         Reason::DropMalformed,
         Reason::DropNonIp,
         Reason::DropNoPolicy,
+        Reason::AllowFragment,
+        Reason::DropVlan,
+        Reason::DropNotCarried,
     ];
 
     /// The reason with this numeric value.
@@ -163,7 +261,16 @@ impl Reason {
 
     /// Whether the packet was dropped.
     pub const fn is_drop(self) -> bool {
-        (self as u8) >= (Reason::DropSgEgress as u8)
+        !matches!(
+            self,
+            Reason::AllowSgEgress
+                | Reason::AllowSgIngress
+                | Reason::AllowTracked
+                | Reason::AllowRelated
+                | Reason::AllowPassthrough
+                | Reason::AllowUnmanaged
+                | Reason::AllowFragment
+        )
     }
 
     /// Short stable name, as printed by the CLI and flow logs.
@@ -185,6 +292,9 @@ impl Reason {
             Reason::DropMalformed => "malformed",
             Reason::DropNonIp => "non-ip",
             Reason::DropNoPolicy => "no-policy",
+            Reason::AllowFragment => "fragment",
+            Reason::DropVlan => "vlan",
+            Reason::DropNotCarried => "not-carried",
         }
     }
 }
@@ -345,7 +455,11 @@ const _: () = assert!(size_of::<NaclMeta>() == 136);
 /// so both directions of a flow find the same entry.
 ///
 /// TCP/UDP: ports. ICMP queries: `local_port` = identifier, `remote_port` =
-/// the request type. Other ICMP: type and code. Other protocols: zero.
+/// the request type or-ed with [`CT_ICMP_QUERY_LOCAL`] or
+/// [`CT_ICMP_QUERY_REMOTE`] (who asked), so only the asker's requests and the
+/// other side's replies continue a query flow. Other non-error ICMP: type and
+/// code (below 0x100, so never a query's key). ICMP errors have no key.
+/// Other protocols: zero.
 ///
 /// 8-byte aligned: BPF has no unaligned loads, so an align-1 copy of the
 /// addresses would become a byte loop on every packet.

@@ -6,18 +6,24 @@
 //! and its SG ingress). Each hook decides only for its own instance; a packet
 //! between two instances passes both.
 //!
-//! Order of checks at one hook (the reference evaluator's order):
-//! 1. parse; ARP passes, other non-IP, malformed headers and non-first
-//!    fragments drop;
+//! Order of checks at one hook (the reference evaluator's order; the
+//! specification is docs/semantics.md):
+//! 1. frame: VLAN-tagged frames drop; ARP passes; other non-IP and malformed
+//!    headers drop; a later fragment gets its first fragment's recorded
+//!    verdict at this hook (a first fragment's verdict is recorded at the end);
 //! 2. fast path: a live conntrack entry whose cached checks are of the current
-//!    policy generation and this port → allow (one map lookup);
-//! 3. passthrough classes (NDP, DHCP, metadata, the subnet's DNS address);
-//! 4. source check on bound ports; an address of no instance → not ours;
-//! 5. the leg's stages in order — sender: SG egress, NACL out; receiver:
+//!    policy generation and this port, for a packet whose NACL inputs the key
+//!    fixes → allow (one map lookup);
+//! 3. source check on bound ports (before passthrough: an instance never
+//!    speaks as a service address);
+//! 4. passthrough classes (NDP, DHCP client shape, service addresses);
+//! 5. not carried: broadcast and multicast destinations, ICMPv6 redirects;
+//!    an address of no instance → not ours;
+//! 6. the leg's stages in order — sender: SG egress, NACL out; receiver:
 //!    NACL in, SG ingress — NACLs only when the peer is not an instance of
-//!    the same subnet; the SG stage is: tracked flow, related ICMP error, or a
-//!    rule;
-//! 6. commit: a new flow allowed by a rule starts a conntrack entry.
+//!    the same subnet; the SG stage is: tracked flow of this instance,
+//!    related ICMP error, or a rule;
+//! 7. commit: a new flow allowed by a rule starts a conntrack entry.
 #![no_std]
 #![no_main]
 
@@ -34,18 +40,17 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use sgfw_common::{
-    AddrInfo, AddrKey, Config, Direction, PortCountKey, Reason, SUBNET_HAS_DNS_V4,
+    AddrInfo, AddrKey, BROADCAST_OWNER, Config, Direction, PortCountKey, Reason, SUBNET_HAS_DNS_V4,
     SUBNET_HAS_DNS_V6, SubnetPolicy,
     limits::{AF_INET, AF_INET6},
+    passthrough as pt,
 };
 
 use crate::maps::{ADDRS, CONFIG, INSTANCES, PORT_COUNTS, PORTS, SCRATCH, SUBNETS};
-use crate::parse::{Addr, Frame, IPPROTO_ICMPV6, IPPROTO_UDP, Pkt};
+use crate::parse::{Addr, FRAG_FIRST, Frame, IPPROTO_ICMPV6, IPPROTO_UDP, Pkt};
 use crate::verdict::{Decision, finish};
 
 const NO_RULE: u32 = u32::MAX;
-/// 169.254.169.254 as an address word.
-const METADATA: u32 = u32::from_ne_bytes([169, 254, 169, 254]);
 
 #[classifier]
 pub fn sgfw_from_instance(ctx: TcContext) -> i32 {
@@ -101,6 +106,15 @@ fn port_count(ctx: &TcContext, dir: Direction) -> i32 {
 }
 
 #[inline(always)]
+fn decision(reason: Reason, instance: u32) -> Decision {
+    Decision {
+        reason,
+        instance,
+        rule: NO_RULE,
+    }
+}
+
+#[inline(always)]
 fn classify(ctx: &TcContext, dir: Direction) -> i32 {
     // Without configuration there is no policy: fail closed.
     let Some(cfg) = CONFIG.get(0) else {
@@ -109,6 +123,21 @@ fn classify(ctx: &TcContext, dir: Direction) -> i32 {
     let now = conntrack::now(cfg);
     let ifx = ifindex(ctx);
     let len = ctx.len();
+    // A tag the kernel moved into the skb (it strips one 802.1Q/802.1ad tag,
+    // VID 0 priority tags included, before TC sees the frame): a VPC carries
+    // no VLANs. Tags left in the frame are caught by the parser.
+    // SAFETY: the context pointer the kernel passed to the program.
+    if unsafe { (*ctx.skb.skb).vlan_present } != 0 {
+        return finish(
+            &decision(Reason::DropVlan, 0),
+            None,
+            dir,
+            ifx,
+            len,
+            cfg,
+            now,
+        );
+    }
     let Some(p) = SCRATCH.get_ptr_mut(0) else {
         return TC_ACT_SHOT;
     };
@@ -116,25 +145,16 @@ fn classify(ctx: &TcContext, dir: Direction) -> i32 {
     // same CPU while it runs.
     let p = unsafe { &mut *p };
     match parse::parse(ctx, p) {
-        Err(reason) => finish(
-            &Decision {
-                reason,
-                instance: 0,
-                rule: NO_RULE,
-            },
-            None,
-            dir,
-            ifx,
-            len,
-            cfg,
-            now,
-        ),
+        Err(reason) => {
+            // A first fragment that cannot be judged is denied, and so are
+            // the rest of its datagram.
+            if p.frag == FRAG_FIRST {
+                conntrack::frag_record(p, dir, ifx, false, now);
+            }
+            finish(&decision(reason, 0), None, dir, ifx, len, cfg, now)
+        }
         Ok(Frame::Arp) => finish(
-            &Decision {
-                reason: Reason::AllowPassthrough,
-                instance: 0,
-                rule: NO_RULE,
-            },
+            &decision(Reason::AllowPassthrough, 0),
             None,
             dir,
             ifx,
@@ -142,8 +162,19 @@ fn classify(ctx: &TcContext, dir: Direction) -> i32 {
             cfg,
             now,
         ),
+        Ok(Frame::LaterFragment) => {
+            let reason = if conntrack::frag_allowed(p, dir, ifx, now) {
+                Reason::AllowFragment
+            } else {
+                Reason::DropFragment
+            };
+            finish(&decision(reason, 0), Some(p), dir, ifx, len, cfg, now)
+        }
         Ok(Frame::Ip) => {
             let d = try_classify(p, dir, ifx, cfg, now);
+            if p.frag == FRAG_FIRST {
+                conntrack::frag_record(p, dir, ifx, !d.reason.is_drop(), now);
+            }
             finish(&d, Some(p), dir, ifx, len, cfg, now)
         }
     }
@@ -164,39 +195,142 @@ fn lookup_addr(family: u8, addr: &Addr) -> Option<AddrInfo> {
     unsafe { ADDRS.get(&addr_key(family, addr)) }.copied()
 }
 
-/// The classes SEMANTICS.md leaves unfiltered, as seen from this hook.
+/// No owner: instance indices start at 1. A plain value instead of an
+/// `Option<AddrInfo>`, whose undefined payload LLVM may copy around in
+/// registers the verifier has never seen written.
+const NOBODY: AddrInfo = AddrInfo {
+    instance: 0,
+    subnet: 0,
+};
+
 #[inline(always)]
-fn passthrough(p: &Pkt, dir: Direction, subnet: Option<&SubnetPolicy>) -> bool {
-    if p.family == AF_INET6 && p.proto == IPPROTO_ICMPV6 && (133..=137).contains(&p.icmp_type) {
+fn owner_of(family: u8, addr: &Addr) -> AddrInfo {
+    lookup_addr(family, addr).unwrap_or(NOBODY)
+}
+
+/// The first two bytes of an address word, in network order.
+#[inline(always)]
+fn lead(a: &Addr) -> (u8, u8) {
+    let b = a[0].to_ne_bytes();
+    (b[0], b[1])
+}
+
+/// fe80::/10.
+#[inline(always)]
+fn is_link_local_v6(family: u8, a: &Addr) -> bool {
+    let (b0, b1) = lead(a);
+    family == AF_INET6 && b0 == 0xfe && b1 & 0xc0 == 0x80
+}
+
+/// 224.0.0.0/4, 255.255.255.255, ff00::/8 (a subnet's broadcast address is
+/// found through the address map). Takes the address's first word only.
+#[inline(never)]
+fn is_group_addr(family: u8, first_word: u32) -> bool {
+    let b0 = first_word.to_ne_bytes()[0];
+    if family == AF_INET6 {
+        return b0 == 0xff;
+    }
+    if b0 & 0xf0 == 0xe0 {
         return true;
     }
-    if p.proto == IPPROTO_UDP
-        && ((p.sport == 68 && p.dport == 67) || (p.sport == 67 && p.dport == 68))
-    {
+    first_word == u32::MAX
+}
+
+/// Whether a VPC carries this packet at all: not to a group or broadcast
+/// destination (`dst_broadcast`: the address map says the destination, or
+/// at the sender's hook the source, is a subnet's broadcast address), not an
+/// ICMPv6 redirect.
+#[inline(never)]
+fn not_carried(p: &Pkt, broadcast: bool) -> bool {
+    if broadcast {
         return true;
     }
-    if p.family == AF_INET && (p.src[0] == METADATA || p.dst[0] == METADATA) {
+    if is_group_addr(p.family, p.dst[0]) {
         return true;
     }
-    if let Some(s) = subnet {
-        let peer = match dir {
-            Direction::Egress => &p.dst,
-            Direction::Ingress => &p.src,
-        };
-        if p.family == AF_INET
-            && s.flags & SUBNET_HAS_DNS_V4 != 0
-            && peer[0] == u32::from_ne_bytes(s.dns_v4)
+    p.family == AF_INET6 && p.proto == IPPROTO_ICMPV6 && p.icmp_type == pt::ICMPV6_REDIRECT
+}
+
+#[inline(always)]
+fn is_dhcp_client(p: &Pkt) -> bool {
+    p.family == AF_INET
+        && p.proto == IPPROTO_UDP
+        && p.sport == pt::DHCP_CLIENT_PORT
+        && p.dport == pt::DHCP_SERVER_PORT
+}
+
+#[inline(always)]
+fn is_dhcp_server(p: &Pkt) -> bool {
+    p.family == AF_INET
+        && p.proto == IPPROTO_UDP
+        && p.sport == pt::DHCP_SERVER_PORT
+        && p.dport == pt::DHCP_CLIENT_PORT
+}
+
+#[inline(always)]
+fn is_ndp(p: &Pkt) -> bool {
+    p.family == AF_INET6 && p.proto == IPPROTO_ICMPV6 && pt::NDP_TYPES.contains(&p.icmp_type)
+}
+
+/// One of the VPC's service addresses (metadata, Time Sync, Amazon DNS), or
+/// the subnet's DNS address.
+#[inline(always)]
+fn is_service(family: u8, a: &Addr, subnet: Option<&SubnetPolicy>) -> bool {
+    if family == AF_INET {
+        let w = a[0];
+        if w == u32::from_ne_bytes(pt::SERVICES_V4[0])
+            || w == u32::from_ne_bytes(pt::SERVICES_V4[1])
+            || w == u32::from_ne_bytes(pt::SERVICES_V4[2])
         {
             return true;
         }
-        if p.family == AF_INET6
-            && s.flags & SUBNET_HAS_DNS_V6 != 0
-            && *peer == bytemuck::cast::<[u8; 16], Addr>(s.dns_v6)
+        if let Some(s) = subnet {
+            return s.flags & SUBNET_HAS_DNS_V4 != 0 && w == u32::from_ne_bytes(s.dns_v4);
+        }
+    } else {
+        if *a == bytemuck::cast::<[u8; 16], Addr>(pt::SERVICES_V6[0])
+            || *a == bytemuck::cast::<[u8; 16], Addr>(pt::SERVICES_V6[1])
+            || *a == bytemuck::cast::<[u8; 16], Addr>(pt::SERVICES_V6[2])
         {
             return true;
+        }
+        if let Some(s) = subnet {
+            return s.flags & SUBNET_HAS_DNS_V6 != 0
+                && *a == bytemuck::cast::<[u8; 16], Addr>(s.dns_v6);
         }
     }
     false
+}
+
+/// The classes docs/semantics.md leaves unfiltered, as seen from this hook:
+/// NDP either way; DHCP in its client shape (sent 68 -> 67, delivered
+/// 67 -> 68); a service address as the peer.
+#[inline(always)]
+fn passthrough(p: &Pkt, dir: Direction, subnet: Option<&SubnetPolicy>) -> bool {
+    if is_ndp(p) {
+        return true;
+    }
+    match dir {
+        Direction::Egress => is_dhcp_client(p) || is_service(p.family, &p.dst, subnet),
+        Direction::Ingress => is_dhcp_server(p) || is_service(p.family, &p.src, subnet),
+    }
+}
+
+/// The source check of a bound port: whether the instance may send with
+/// this source (its own address, its IPv6 link-local address, or the
+/// unspecified address while it has none: DHCP client, NDP).
+#[inline(always)]
+fn may_send_as(p: &Pkt, own: bool) -> bool {
+    own || is_link_local_v6(p.family, &p.src)
+        || (p.src == [0; 4] && (is_dhcp_client(p) || is_ndp(p)))
+}
+
+/// Whether a bound port may be handed this destination: the instance's own
+/// address, its IPv6 link-local address, or a group address (then the
+/// passthrough and not-carried checks decide).
+#[inline(always)]
+fn may_receive_as(p: &Pkt, own: bool) -> bool {
+    own || is_link_local_v6(p.family, &p.dst) || is_group_addr(p.family, p.dst[0])
 }
 
 /// Whether `a` lies in the subnet's prefix of its family.
@@ -213,32 +347,6 @@ fn in_prefix(s: &SubnetPolicy, family: u8, a: &Addr) -> bool {
     }
 }
 
-/// Addresses that only make sense on the local link: an IPv6 link-local or
-/// unspecified source (sent by the instance), or a multicast or broadcast
-/// destination, or an IPv6 link-local destination (delivered to it).
-#[inline(always)]
-fn link_scoped(p: &Pkt, dir: Direction) -> bool {
-    // The first two bytes of an address word, in network order.
-    let lead = |a: &Addr| {
-        let b = a[0].to_ne_bytes();
-        (b[0], b[1])
-    };
-    match dir {
-        Direction::Egress => {
-            let (b0, b1) = lead(&p.src);
-            p.family == AF_INET6 && ((b0 == 0xfe && b1 & 0xc0 == 0x80) || p.src == [0; 4])
-        }
-        Direction::Ingress => {
-            let (b0, b1) = lead(&p.dst);
-            if p.family == AF_INET6 {
-                b0 == 0xff || (b0 == 0xfe && b1 & 0xc0 == 0x80)
-            } else {
-                b0 & 0xf0 == 0xe0 || p.dst[0] == u32::MAX
-            }
-        }
-    }
-}
-
 /// What decided the SG stage.
 enum SgOutcome {
     Tracked(*mut sgfw_common::CtEntry),
@@ -248,12 +356,15 @@ enum SgOutcome {
 }
 
 /// The SG stage, in precedence order: (1) the flow is tracked for this
-/// instance; (2) an ICMP error quoting a flow tracked for it; (3) a rule of
-/// the instance's policy for this direction allows it; else no match.
+/// instance; (2) an ICMP error quoting a flow tracked for this instance;
+/// (3) a rule of the instance's policy for this direction allows it; else no
+/// match.
 #[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "one call site; the leg's inputs")]
 fn sg_stage(
     p: &Pkt,
     hit: Option<*mut sgfw_common::CtEntry>,
+    instance: u32,
     policy: u32,
     local: &Addr,
     remote: &Addr,
@@ -261,12 +372,16 @@ fn sg_stage(
     now: u64,
 ) -> SgOutcome {
     if let Some(e) = hit {
-        return SgOutcome::Tracked(e);
+        if conntrack::owned_by(e, instance) {
+            return SgOutcome::Tracked(e);
+        }
     }
     if p.is_icmp_error && p.has_inner {
         if let Some(ik) = conntrack::inner_key(p.family, &p.inner, local) {
-            if conntrack::lookup_live(&ik, cfg, now).is_some() {
-                return SgOutcome::Related;
+            if let Some(e) = conntrack::lookup_live(&ik, cfg, now) {
+                if conntrack::owned_by(e, instance) {
+                    return SgOutcome::Related;
+                }
             }
         }
     }
@@ -287,30 +402,28 @@ fn nacl_stage(table: u32, p: &Pkt, remote: &Addr, deny: Reason, instance: u32) -
             instance,
             rule,
         }),
-        Err(reason) => Some(Decision {
-            reason,
-            instance,
-            rule: NO_RULE,
-        }),
+        Err(reason) => Some(decision(reason, instance)),
     }
 }
 
 #[inline(always)]
 fn try_classify(p: &Pkt, dir: Direction, ifx: u32, cfg: &Config, now: u64) -> Decision {
     let key = conntrack::key(p, dir);
-    let hit = conntrack::lookup_live(&key, cfg, now);
-    // Fast path: a tracked flow whose stateless checks passed under this
-    // policy generation at this port.
+    // An ICMP error is never a flow of its own: its type/code key must never
+    // find one (it could collide with an echo identifier).
+    let hit = if p.is_icmp_error {
+        None
+    } else {
+        conntrack::lookup_live(&key, cfg, now)
+    };
+    // 2. Fast path: a tracked flow whose stateless checks passed under this
+    // policy generation at this port, for a packet the cache covers.
     if let Some(e) = hit {
-        if conntrack::cache_valid(e, dir, ifx, cfg) {
+        if conntrack::cache_valid(e, p, dir, ifx, cfg) {
             conntrack::touch(e, dir, p, now);
             // SAFETY: see conntrack::lookup_live.
             let instance = unsafe { (*e).instance };
-            return Decision {
-                reason: Reason::AllowTracked,
-                instance,
-                rule: NO_RULE,
-            };
+            return decision(Reason::AllowTracked, instance);
         }
     }
 
@@ -320,56 +433,69 @@ fn try_classify(p: &Pkt, dir: Direction, ifx: u32, cfg: &Config, now: u64) -> De
     };
     // SAFETY: read-only hash lookup.
     let bound = unsafe { PORTS.get(&ifx) }.copied();
-    let mut local_info = lookup_addr(p.family, local);
-    // On a bound port, link-scoped traffic (IPv6 link-local sources, and
-    // multicast or broadcast destinations) belongs to the port's instance:
-    // its security group judges it like any other packet.
-    if let (Some(b), None) = (bound, local_info) {
-        if link_scoped(p, dir) {
-            // SAFETY: read-only hash lookup.
-            if let Some(ip) = unsafe { INSTANCES.get(&b) } {
-                local_info = Some(AddrInfo {
-                    instance: b,
-                    subnet: ip.subnet,
-                });
-            }
-        }
-    }
-    // SAFETY: read-only hash lookups.
-    let subnet = local_info.and_then(|li| unsafe { SUBNETS.get(&li.subnet) });
-    let local_instance = local_info.map_or(0, |li| li.instance);
-
-    if passthrough(p, dir, subnet) {
-        return Decision {
-            reason: Reason::AllowPassthrough,
-            instance: local_instance,
-            rule: NO_RULE,
+    let found = owner_of(p.family, local);
+    let broadcast_local = found.instance == BROADCAST_OWNER;
+    let mut local_info = if broadcast_local { NOBODY } else { found };
+    // 3. Source check on bound ports, before anything else: an instance never
+    // speaks as another address, whatever the packet carries. Link-scoped
+    // traffic of a bound port belongs to the port's instance.
+    if let Some(b) = bound {
+        let own = local_info.instance == b;
+        let ok = match dir {
+            Direction::Egress => may_send_as(p, own),
+            Direction::Ingress => may_receive_as(p, own) || broadcast_local,
         };
-    }
-    if let Some(bound) = bound {
-        if local_instance != bound {
-            return Decision {
-                reason: match dir {
+        if !ok {
+            return decision(
+                match dir {
                     Direction::Egress => Reason::DropSourceCheck,
                     Direction::Ingress => Reason::DropNotForInstance,
                 },
-                instance: bound,
-                rule: NO_RULE,
+                b,
+            );
+        }
+        if !own {
+            // SAFETY: read-only hash lookup.
+            local_info = match unsafe { INSTANCES.get(&b) } {
+                Some(ip) => AddrInfo {
+                    instance: b,
+                    subnet: ip.subnet,
+                },
+                None => NOBODY,
             };
         }
     }
-    let Some(li) = local_info else {
-        return Decision {
-            reason: Reason::AllowUnmanaged,
-            instance: 0,
-            rule: NO_RULE,
-        };
+    let local_instance = local_info.instance;
+    // SAFETY: read-only hash lookups.
+    let subnet = if local_instance != 0 {
+        unsafe { SUBNETS.get(&local_info.subnet) }
+    } else {
+        None
     };
-    let no_policy = Decision {
-        reason: Reason::DropNoPolicy,
-        instance: li.instance,
-        rule: NO_RULE,
+
+    // 4. Passthrough classes.
+    if passthrough(p, dir, subnet) {
+        return decision(Reason::AllowPassthrough, local_instance);
+    }
+    // 5. Not carried: group destinations, a subnet's broadcast address,
+    // ICMPv6 redirects. At the sender's hook the destination's owner is
+    // looked up here (IPv4 only: IPv6 has no broadcast) and reused below.
+    let remote_info = if matches!(dir, Direction::Egress) && p.family == AF_INET {
+        owner_of(p.family, remote)
+    } else {
+        NOBODY
     };
+    if not_carried(
+        p,
+        broadcast_local || remote_info.instance == BROADCAST_OWNER,
+    ) {
+        return decision(Reason::DropNotCarried, local_instance);
+    }
+    if local_instance == 0 {
+        return decision(Reason::AllowUnmanaged, 0);
+    }
+    let li = local_info;
+    let no_policy = decision(Reason::DropNoPolicy, li.instance);
     // SAFETY: read-only hash lookup.
     let Some(inst) = (unsafe { INSTANCES.get(&li.instance) }) else {
         return no_policy;
@@ -379,19 +505,31 @@ fn try_classify(p: &Pkt, dir: Direction, ifx: u32, cfg: &Config, now: u64) -> De
     };
     // Outside the subnet's prefix the peer cannot be an instance of it: the
     // packet crosses the boundary without an owner lookup.
-    let crossing = !in_prefix(subnet, p.family, remote)
-        || lookup_addr(p.family, remote).is_none_or(|r| r.subnet != li.subnet);
+    let crossing = !in_prefix(subnet, p.family, remote) || {
+        let r = if remote_info.instance != 0 {
+            remote_info
+        } else {
+            owner_of(p.family, remote)
+        };
+        r.instance == 0 || r.instance == BROADCAST_OWNER || r.subnet != li.subnet
+    };
     let v4 = p.family == AF_INET;
 
+    // 6. The leg's stages.
     let outcome = match dir {
         Direction::Egress => {
-            let sg = sg_stage(p, hit, inst.policy_egress, local, remote, cfg, now);
+            let sg = sg_stage(
+                p,
+                hit,
+                li.instance,
+                inst.policy_egress,
+                local,
+                remote,
+                cfg,
+                now,
+            );
             if let SgOutcome::NoMatch = sg {
-                return Decision {
-                    reason: Reason::DropSgEgress,
-                    instance: li.instance,
-                    rule: NO_RULE,
-                };
+                return decision(Reason::DropSgEgress, li.instance);
             }
             if crossing {
                 let table = if v4 {
@@ -416,38 +554,35 @@ fn try_classify(p: &Pkt, dir: Direction, ifx: u32, cfg: &Config, now: u64) -> De
                     return drop;
                 }
             }
-            let sg = sg_stage(p, hit, inst.policy_ingress, local, remote, cfg, now);
+            let sg = sg_stage(
+                p,
+                hit,
+                li.instance,
+                inst.policy_ingress,
+                local,
+                remote,
+                cfg,
+                now,
+            );
             if let SgOutcome::NoMatch = sg {
-                return Decision {
-                    reason: Reason::DropSgIngress,
-                    instance: li.instance,
-                    rule: NO_RULE,
-                };
+                return decision(Reason::DropSgIngress, li.instance);
             }
             sg
         }
     };
 
-    // Commit: the whole leg allowed the packet.
+    // 7. Commit: the whole leg allowed the packet.
     match outcome {
         SgOutcome::Tracked(e) => {
             conntrack::touch(e, dir, p, now);
-            conntrack::cache_pass(e, dir, ifx, cfg);
-            Decision {
-                reason: Reason::AllowTracked,
-                instance: li.instance,
-                rule: NO_RULE,
-            }
+            conntrack::cache_pass(e, p, dir, ifx, cfg);
+            decision(Reason::AllowTracked, li.instance)
         }
-        SgOutcome::Related => Decision {
-            reason: Reason::AllowRelated,
-            instance: li.instance,
-            rule: NO_RULE,
-        },
+        SgOutcome::Related => decision(Reason::AllowRelated, li.instance),
         SgOutcome::Rule(rule) => {
             // ICMP errors are never tracked.
             if !p.is_icmp_error {
-                conntrack::create(&key, li.instance, dir, ifx, cfg, now);
+                conntrack::create(&key, p, li.instance, dir, ifx, cfg, now);
             }
             Decision {
                 reason: match dir {

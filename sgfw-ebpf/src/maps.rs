@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use sgfw_common::{
-    AddrInfo, AddrKey, CidrKeyV4, CidrKeyV6, Config, CtEntry, CtKey, InstancePolicy, NaclBits,
-    NaclMeta, PortCountKey, PortKey, SubnetPolicy,
+    AddrInfo, AddrKey, CidrKeyV4, CidrKeyV6, Config, CtEntry, CtKey, FragEntry, FragKey,
+    InstancePolicy, NaclBits, NaclMeta, PortCountKey, PortKey, SubnetPolicy,
 };
 
 #[map(name = "SGFW_ADDRS")]
@@ -65,3 +65,8 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 
 #[map(name = "SGFW_PORT_COUNTS")]
 pub static PORT_COUNTS: PerCpuHashMap<PortCountKey, u64> = PerCpuHashMap::with_max_entries(4096, 0);
+
+/// The verdict of each fragmented datagram's first fragment, per hook; LRU,
+/// each record stands for `FRAGMENT_TIMEOUT_NS`.
+#[map(name = "SGFW_FRAGS")]
+pub static FRAGS: LruHashMap<FragKey, FragEntry> = LruHashMap::with_max_entries(16_384, 0);

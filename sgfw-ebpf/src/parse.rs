@@ -20,6 +20,17 @@ use sgfw_common::{
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 const ETH_P_ARP: u16 = 0x0806;
+/// 802.1Q, 802.1ad and the old QinQ type: a tag the kernel did not strip.
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88A8;
+const ETH_P_QINQ1: u16 = 0x9100;
+
+/// [`Pkt::frag`]: not a fragment.
+pub const FRAG_NONE: u8 = 0;
+/// [`Pkt::frag`]: the first fragment (offset 0, more fragments follow).
+pub const FRAG_FIRST: u8 = 1;
+/// [`Pkt::frag`]: a later fragment: no L4 header.
+pub const FRAG_LATER: u8 = 2;
 
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
@@ -71,6 +82,10 @@ pub struct Inner {
     pub proto: u8,
     /// Whether the quoted ICMP is a query (echo etc.), keyed by id/type.
     pub icmp_query: bool,
+    /// The quoted query is a request (not a reply).
+    pub icmp_request_sent: bool,
+    /// The quoted ICMP is itself an error: it relates to no flow.
+    pub icmp_error: bool,
     /// Quoted non-query ICMP: type and code.
     pub icmp_type: u8,
     pub icmp_code: u8,
@@ -100,6 +115,12 @@ pub struct Pkt {
     pub is_icmp_query: bool,
     pub is_icmp_error: bool,
     pub has_inner: bool,
+    /// `FRAG_*`.
+    pub frag: u8,
+    /// The fragment's protocol (IPv6: the fragment header's next header).
+    pub frag_proto: u8,
+    /// The fragment's IP identification.
+    pub frag_id: u32,
 }
 
 impl Pkt {
@@ -114,6 +135,8 @@ impl Pkt {
             dport: 0,
             proto: 0,
             icmp_query: false,
+            icmp_request_sent: false,
+            icmp_error: false,
             icmp_type: 0,
             icmp_code: 0,
         },
@@ -129,6 +152,9 @@ impl Pkt {
         is_icmp_query: false,
         is_icmp_error: false,
         has_inner: false,
+        frag: FRAG_NONE,
+        frag_proto: 0,
+        frag_id: 0,
     };
 }
 
@@ -185,6 +211,8 @@ impl Pkt {
 pub enum Frame {
     Arp,
     Ip,
+    /// A later fragment: addresses, protocol and identification only.
+    LaterFragment,
 }
 
 /// Query types and the request type they pair with (IPv4: echo, timestamp,
@@ -224,20 +252,28 @@ pub fn parse(ctx: &TcContext, p: &mut Pkt) -> Result<Frame, Reason> {
     *p = Pkt::ZERO;
     let l4_off = match ethertype {
         ETH_P_ARP => return Ok(Frame::Arp),
+        ETH_P_8021Q | ETH_P_8021AD | ETH_P_QINQ1 => return Err(Reason::DropVlan),
         ETH_P_IP => {
             let ip: &Ipv4Hdr = hdr(ctx, EthHdr::LEN)?;
             let ihl = ((ip.vihl & 0x0f) as usize) * 4;
             if ihl < Ipv4Hdr::LEN {
                 return Err(Reason::DropMalformed);
             }
-            // Offset set: a non-first fragment has no L4 header to match on.
-            if u16::from_be_bytes(ip.frags) & 0x1fff != 0 {
-                return Err(Reason::DropFragment);
-            }
             p.family = AF_INET;
             p.proto = ip.proto;
             p.src = addr4(&ip.src_addr);
             p.dst = addr4(&ip.dst_addr);
+            let frags = u16::from_be_bytes(ip.frags);
+            if frags & 0x3fff != 0 {
+                p.frag_proto = ip.proto;
+                p.frag_id = u16::from_be_bytes(ip.id) as u32;
+                // Offset set: a later fragment has no L4 header to match on.
+                if frags & 0x1fff != 0 {
+                    p.frag = FRAG_LATER;
+                    return Ok(Frame::LaterFragment);
+                }
+                p.frag = FRAG_FIRST;
+            }
             EthHdr::LEN + ihl
         }
         ETH_P_IPV6 => {
@@ -256,11 +292,19 @@ pub fn parse(ctx: &TcContext, p: &mut Pkt) -> Result<Frame, Reason> {
                         next = h[0];
                         off += (h[1] as usize + 1) * 8;
                     }
-                    // Fragment header: 8 bytes; a non-first fragment has no L4 header.
+                    // Fragment header: 8 bytes; a later fragment has no L4 header.
                     44 => {
-                        let h: [u8; 4] = read(ctx, off)?;
+                        let h: [u8; 8] = read(ctx, off)?;
+                        p.frag_proto = h[0];
+                        p.frag_id = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
                         if u16::from_be_bytes([h[2], h[3]]) & 0xfff8 != 0 {
-                            return Err(Reason::DropFragment);
+                            p.frag = FRAG_LATER;
+                            p.proto = h[0];
+                            return Ok(Frame::LaterFragment);
+                        }
+                        // An atomic fragment (offset 0, M clear) is a whole datagram.
+                        if h[3] & 1 != 0 {
+                            p.frag = FRAG_FIRST;
                         }
                         next = h[0];
                         off += 8;
@@ -327,7 +371,8 @@ pub fn parse(ctx: &TcContext, p: &mut Pkt) -> Result<Frame, Reason> {
 }
 
 /// The packet quoted by an ICMP error: its IP header and the first 8 bytes of
-/// its L4 header. IPv6 extension headers in the quote are not walked: such a
+/// its L4 header (a shorter quote is incomplete: `Err`, and the error relates
+/// to no flow). IPv6 extension headers in the quote are not walked: such a
 /// quote relates to no flow and the error is judged by the rules alone.
 #[inline(always)]
 fn parse_inner(ctx: &TcContext, off: usize, family: u8, inner: &mut Inner) -> Result<(), Reason> {
@@ -336,6 +381,10 @@ fn parse_inner(ctx: &TcContext, off: usize, family: u8, inner: &mut Inner) -> Re
         let ihl = ((ip.vihl & 0x0f) as usize) * 4;
         if ihl < Ipv4Hdr::LEN {
             return Err(Reason::DropMalformed);
+        }
+        // A quoted later fragment has no L4 header: it names no flow.
+        if u16::from_be_bytes(ip.frags) & 0x1fff != 0 {
+            return Err(Reason::DropFragment);
         }
         inner.proto = ip.proto;
         inner.src = addr4(&ip.src_addr);
@@ -353,7 +402,7 @@ fn parse_inner(ctx: &TcContext, off: usize, family: u8, inner: &mut Inner) -> Re
     }
     match inner.proto {
         IPPROTO_TCP | IPPROTO_UDP => {
-            let h: [u8; 4] = read(ctx, l4)?;
+            let h: [u8; 8] = read(ctx, l4)?;
             inner.sport = u16::from_be_bytes([h[0], h[1]]);
             inner.dport = u16::from_be_bytes([h[2], h[3]]);
         }
@@ -364,14 +413,19 @@ fn parse_inner(ctx: &TcContext, off: usize, family: u8, inner: &mut Inner) -> Re
             let h: [u8; 8] = read(ctx, l4)?;
             if let Some(req) = icmp_query_request(family, h[0]) {
                 inner.icmp_query = true;
+                inner.icmp_request_sent = h[0] == req;
                 inner.sport = u16::from_be_bytes([h[4], h[5]]);
                 inner.dport = req as u16;
+            } else if icmp_is_error(family, h[0]) {
+                inner.icmp_error = true;
             } else {
                 inner.icmp_type = h[0];
                 inner.icmp_code = h[1];
             }
         }
-        _ => {}
+        _ => {
+            let _: [u8; 8] = read(ctx, l4)?;
+        }
     }
     Ok(())
 }

@@ -30,8 +30,10 @@ use crate::flat::{
     SubnetFirewall,
 };
 use crate::packet::{
-    L4, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Packet, is_icmp_error, query_request_type,
+    L4, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Packet, Wire, is_icmp_error,
+    query_request_type,
 };
+use sgfw_common::passthrough as pt;
 
 /// The instance metadata address: never filtered.
 pub const METADATA_ADDR: IpAddr = IpAddr::V4(Ipv4Addr::new(169, 254, 169, 254));
@@ -117,8 +119,12 @@ pub enum PassthroughClass {
     Ndp,
     /// DHCP (UDP 67/68).
     Dhcp,
-    /// The instance metadata service, 169.254.169.254.
+    /// The instance metadata service, 169.254.169.254 / fd00:ec2::254.
     Metadata,
+    /// Amazon Time Sync, 169.254.169.123 / fd00:ec2::123.
+    TimeSync,
+    /// Amazon DNS at 169.254.169.253 / fd00:ec2::253.
+    AmazonDns,
     /// The subnet's DNS address.
     Dns,
 }
@@ -131,6 +137,8 @@ impl PassthroughClass {
             PassthroughClass::Ndp => "ndp",
             PassthroughClass::Dhcp => "dhcp",
             PassthroughClass::Metadata => "metadata",
+            PassthroughClass::TimeSync => "time-sync",
+            PassthroughClass::AmazonDns => "amazon-dns",
             PassthroughClass::Dns => "dns",
         }
     }
@@ -142,6 +150,34 @@ impl fmt::Display for PassthroughClass {
     }
 }
 
+/// Why a packet was dropped before any SG or NACL stage judged it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub enum Blocked {
+    /// The frame carries a VLAN tag.
+    Vlan,
+    /// A bound port sent a source that is not its instance's.
+    SourceCheck,
+    /// A bound port was handed a destination that is not its instance's.
+    NotForInstance,
+    /// Broadcast, multicast or an ICMPv6 redirect: a VPC does not carry it.
+    NotCarried,
+    /// A later fragment whose first fragment was not allowed at this hook.
+    Fragment,
+}
+
+impl Blocked {
+    /// Stable name, the same as the dataplane's drop reason.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Blocked::Vlan => "vlan",
+            Blocked::SourceCheck => "source-check",
+            Blocked::NotForInstance => "not-for-instance",
+            Blocked::NotCarried => "not-carried",
+            Blocked::Fragment => "fragment",
+        }
+    }
+}
+
 /// The decision for one packet.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Verdict {
@@ -149,14 +185,18 @@ pub struct Verdict {
     pub allowed: bool,
     /// The stages evaluated, in order; a denied packet's last stage is the one that denied.
     pub stages: Vec<StageResult>,
-    /// Set when the packet is never filtered (then `stages` is empty).
+    /// Set when a leg let the packet through unfiltered (that leg adds no stages).
     pub passthrough: Option<PassthroughClass>,
+    /// Set when the packet was dropped before any stage.
+    pub blocked: Option<Blocked>,
+    /// A later fragment let through on its first fragment's verdict.
+    pub fragment: bool,
 }
 
 impl Verdict {
     /// The stage that denied, if the packet was denied.
     pub fn denied_by(&self) -> Option<&StageResult> {
-        if self.allowed {
+        if self.allowed || self.blocked.is_some() {
             None
         } else {
             self.stages.last()
@@ -169,7 +209,10 @@ impl Verdict {
 ///
 /// TCP/UDP: the ports on each side. ICMP queries (echo, timestamp,
 /// information, address mask): `local_port` = identifier, `remote_port` = the
-/// request type. Other ICMP: type and code. Other protocols: 0 and 0.
+/// request type or-ed with 0x100 when the instance asked, 0x200 when the peer
+/// did (only the asker's requests and the other side's replies continue a
+/// query). Other ICMP: type and code (below 0x100). ICMP errors: no key.
+/// Other protocols: 0 and 0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct FlowKey {
     /// The instance's address.
@@ -237,6 +280,19 @@ impl FlowEntry {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Conntrack {
     flows: BTreeMap<FlowKey, FlowEntry>,
+    /// First-fragment verdicts: (hook, datagram) → (allowed, expires at ns).
+    frags: BTreeMap<FragRecord, (bool, u64)>,
+}
+
+/// One fragmented datagram at one hook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct FragRecord {
+    port: usize,
+    dir: SgDirection,
+    src: IpAddr,
+    dst: IpAddr,
+    proto: u8,
+    id: u32,
 }
 
 impl Conntrack {
@@ -270,14 +326,22 @@ impl Conntrack {
         self.flows.retain(|k, e| !e.is_expired(k.proto, t, now_ns));
     }
 
-    /// Whether a live entry exists; an expired one is removed and counts as absent.
-    fn is_live(&mut self, key: &FlowKey, t: &ConntrackTimeouts, now_ns: u64) -> bool {
+    /// Whether a live entry of `instance` exists; an expired one is removed
+    /// and counts as absent. Another instance's entry under the same key
+    /// (link-scoped addresses) does not count.
+    fn is_live(
+        &mut self,
+        key: &FlowKey,
+        instance: &str,
+        t: &ConntrackTimeouts,
+        now_ns: u64,
+    ) -> bool {
         match self.flows.get(key) {
             Some(e) if e.is_expired(key.proto, t, now_ns) => {
                 self.flows.remove(key);
                 false
             }
-            Some(_) => true,
+            Some(e) => e.instance == instance,
             None => false,
         }
     }
@@ -307,7 +371,15 @@ pub fn flow_key(pkt: &Packet, dir: SgDirection) -> Option<FlowKey> {
                 return None;
             }
             match query_request_type(v6, *icmp_type) {
-                Some(request) => (*id, u16::from(request)),
+                Some(request) => {
+                    let asks = (*icmp_type == request) == (dir == SgDirection::Egress);
+                    let asker = if asks {
+                        sgfw_common::CT_ICMP_QUERY_LOCAL
+                    } else {
+                        sgfw_common::CT_ICMP_QUERY_REMOTE
+                    };
+                    (*id, asker | u16::from(request))
+                }
                 None => (u16::from(*icmp_type), u16::from(*code)),
             }
         }
@@ -345,38 +417,102 @@ fn related_key(pkt: &Packet, local: IpAddr) -> Option<FlowKey> {
     }
 }
 
-/// Whether a packet is never filtered, and why.
-pub fn is_passthrough(model: &FlatModel, pkt: &Packet) -> Option<PassthroughClass> {
-    match &pkt.l4 {
-        L4::Icmp {
-            icmp_type: 133..=137,
-            ..
-        } if pkt.is_v6() => return Some(PassthroughClass::Ndp),
-        L4::Udp {
-            sport: 68,
-            dport: 67,
-        }
-        | L4::Udp {
-            sport: 67,
-            dport: 68,
-        } => return Some(PassthroughClass::Dhcp),
-        _ => {}
+/// fe80::/10.
+fn is_link_local_v6(a: IpAddr) -> bool {
+    matches!(a, IpAddr::V6(v) if v.segments()[0] & 0xffc0 == 0xfe80)
+}
+
+/// 224.0.0.0/4, 255.255.255.255 and ff00::/8.
+fn is_group(a: IpAddr) -> bool {
+    match a {
+        IpAddr::V4(v) => v.is_multicast() || v.is_broadcast(),
+        IpAddr::V6(v) => v.is_multicast(),
     }
-    if pkt.src == METADATA_ADDR || pkt.dst == METADATA_ADDR {
-        return Some(PassthroughClass::Metadata);
+}
+
+fn is_unspecified(a: IpAddr) -> bool {
+    a.is_unspecified()
+}
+
+fn is_dhcp(pkt: &Packet, sport: u16, dport: u16) -> bool {
+    !pkt.is_v6() && matches!(pkt.l4, L4::Udp { sport: s, dport: d } if s == sport && d == dport)
+}
+
+/// DHCP as an instance's client sends it (68 -> 67).
+fn is_dhcp_client(pkt: &Packet) -> bool {
+    is_dhcp(pkt, pt::DHCP_CLIENT_PORT, pt::DHCP_SERVER_PORT)
+}
+
+/// DHCP as a server answers an instance's client (67 -> 68).
+fn is_dhcp_server(pkt: &Packet) -> bool {
+    is_dhcp(pkt, pt::DHCP_SERVER_PORT, pt::DHCP_CLIENT_PORT)
+}
+
+fn is_ndp(pkt: &Packet) -> bool {
+    pkt.is_v6()
+        && matches!(pkt.l4, L4::Icmp { icmp_type, .. } if pt::NDP_TYPES.contains(&icmp_type))
+}
+
+fn is_redirect(pkt: &Packet) -> bool {
+    pkt.is_v6()
+        && matches!(
+            pkt.l4,
+            L4::Icmp {
+                icmp_type: pt::ICMPV6_REDIRECT,
+                ..
+            }
+        )
+}
+
+/// The service (metadata, Time Sync, Amazon DNS) an address is, if any.
+pub fn service_class(a: IpAddr) -> Option<PassthroughClass> {
+    const CLASSES: [PassthroughClass; 3] = [
+        PassthroughClass::Metadata,
+        PassthroughClass::TimeSync,
+        PassthroughClass::AmazonDns,
+    ];
+    let i = match a {
+        IpAddr::V4(v) => pt::SERVICES_V4.iter().position(|s| *s == v.octets()),
+        IpAddr::V6(v) => pt::SERVICES_V6.iter().position(|s| *s == v.octets()),
+    }?;
+    CLASSES.get(i).copied()
+}
+
+/// The passthrough class of `pkt` at one hook, for the instance (if any) that
+/// hook decides for: NDP either way; DHCP in its client shape (sent 68 -> 67,
+/// delivered 67 -> 68); a service address or the subnet's DNS as the peer.
+fn passthrough_at(
+    model: &FlatModel,
+    inst: Option<&InstanceRules>,
+    dir: SgDirection,
+    pkt: &Packet,
+) -> Option<PassthroughClass> {
+    if is_ndp(pkt) {
+        return Some(PassthroughClass::Ndp);
     }
-    let dns_of = |addr: IpAddr| {
-        model
-            .instance_by_addr(addr)
-            .and_then(|i| model.subnet_of(i))
-            .map(|s| &s.dns)
+    let (dhcp, peer) = match dir {
+        SgDirection::Egress => (is_dhcp_client(pkt), pkt.dst),
+        SgDirection::Ingress => (is_dhcp_server(pkt), pkt.src),
     };
-    if dns_of(pkt.src).is_some_and(|dns| dns.contains(&pkt.dst))
-        || dns_of(pkt.dst).is_some_and(|dns| dns.contains(&pkt.src))
-    {
-        return Some(PassthroughClass::Dns);
+    if dhcp {
+        return Some(PassthroughClass::Dhcp);
     }
-    None
+    if let Some(c) = service_class(peer) {
+        return Some(c);
+    }
+    let dns = inst.and_then(|i| model.subnet_of(i)).map(|s| &s.dns);
+    dns.is_some_and(|d| d.contains(&peer))
+        .then_some(PassthroughClass::Dns)
+}
+
+/// Whether a packet is never filtered by SGs or NACLs, and why: the class of
+/// its sender's leg or its receiver's leg (address-based, as `sgfw explain`
+/// shows it).
+pub fn is_passthrough(model: &FlatModel, pkt: &Packet) -> Option<PassthroughClass> {
+    let sender = model.instance_by_addr(pkt.src);
+    let receiver = model.instance_by_addr(pkt.dst);
+    passthrough_at(model, sender, SgDirection::Egress, pkt)
+        .or_else(|| passthrough_at(model, receiver, SgDirection::Ingress, pkt))
 }
 
 /// What to write to conntrack once a leg has allowed.
@@ -387,68 +523,180 @@ enum Commit {
     Refresh(FlowKey),
 }
 
-/// Decides one packet and updates connection tracking.
+/// Decides one packet whose sender and receiver are the owners of its
+/// addresses, sent and received at their own ports, and updates connection
+/// tracking. See [`evaluate_wire`] for packets with other ports, tags or
+/// fragments.
 pub fn evaluate(model: &FlatModel, ct: &mut Conntrack, pkt: &Packet, now_ns: u64) -> Verdict {
-    if let Some(class) = is_passthrough(model, pkt) {
-        return Verdict {
-            allowed: true,
-            stages: Vec::new(),
-            passthrough: Some(class),
-        };
-    }
-    let sender = model.instance_by_addr(pkt.src);
-    let receiver = model.instance_by_addr(pkt.dst);
-    let same_subnet =
-        matches!((sender, receiver), (Some(a), Some(b)) if a.subnet_index == b.subnet_index);
-    let mut stages = Vec::new();
+    let index_of = |a: IpAddr| model.instances.iter().position(|i| i.addrs.contains(&a));
+    let wire = Wire {
+        packet: pkt.clone(),
+        from: index_of(pkt.src),
+        to: index_of(pkt.dst),
+        vlan: false,
+        fragment: None,
+    };
+    evaluate_wire(model, ct, &wire, now_ns)
+}
 
-    if let Some(a) = sender {
-        let (sg, commit) = sg_stage(model, ct, a, SgDirection::Egress, pkt, now_ns);
-        let mut leg_ok = sg.allowed;
-        stages.push(sg);
-        if leg_ok && !same_subnet {
-            let nacl = nacl_stage(model.subnet_of(a), Stage::NaclOut, pkt);
-            leg_ok = nacl.allowed;
-            stages.push(nacl);
-        }
-        if !leg_ok {
-            return Verdict {
-                allowed: false,
-                stages,
-                passthrough: None,
-            };
-        }
-        apply(ct, commit, a, SgDirection::Egress, pkt, now_ns);
-    }
-
-    if let Some(b) = receiver {
-        let mut leg_ok = true;
-        if !same_subnet {
-            let nacl = nacl_stage(model.subnet_of(b), Stage::NaclIn, pkt);
-            leg_ok = nacl.allowed;
-            stages.push(nacl);
-        }
-        if leg_ok {
-            let (sg, commit) = sg_stage(model, ct, b, SgDirection::Ingress, pkt, now_ns);
-            leg_ok = sg.allowed;
-            stages.push(sg);
-            if leg_ok {
-                apply(ct, commit, b, SgDirection::Ingress, pkt, now_ns);
-            }
-        }
-        if !leg_ok {
-            return Verdict {
-                allowed: false,
-                stages,
-                passthrough: None,
-            };
-        }
-    }
-    Verdict {
+/// Decides one packet on the wire: the hook at the sender's port (if it was
+/// sent from an instance's port), then the hook at the receiver's port (if it
+/// is handed to one); delivered when both let it through. Updates connection
+/// tracking and the fragment records.
+pub fn evaluate_wire(model: &FlatModel, ct: &mut Conntrack, wire: &Wire, now_ns: u64) -> Verdict {
+    let mut v = Verdict {
         allowed: true,
-        stages,
+        stages: Vec::new(),
         passthrough: None,
+        blocked: None,
+        fragment: false,
+    };
+    for (port, dir) in [
+        (wire.from, SgDirection::Egress),
+        (wire.to, SgDirection::Ingress),
+    ] {
+        let Some(port) = port else { continue };
+        if !hook(model, ct, wire, port, dir, now_ns, &mut v) {
+            v.allowed = false;
+            return v;
+        }
     }
+    v
+}
+
+/// One hook: the frame checks, fragments, then the leg; records a first
+/// fragment's verdict. False = dropped here.
+fn hook(
+    model: &FlatModel,
+    ct: &mut Conntrack,
+    wire: &Wire,
+    port: usize,
+    dir: SgDirection,
+    now_ns: u64,
+    v: &mut Verdict,
+) -> bool {
+    if wire.vlan {
+        v.blocked = Some(Blocked::Vlan);
+        return false;
+    }
+    let pkt = &wire.packet;
+    let record = wire.fragment.map(|f| FragRecord {
+        port,
+        dir,
+        src: pkt.src,
+        dst: pkt.dst,
+        proto: pkt.proto(),
+        id: f.id,
+    });
+    if let (Some(f), Some(r)) = (wire.fragment, record)
+        && f.is_later()
+    {
+        let ok = ct
+            .frags
+            .get(&r)
+            .is_some_and(|&(allowed, expires)| allowed && now_ns < expires);
+        if ok {
+            v.fragment = true;
+        } else {
+            v.blocked = Some(Blocked::Fragment);
+        }
+        return ok;
+    }
+    let ok = leg(model, ct, pkt, port, dir, now_ns, v);
+    if let (Some(f), Some(r)) = (wire.fragment, record)
+        && f.is_first()
+    {
+        ct.frags.insert(
+            r,
+            (ok, now_ns.saturating_add(sgfw_common::FRAGMENT_TIMEOUT_NS)),
+        );
+    }
+    ok
+}
+
+/// One leg at the port of instance index `port`: the source (or
+/// destination) check of a bound port, passthrough, not-carried, then the
+/// stages (sender: SG egress, NACL out; receiver: NACL in, SG ingress).
+fn leg(
+    model: &FlatModel,
+    ct: &mut Conntrack,
+    pkt: &Packet,
+    port: usize,
+    dir: SgDirection,
+    now_ns: u64,
+    v: &mut Verdict,
+) -> bool {
+    let Some(port_inst) = model.instances.get(port) else {
+        return true;
+    };
+    let (local, remote) = match dir {
+        SgDirection::Egress => (pkt.src, pkt.dst),
+        SgDirection::Ingress => (pkt.dst, pkt.src),
+    };
+    let owner = model.instance_by_addr(local);
+    let inst = if port_inst.interface.is_some() {
+        let own = owner.is_some_and(|o| o.id == port_inst.id);
+        let ok = match dir {
+            SgDirection::Egress => {
+                own || is_link_local_v6(local)
+                    || (is_unspecified(local) && (is_dhcp_client(pkt) || is_ndp(pkt)))
+            }
+            SgDirection::Ingress => {
+                own || is_link_local_v6(local)
+                    || is_group(local)
+                    || model.is_subnet_broadcast(local)
+            }
+        };
+        if !ok {
+            v.blocked = Some(match dir {
+                SgDirection::Egress => Blocked::SourceCheck,
+                SgDirection::Ingress => Blocked::NotForInstance,
+            });
+            return false;
+        }
+        Some(port_inst)
+    } else {
+        owner
+    };
+    if let Some(class) = passthrough_at(model, inst, dir, pkt) {
+        v.passthrough = Some(class);
+        return true;
+    }
+    if is_group(pkt.dst)
+        || model.is_subnet_broadcast(pkt.dst)
+        || (dir == SgDirection::Egress && model.is_subnet_broadcast(pkt.src))
+        || is_redirect(pkt)
+    {
+        v.blocked = Some(Blocked::NotCarried);
+        return false;
+    }
+    // Not an instance at this end: not ours to judge.
+    let Some(inst) = inst else {
+        return true;
+    };
+    let crossing = model
+        .instance_by_addr(remote)
+        .is_none_or(|r| r.subnet_index != inst.subnet_index);
+    let nacl = |v: &mut Verdict, stage| {
+        let r = nacl_stage(model.subnet_of(inst), stage, pkt);
+        let ok = r.allowed;
+        v.stages.push(r);
+        ok
+    };
+    if dir == SgDirection::Ingress && crossing && !nacl(v, Stage::NaclIn) {
+        return false;
+    }
+    let (sg, commit) = sg_stage(model, ct, inst, dir, pkt, now_ns);
+    let ok = sg.allowed;
+    v.stages.push(sg);
+    if !ok {
+        return false;
+    }
+    if dir == SgDirection::Egress && crossing && !nacl(v, Stage::NaclOut) {
+        return false;
+    }
+    apply(ct, commit, inst, dir, pkt, now_ns);
+    true
 }
 
 /// The verdict for the first packet of a new flow (no tracked state).
@@ -476,15 +724,15 @@ fn sg_stage(
     };
     let key = flow_key(pkt, dir);
     match &key {
-        // 1. A live tracked flow: allowed whatever the rules say now.
-        Some(k) if ct.is_live(k, &model.timeouts, now_ns) => {
+        // 1. A live flow tracked for this instance: allowed whatever the rules say now.
+        Some(k) if ct.is_live(k, &inst.id, &model.timeouts, now_ns) => {
             return (allow(Decider::Tracked), Commit::Refresh(*k));
         }
         Some(_) => {}
-        // 2. An ICMP error quoting a live tracked flow: allowed, the flow not refreshed.
+        // 2. An ICMP error quoting a live flow of this instance: allowed, the flow not refreshed.
         None => {
             if let Some(inner) = related_key(pkt, local)
-                && ct.is_live(&inner, &model.timeouts, now_ns)
+                && ct.is_live(&inner, &inst.id, &model.timeouts, now_ns)
             {
                 return (allow(Decider::Related), Commit::Nothing);
             }
@@ -1686,13 +1934,24 @@ pub(crate) mod tests {
 
     // --- Passthrough ---
 
-    /// "Not filtered at all: ... IPv6 neighbour discovery and router solicitation/advertisement (ICMPv6 133-137)".
+    /// "Not filtered: ... IPv6 neighbour discovery and router solicitation/advertisement
+    /// (ICMPv6 133-136; redirects (137) are not delivered)".
     #[test]
     fn semantics_passthrough_ndp() {
         let mut m = fixture();
         let a = subnet_mut(&mut m, "subnet-a");
         a.inbound.clear();
-        for t in 133..=137 {
+        let redirect = evaluate(
+            &m,
+            &mut Conntrack::new(),
+            &Packet::icmp(ip("fe80::1"), ip("fd00:1::10"), 137, 0, 0),
+            0,
+        );
+        assert_eq!(
+            (redirect.allowed, redirect.blocked),
+            (false, Some(Blocked::NotCarried))
+        );
+        for t in 133..=136 {
             let p = Packet::icmp(ip("fe80::1"), ip("fd00:1::10"), t, 0, 0);
             let mut ct = Conntrack::new();
             let v = evaluate(&m, &mut ct, &p, 0);
@@ -1805,7 +2064,18 @@ pub(crate) mod tests {
             SgDirection::Ingress,
         )
         .unwrap();
-        assert_eq!((k.local, k.local_port, k.remote_port), (ip(OUT), 9, 8));
+        // A reply delivered to OUT: OUT asked.
+        assert_eq!(
+            (k.local, k.local_port, k.remote_port),
+            (ip(OUT), 9, sgfw_common::CT_ICMP_QUERY_LOCAL | 8)
+        );
+        // The same reply seen from its sender: the peer asked.
+        let k = flow_key(
+            &Packet::icmp(ip(WEB1), ip(OUT), 0, 0, 9),
+            SgDirection::Egress,
+        )
+        .unwrap();
+        assert_eq!(k.remote_port, sgfw_common::CT_ICMP_QUERY_REMOTE | 8);
         let k = flow_key(
             &Packet::icmp(ip(WEB1), ip(OUT), 5, 1, 9),
             SgDirection::Egress,
@@ -2277,6 +2547,11 @@ pub(crate) mod props {
             mut m in arb_model(), p in arb_packet(), new_rules in arb_model(),
         ) {
             prop_assume!(!is_error(&p));
+            // A query reply has no reply of its own: its "reply" is another reply,
+            // which continues no flow (only the asker's requests and the other
+            // side's replies do).
+            prop_assume!(!matches!(&p.l4, L4::Icmp { icmp_type, .. }
+                if query_request_type(p.is_v6(), *icmp_type).is_some_and(|r| r != *icmp_type)));
             for s in &mut m.subnets {
                 s.inbound = allow_all();
                 s.outbound = allow_all();

@@ -341,6 +341,22 @@ impl FlatModel {
     pub fn subnet_of(&self, instance: &InstanceRules) -> Option<&SubnetFirewall> {
         self.subnets.get(instance.subnet_index)
     }
+
+    /// Whether `addr` is the broadcast address of one of the model's subnets.
+    pub fn is_subnet_broadcast(&self, addr: IpAddr) -> bool {
+        let IpAddr::V4(a) = addr else {
+            return false;
+        };
+        self.subnets
+            .iter()
+            .any(|s| subnet_broadcast(&s.cidr_v4) == Some(a))
+    }
+}
+
+/// A subnet's broadcast address (its last address), which a VPC does not
+/// carry; `None` for /31 and /32, whose last address is a host.
+pub fn subnet_broadcast(cidr: &Ipv4Net) -> Option<std::net::Ipv4Addr> {
+    (cidr.prefix_len() <= 30).then(|| cidr.broadcast())
 }
 
 /// Flattens a validated model. Deterministic: the same model gives the same value.

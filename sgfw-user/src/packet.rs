@@ -404,3 +404,47 @@ mod tests {
         assert_eq!(p.to_string(), "tcp 10.0.0.1 :1 -> 10.0.0.2 :2 [S]");
     }
 }
+
+/// Where an IP fragment sits in its datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fragment {
+    /// IP identification (16 bits for IPv4, 32 for IPv6).
+    pub id: u32,
+    /// Offset in 8-byte units; 0 for the first fragment, which carries the
+    /// L4 header.
+    pub offset: u16,
+    /// More fragments follow.
+    pub more: bool,
+}
+
+impl Fragment {
+    /// The first fragment of a datagram that has more (offset 0, MF set).
+    pub fn is_first(&self) -> bool {
+        self.offset == 0 && self.more
+    }
+
+    /// A later fragment: no L4 header.
+    pub fn is_later(&self) -> bool {
+        self.offset != 0
+    }
+}
+
+/// A packet as it travels between ports: the IP packet, the instance port
+/// it was sent from (`None`: from the host or outside, no sender hook) and
+/// the instance port it is handed to (`None`: leaves the subnets, no
+/// receiver hook), and what the frame carries besides (a VLAN tag, a
+/// fragment header). Ports are indices into [`crate::flat::FlatModel::instances`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Wire {
+    /// The IP packet (for a later fragment: the datagram's addresses and
+    /// protocol; its L4 fields are not on the wire).
+    pub packet: Packet,
+    /// The sending instance's port.
+    pub from: Option<usize>,
+    /// The receiving instance's port.
+    pub to: Option<usize>,
+    /// The frame carries an 802.1Q tag (VID 0 included).
+    pub vlan: bool,
+    /// The packet is a fragment.
+    pub fragment: Option<Fragment>,
+}

@@ -7,7 +7,7 @@ use sgfw::model::{
     IcmpTypeCode, Instance, IpPermission, IpRange, Ipv6Range, Model, NaclAssociation, NetworkAcl,
     NetworkAclEntry, PortRange, SecurityGroup, Subnet, UserIdGroupPair,
 };
-use sgfw::packet::{L4, Packet, TcpFlags};
+use sgfw::packet::{Fragment, L4, Packet, TcpFlags, Wire};
 
 /// xorshift64*: small, fast, and the same everywhere.
 #[derive(Debug, Clone)]
@@ -109,7 +109,8 @@ pub fn model(rng: &mut Rng) -> Model {
                 vec![]
             },
             security_group_ids: groups,
-            interface: None,
+            // Half the instances are bound to their port: the source check.
+            interface: rng.chance(50).then(|| format!("tport{i}")),
         });
     }
     for g in 0..ngroups {
@@ -399,4 +400,188 @@ fn outside(rng: &mut Rng, v6: bool) -> IpAddr {
         *rng.pick(OUTSIDE_V4)
     };
     s.parse().unwrap_or(IpAddr::from([192, 0, 2, 1]))
+}
+
+/// Destinations a VPC does not carry, or that only the passthrough classes use.
+const GROUP_V4: &[&str] = &["224.0.0.251", "255.255.255.255", "239.1.2.3"];
+const GROUP_V6: &[&str] = &["ff02::fb", "ff02::1", "ff02::1:ff00:10"];
+/// Service addresses (metadata, Time Sync, Amazon DNS).
+const SERVICE_V4: &[&str] = &["169.254.169.254", "169.254.169.123", "169.254.169.253"];
+const SERVICE_V6: &[&str] = &["fd00:ec2::254", "fd00:ec2::123", "fd00:ec2::253"];
+
+fn addr(s: &str) -> IpAddr {
+    s.parse().unwrap_or(IpAddr::from([192, 0, 2, 1]))
+}
+
+/// A random packet on the wire: mostly [`packet`] between its owners' ports,
+/// and also the hostile and unusual classes of docs/semantics.md —
+/// broadcast and multicast destinations, spoofed sources on bound ports
+/// (another instance, a service address, the unspecified address),
+/// link-local addresses, DHCP shapes, ICMP whose ids collide with tracked
+/// flows, VLAN tags. Fragments are made by [`fragments`].
+pub fn wire(rng: &mut Rng, model: &sgfw::flat::FlatModel, history: &[Packet]) -> Wire {
+    let index_of = |a: IpAddr| model.instances.iter().position(|i| i.addrs.contains(&a));
+    let bound: Vec<usize> = (0..model.instances.len())
+        .filter(|&i| model.instances[i].interface.is_some())
+        .collect();
+    let mut pkt = packet(rng, model, history);
+    let v6 = pkt.is_v6();
+    let any_port = |rng: &mut Rng| rng.below(model.instances.len().max(1));
+    match rng.below(100) {
+        // A group or broadcast destination, handed to some port.
+        0..=5 => {
+            let d = if v6 {
+                addr(rng.pick::<&str>(GROUP_V6))
+            } else if rng.chance(40) && !model.subnets.is_empty() {
+                let s = rng.pick(&model.subnets);
+                IpAddr::V4(s.cidr_v4.broadcast())
+            } else {
+                addr(rng.pick::<&str>(GROUP_V4))
+            };
+            pkt.dst = d;
+        }
+        // A service address as source or destination.
+        6..=9 => {
+            let a = addr(if v6 {
+                rng.pick::<&str>(SERVICE_V6)
+            } else {
+                rng.pick::<&str>(SERVICE_V4)
+            });
+            if rng.chance(50) {
+                pkt.dst = a;
+            } else {
+                pkt.src = a;
+            }
+        }
+        // DHCP shapes, between anything.
+        10..=12 if !v6 => {
+            let (sp, dp) = *rng.pick(&[(68u16, 67u16), (67, 68)]);
+            if rng.chance(40) {
+                pkt.src = addr("0.0.0.0");
+            }
+            if rng.chance(40) {
+                pkt.dst = addr("255.255.255.255");
+            }
+            pkt.l4 = L4::Udp {
+                sport: sp,
+                dport: dp,
+            };
+        }
+        // Link-local IPv6, NDP and redirects.
+        13..=15 if v6 => {
+            if rng.chance(50) {
+                pkt.src = addr(&format!("fe80::{:x}", 1 + rng.below(3)));
+            } else {
+                pkt.dst = addr(&format!("fe80::{:x}", 1 + rng.below(3)));
+            }
+            if rng.chance(40) {
+                pkt.l4 = L4::Icmp {
+                    icmp_type: *rng.pick(&[133u8, 134, 135, 136, 137]),
+                    code: 0,
+                    id: 0,
+                    quoted: None,
+                };
+            }
+        }
+        // ICMP whose ids and codes collide with tracked flows: requests in the
+        // reverse direction, errors quoting nothing whose type/code look like
+        // an echo key, timestamp queries.
+        16..=21 => {
+            if let Some(prev) = (!history.is_empty()).then(|| rng.pick(history).clone()) {
+                pkt.src = prev.dst;
+                pkt.dst = prev.src;
+                let pv6 = prev.is_v6();
+                let id = match prev.l4 {
+                    L4::Icmp { id, .. } => id,
+                    _ => rng.below(4) as u16,
+                };
+                let t = if pv6 {
+                    *rng.pick(&[128u8, 129, 1, 2])
+                } else {
+                    *rng.pick(&[8u8, 0, 13, 14, 3, 11])
+                };
+                pkt.l4 = L4::Icmp {
+                    icmp_type: t,
+                    code: *rng.pick(&[0u8, 0, 8, 1]),
+                    id,
+                    quoted: None,
+                };
+            }
+        }
+        _ => {}
+    }
+    let mut from = index_of(pkt.src);
+    let mut to = index_of(pkt.dst);
+    // Spoofing: a bound instance sends someone else's source.
+    if !bound.is_empty() && rng.chance(5) {
+        from = Some(*rng.pick(&bound));
+    }
+    // Group, broadcast and link-local destinations reach some port.
+    if to.is_none() && !model.instances.is_empty() {
+        let flooded = match pkt.dst {
+            IpAddr::V4(a) => {
+                a.is_multicast() || a.is_broadcast() || model.is_subnet_broadcast(pkt.dst)
+            }
+            IpAddr::V6(a) => a.is_multicast() || a.segments()[0] & 0xffc0 == 0xfe80,
+        };
+        if flooded || rng.chance(3) {
+            to = Some(any_port(rng));
+        }
+    }
+    if from.is_none()
+        && (pkt.src.is_unspecified()
+            || matches!(pkt.src, IpAddr::V6(a) if a.segments()[0] & 0xffc0 == 0xfe80))
+        && !model.instances.is_empty()
+    {
+        from = Some(any_port(rng));
+    }
+    Wire {
+        packet: pkt,
+        from,
+        to,
+        vlan: rng.chance(1),
+        fragment: None,
+    }
+}
+
+/// The fragments of a datagram: the first (carrying the L4 header) and one
+/// or two later ones, with identification `id`.
+pub fn fragments(rng: &mut Rng, w: &Wire, id: u32) -> Vec<Wire> {
+    let n = 2 + rng.below(2);
+    (0..n)
+        .map(|k| Wire {
+            fragment: Some(Fragment {
+                id,
+                offset: (k as u16) * 2,
+                more: k + 1 < n,
+            }),
+            ..w.clone()
+        })
+        .collect()
+}
+
+/// A change to the model's NACLs: an entry removed, or a deny entry added
+/// in front.
+pub fn mutate_nacls(rng: &mut Rng, m: &mut Model) {
+    let nsub = m.subnets.len();
+    let Some(acl) = (!m.network_acls.is_empty())
+        .then(|| rng.below(m.network_acls.len()))
+        .and_then(|i| m.network_acls.get_mut(i))
+    else {
+        return;
+    };
+    if !acl.entries.is_empty() && rng.chance(50) {
+        let i = rng.below(acl.entries.len());
+        acl.entries.remove(i);
+    } else {
+        let num = 1 + rng.below(200) as i64;
+        let egress = rng.chance(50);
+        if !acl
+            .entries
+            .iter()
+            .any(|e| e.rule_number == num && e.egress == egress)
+        {
+            acl.entries.push(nacl_entry(rng, num, egress, nsub));
+        }
+    }
 }

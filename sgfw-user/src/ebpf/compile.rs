@@ -29,8 +29,8 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use sgfw_common::{
-    AddrInfo, AddrKey, CidrKeyV4, CidrKeyV6, InstancePolicy, NaclBits, NaclMeta, PortKey,
-    SUBNET_HAS_DNS_V4, SUBNET_HAS_DNS_V6, SubnetPolicy,
+    AddrInfo, AddrKey, BROADCAST_OWNER, CidrKeyV4, CidrKeyV6, InstancePolicy, NaclBits, NaclMeta,
+    PortKey, SUBNET_HAS_DNS_V4, SUBNET_HAS_DNS_V6, SubnetPolicy,
     limits::{self, AF_INET, AF_INET6},
 };
 
@@ -401,6 +401,16 @@ pub fn compile(model: &FlatModel, idx: &Indices, book: &IdBook) -> Result<Compil
                 }
                 _ => {}
             }
+        }
+        // The subnet's broadcast address: a destination no hook delivers.
+        if let Some(b) = crate::flat::subnet_broadcast(&s.cidr_v4) {
+            out.addrs.push((
+                addr_key(&IpAddr::V4(b)),
+                AddrInfo {
+                    instance: BROADCAST_OWNER,
+                    subnet: sidx,
+                },
+            ));
         }
         out.subnets.push((sidx, sp));
     }

@@ -445,6 +445,8 @@ fn capacities(c: &Compiled, conntrack_max: u32) -> BTreeMap<&'static str, u32> {
     m.insert(mn::NACL_PORTS, cap(c.nacl_ports.len(), 65_536));
     m.insert(mn::NACL_META, cap(c.nacl_meta.len(), 4096));
     m.insert(mn::CONNTRACK, conntrack_max);
+    // Fragmented datagrams in flight per hook: bounded, LRU, 30 s each.
+    m.insert(mn::FRAGS, 16_384);
     m.insert(
         mn::COUNTERS,
         (cap(c.instances.len(), 4096) + 1) * Reason::COUNT as u32,
@@ -487,6 +489,7 @@ pub const ALL_MAPS: &[&str] = &[
     mn::COUNTERS,
     mn::EVENTS,
     mn::PORT_COUNTS,
+    mn::FRAGS,
     mn::EVENT_RATE,
     mn::SCRATCH,
 ];

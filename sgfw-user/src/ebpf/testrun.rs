@@ -14,7 +14,7 @@ use sgfw_common::{Config, Direction, map_names as mn, program_names as pn};
 use super::compile::{self, Indices};
 use super::{EbpfError, config_for, kernel_maps_of, load_object, prog_err, write_generation};
 use crate::flat::FlatModel;
-use crate::packet::{L4, Packet};
+use crate::packet::{L4, Packet, Wire};
 use crate::sys::{KernelMaps, MapOps};
 
 /// `TC_ACT_OK`.
@@ -30,6 +30,8 @@ pub struct TestDataplane {
     book: compile::IdBook,
     generation: u32,
     config: Config,
+    /// Instance index in the model → ifindex of its (test) port.
+    port_ifindex: Vec<u32>,
 }
 
 impl std::fmt::Debug for TestDataplane {
@@ -62,6 +64,7 @@ impl TestDataplane {
             book: compile::IdBook::default(),
             generation: 0,
             config,
+            port_ifindex: Vec::new(),
         };
         dp.apply(model)?;
         Ok(dp)
@@ -74,7 +77,8 @@ impl TestDataplane {
         self.generation += 1;
         let mut config = config_for(model, self.generation, 0);
         config.time_override_ns = self.config.time_override_ns;
-        write_generation(&mut self.maps, &compiled, &[], &config)?;
+        let ports = self.bound_ports(model);
+        write_generation(&mut self.maps, &compiled, &ports, &config)?;
         self.book = compiled.book.clone();
         self.config = config;
         Ok(())
@@ -96,6 +100,25 @@ impl TestDataplane {
         self.update_config(|c| c.time_override_ns = now_ns)
     }
 
+    /// Gives instance `i` of the model the port `ifindexes[i]` (devices that
+    /// exist in this thread's network namespace: see [`private_ports`]);
+    /// instances bound to an `Interface` get the port's binding, as an attach
+    /// would write it. Takes effect now and on every later apply.
+    pub fn set_ports(&mut self, model: &FlatModel, ifindexes: &[u32]) -> Result<(), EbpfError> {
+        self.port_ifindex = ifindexes.to_vec();
+        self.apply(model)
+    }
+
+    fn bound_ports(&self, model: &FlatModel) -> Vec<(u32, u32)> {
+        model
+            .instances
+            .iter()
+            .zip(&self.port_ifindex)
+            .filter(|(inst, _)| inst.interface.is_some())
+            .filter_map(|(inst, ifx)| Some((*ifx, *self.indices.instances.get(&inst.id)?)))
+            .collect()
+    }
+
     /// Runs one hook on a frame `repeat` times; returns (TC action, mean ns per run).
     pub fn run_frame(
         &mut self,
@@ -103,9 +126,28 @@ impl TestDataplane {
         frame: &[u8],
         repeat: u32,
     ) -> Result<(u32, u64), EbpfError> {
+        self.run_frame_at(program, frame, repeat, 0)
+    }
+
+    /// [`TestDataplane::run_frame`] as if at the port with this ifindex (0: the
+    /// kernel's default, loopback).
+    pub fn run_frame_at(
+        &mut self,
+        program: &str,
+        frame: &[u8],
+        repeat: u32,
+        ifindex: u32,
+    ) -> Result<(u32, u64), EbpfError> {
         let prog = super::classifier(&mut self.ebpf, program)?;
+        // `struct __sk_buff` up to and including `ifindex` (offset 40); the
+        // kernel zero-fills the rest.
+        let mut ctx = [0u8; 44];
+        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(frame);
+        if ifindex != 0 {
+            opts.ctx_in = Some(&ctx);
+        }
         opts.repeat = repeat;
         let r = prog
             .test_run(opts)
@@ -134,6 +176,22 @@ impl TestDataplane {
         }
         if model.instance_by_addr(pkt.dst).is_some() {
             let (act, _) = self.run_frame(pn::TO_INSTANCE, &frame, 1)?;
+            if act != TC_ACT_OK {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// What the dataplane does to a packet on the wire: the sender's hook at
+    /// its port, then the receiver's at its port ([`TestDataplane::set_ports`]
+    /// must have given the instances ports). True = delivered.
+    pub fn deliver_wire(&mut self, wire: &Wire) -> Result<bool, EbpfError> {
+        let frame = wire_frame(wire);
+        for (port, program) in [(wire.from, pn::FROM_INSTANCE), (wire.to, pn::TO_INSTANCE)] {
+            let Some(i) = port else { continue };
+            let ifx = self.port_ifindex.get(i).copied().unwrap_or(0);
+            let (act, _) = self.run_frame_at(program, &frame, 1, ifx)?;
             if act != TC_ACT_OK {
                 return Ok(false);
             }
@@ -285,4 +343,104 @@ pub fn frame(pkt: &Packet) -> Vec<u8> {
         f.push(0);
     }
     f
+}
+
+/// The Ethernet frame for a packet on the wire: an 802.1Q tag (VID 0) when
+/// `vlan`; for a fragment, the IPv4 flags and offset or an IPv6 fragment
+/// header, and for a later fragment 8 bytes of payload instead of the L4
+/// header.
+pub fn wire_frame(wire: &Wire) -> Vec<u8> {
+    let pkt = &wire.packet;
+    let mut ip = ip_packet(pkt);
+    if let Some(f) = wire.fragment {
+        let v6 = pkt.is_v6();
+        let hdr = if v6 { 40 } else { 20 };
+        if f.is_later() {
+            // Payload of a later fragment: not an L4 header.
+            ip.truncate(hdr);
+            ip.extend_from_slice(&[0xa5; 8]);
+        }
+        if v6 {
+            let proto = ip[6];
+            let mut fh = vec![proto, 0, 0, 0, 0, 0, 0, 0];
+            let off = (f.offset << 3) | u16::from(f.more);
+            fh[2..4].copy_from_slice(&off.to_be_bytes());
+            fh[4..8].copy_from_slice(&f.id.to_be_bytes());
+            ip[6] = 44;
+            ip.splice(40..40, fh);
+            let plen = (ip.len() - 40) as u16;
+            ip[4..6].copy_from_slice(&plen.to_be_bytes());
+        } else {
+            let total = ip.len() as u16;
+            ip[2..4].copy_from_slice(&total.to_be_bytes());
+            ip[4..6].copy_from_slice(&(f.id as u16).to_be_bytes());
+            let flags = (f.offset & 0x1fff) | if f.more { 0x2000 } else { 0 };
+            ip[6..8].copy_from_slice(&flags.to_be_bytes());
+            ip[10..12].copy_from_slice(&[0, 0]);
+            let sum: u32 = ip[..20]
+                .chunks(2)
+                .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+                .sum();
+            let c = csum_fold(sum);
+            ip[10..12].copy_from_slice(&c.to_be_bytes());
+        }
+    }
+    let mut f = vec![0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1];
+    if wire.vlan {
+        f.extend_from_slice(&[0x81, 0x00, 0x00, 0x00]);
+    }
+    f.extend_from_slice(&(if pkt.is_v6() { 0x86ddu16 } else { 0x0800u16 }).to_be_bytes());
+    f.extend_from_slice(&ip);
+    while f.len() < 60 {
+        f.push(0);
+    }
+    f
+}
+
+/// Creates `n` veth devices (the kernel may lack `dummy`) in a network namespace of the calling thread's
+/// own (it unshares its network namespace first), for
+/// [`TestDataplane::set_ports`]: `BPF_PROG_TEST_RUN` looks a context's
+/// ifindex up in the caller's namespace. Call it on a thread of its own;
+/// the namespace and its devices go when the thread ends. Returns their
+/// ifindexes.
+pub fn private_ports(n: usize) -> Result<Vec<u32>, EbpfError> {
+    let err = |what: String| EbpfError::Program {
+        what,
+        source: Box::new(std::io::Error::last_os_error()),
+    };
+    // SAFETY: unshare only changes this thread's namespace membership.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        return Err(err("unshare(CLONE_NEWNET)".into()));
+    }
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let name = format!("tport{i}");
+        let status = std::process::Command::new("ip")
+            .args([
+                "link",
+                "add",
+                &name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &format!("tpeer{i}"),
+            ])
+            .status()
+            .map_err(|e| EbpfError::Program {
+                what: format!("ip link add {name}"),
+                source: Box::new(e),
+            })?;
+        if !status.success() {
+            return Err(err(format!("ip link add {name}: {status}")));
+        }
+        let c = std::ffi::CString::new(name.clone()).map_err(|_| err(name.clone()))?;
+        // SAFETY: a valid NUL-terminated name.
+        let ifx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+        if ifx == 0 {
+            return Err(err(format!("if_nametoindex({name})")));
+        }
+        out.push(ifx);
+    }
+    Ok(out)
 }
