@@ -1,8 +1,8 @@
 //! IP fragments and IPv6 extension headers through the classifier
 //! (BPF_PROG_TEST_RUN). The documented behaviour: a first fragment (offset
-//! 0) carries the L4 header and is judged like any packet; a non-first
-//! fragment cannot be matched against ports, so it is dropped — never let
-//! past a deny; IPv6 extension headers (hop-by-hop, routing, destination
+//! 0) carries the L4 header and is judged like any packet, and its verdict
+//! is recorded for the datagram; a later fragment gets that verdict, and is
+//! dropped when the first fragment was denied or never seen; IPv6 extension headers (hop-by-hop, routing, destination
 //! options, fragment, AH) are walked, at most six; more is malformed.
 #![expect(
     clippy::unwrap_used,
@@ -109,17 +109,28 @@ fn fragments_and_extension_headers() {
         TC_ACT_OK,
         "first fragment of an allowed flow"
     );
+    // Later fragments (offset > 0) of that datagram get its verdict.
+    assert_eq!(
+        verdict(&mut dp, &v4_udp(53, 0x2000 | 185)),
+        TC_ACT_OK,
+        "middle fragment of an allowed datagram"
+    );
+    assert_eq!(
+        verdict(&mut dp, &v4_udp(53, 185)),
+        TC_ACT_OK,
+        "last fragment of an allowed datagram"
+    );
+    // A denied first fragment with the same identification replaces the
+    // record: the later fragments of that datagram drop.
     assert_eq!(
         verdict(&mut dp, &v4_udp(54, 0x2000)),
         TC_ACT_SHOT,
         "first fragment of a denied flow"
     );
-    // Non-first fragments (offset > 0): dropped even where the first passed.
-    assert_eq!(verdict(&mut dp, &v4_udp(53, 0x2000 | 185)), TC_ACT_SHOT);
     assert_eq!(
         verdict(&mut dp, &v4_udp(53, 185)),
         TC_ACT_SHOT,
-        "last fragment"
+        "later fragment of a denied datagram"
     );
     // "Don't fragment" alone is not a fragment.
     assert_eq!(verdict(&mut dp, &v4_udp(53, 0x4000)), TC_ACT_OK);
@@ -145,7 +156,7 @@ fn fragments_and_extension_headers() {
     assert_eq!(
         verdict(&mut dp, &v6_udp(53, &[44], 100)),
         TC_ACT_SHOT,
-        "non-first fragment"
+        "later fragment whose first fragment was never seen"
     );
     // Too many extension headers: malformed, dropped.
     assert_eq!(
