@@ -304,16 +304,25 @@ fn is_service(family: u8, a: &Addr, subnet: Option<&SubnetPolicy>) -> bool {
 
 /// The classes docs/semantics.md leaves unfiltered, as seen from this hook:
 /// NDP either way; DHCP in its client shape (sent 68 -> 67, delivered
-/// 67 -> 68); a service address as the peer.
+/// 67 -> 68) with a peer that is no instance; a service address as the peer.
 #[inline(always)]
 fn passthrough(p: &Pkt, dir: Direction, subnet: Option<&SubnetPolicy>) -> bool {
     if is_ndp(p) {
         return true;
     }
-    match dir {
-        Direction::Egress => is_dhcp_client(p) || is_service(p.family, &p.dst, subnet),
-        Direction::Ingress => is_dhcp_server(p) || is_service(p.family, &p.src, subnet),
+    let (dhcp, peer) = match dir {
+        Direction::Egress => (is_dhcp_client(p), &p.dst),
+        Direction::Ingress => (is_dhcp_server(p), &p.src),
+    };
+    // The DHCP server is the VPC's, never an instance: an instance's 67 -> 68
+    // to another is judged by both instances' groups.
+    if dhcp {
+        let owner = owner_of(p.family, peer).instance;
+        if owner == 0 || owner == BROADCAST_OWNER {
+            return true;
+        }
     }
+    is_service(p.family, peer, subnet)
 }
 
 /// The source check of a bound port: whether the instance may send with

@@ -480,7 +480,8 @@ pub fn service_class(a: IpAddr) -> Option<PassthroughClass> {
 
 /// The passthrough class of `pkt` at one hook, for the instance (if any) that
 /// hook decides for: NDP either way; DHCP in its client shape (sent 68 -> 67,
-/// delivered 67 -> 68); a service address or the subnet's DNS as the peer.
+/// delivered 67 -> 68) with a peer that is no instance; a service address or
+/// the subnet's DNS as the peer.
 fn passthrough_at(
     model: &FlatModel,
     inst: Option<&InstanceRules>,
@@ -494,7 +495,8 @@ fn passthrough_at(
         SgDirection::Egress => (is_dhcp_client(pkt), pkt.dst),
         SgDirection::Ingress => (is_dhcp_server(pkt), pkt.src),
     };
-    if dhcp {
+    // The DHCP server is the VPC's, never an instance.
+    if dhcp && model.instance_by_addr(peer).is_none() {
         return Some(PassthroughClass::Dhcp);
     }
     if let Some(c) = service_class(peer) {

@@ -468,7 +468,7 @@ pub fn wire(rng: &mut Rng, model: &sgfw::flat::FlatModel, history: &[Packet]) ->
             };
         }
         // Link-local IPv6, NDP and redirects.
-        13..=15 if v6 => {
+        13..=21 if v6 => {
             if rng.chance(50) {
                 pkt.src = addr(&format!("fe80::{:x}", 1 + rng.below(3)));
             } else {
@@ -486,7 +486,7 @@ pub fn wire(rng: &mut Rng, model: &sgfw::flat::FlatModel, history: &[Packet]) ->
         // ICMP whose ids and codes collide with tracked flows: requests in the
         // reverse direction, errors quoting nothing whose type/code look like
         // an echo key, timestamp queries.
-        16..=21 => {
+        22..=27 => {
             if let Some(prev) = (!history.is_empty()).then(|| rng.pick(history).clone()) {
                 pkt.src = prev.dst;
                 pkt.dst = prev.src;
