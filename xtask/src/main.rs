@@ -41,6 +41,8 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The long differential run (root): 1,000,000 packets over 200 models.
+    TestLong,
     /// Benchmarks (root): writes target/bench/report.md and charts.
     Bench {
         /// Arguments for `sgfw bench`.
@@ -73,6 +75,25 @@ fn main() -> Result<()> {
             exit_like(status)
         }
         Cmd::Test { args } => test(&root, &args),
+        Cmd::TestLong => {
+            setup::ensure_all(&root)?;
+            build_ebpf(&root)?;
+            run(Command::new("cargo")
+                .current_dir(&root)
+                .env("SGFW_BPF_OBJECT", bpf_object(&root))
+                .env("SGFW_DIFF_PACKETS", "1000000")
+                .env("SGFW_DIFF_PER_MODEL", "5000")
+                .args([
+                    "test",
+                    "--release",
+                    "-p",
+                    "sgfw-tests",
+                    "--test",
+                    "differential",
+                    "--",
+                    "--nocapture",
+                ]))
+        }
         Cmd::Bench { args } => {
             setup::ensure_all(&root)?;
             build(&root)?;
