@@ -204,6 +204,9 @@ pub enum EnforceError {
     /// The nftables backend failed; the previous ruleset stays in force.
     #[error("nftables backend")]
     Nft(#[from] crate::nft::NftError),
+    /// The host-wide lock could not be taken.
+    #[error("host lock")]
+    Lock(#[from] crate::hostlock::HostLockError),
 }
 
 /// What an embedding AWS emulator holds: the chosen mode and the backend
@@ -276,20 +279,30 @@ impl Enforcer {
         self.mode
     }
 
-    /// Enforces `model` (atomically; on error the previous policy stays).
+    /// Enforces `model` (atomically; on error the previous policy stays),
+    /// then removes the other backend if it was enforcing (a switch), all
+    /// under the host-wide lock ([`crate::hostlock`]).
     ///
     /// # Errors
     ///
     /// The backend's error, with its cause chain.
     pub fn apply(&self, model: &crate::flat::FlatModel) -> Result<(), EnforceError> {
         let host = crate::sys::RealHost;
+        let _lock = crate::hostlock::HostLock::acquire()?;
         match self.mode {
             EnforcementMode::Ebpf => {
                 self.ebpf
                     .apply(model, &host, &crate::ebpf::ApplyOptions::default())?;
+                let nft = crate::nft::NftBackend::new(&host);
+                if crate::nft::probe_nftables(&host).is_ok() && nft.is_applied().unwrap_or(false) {
+                    nft.teardown()?;
+                }
             }
             EnforcementMode::Nftables => {
                 crate::nft::NftBackend::new(&host).apply(model)?;
+                if self.ebpf.is_applied() {
+                    self.ebpf.teardown()?;
+                }
             }
             EnforcementMode::Disabled => {}
         }
@@ -316,6 +329,7 @@ impl Enforcer {
     ///
     /// The backend's error.
     pub fn teardown(&self) -> Result<(), EnforceError> {
+        let _lock = crate::hostlock::HostLock::acquire()?;
         match self.mode {
             EnforcementMode::Ebpf => self.ebpf.teardown()?,
             EnforcementMode::Nftables => {

@@ -851,9 +851,12 @@ pub fn decider_text(model: &FlatModel, pkt: &Packet, stage: &StageResult) -> Str
 /// per stage (`sg-egress   allow  sg-web/egress[0]`), or the passthrough class.
 pub fn explain_text(model: &FlatModel, pkt: &Packet, verdict: &Verdict) -> String {
     let mut out = String::from(if verdict.allowed { "ALLOW\n" } else { "DENY\n" });
+    if let Some(b) = verdict.blocked {
+        out.push_str(&format!("{:<12}{}\n", "blocked", b.name()));
+    }
     if let Some(class) = verdict.passthrough {
         out.push_str(&format!("{:<12}{class}\n", "passthrough"));
-    } else if verdict.stages.is_empty() {
+    } else if verdict.stages.is_empty() && verdict.blocked.is_none() {
         out.push_str("no stage: neither address belongs to an instance of the model\n");
     }
     for s in &verdict.stages {
@@ -886,6 +889,7 @@ pub fn explain_json(model: &FlatModel, pkt: &Packet, verdict: &Verdict) -> serde
         "verdict": word(verdict.allowed),
         "stages": stages,
         "passthrough": verdict.passthrough.map(PassthroughClass::name),
+        "blocked": verdict.blocked.map(Blocked::name),
     })
 }
 

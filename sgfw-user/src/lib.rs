@@ -34,6 +34,7 @@ pub mod backend;
 pub mod ebpf;
 pub mod eval;
 pub mod flat;
+pub mod hostlock;
 pub mod lab;
 pub mod model;
 pub mod nft;

@@ -207,12 +207,14 @@ pub fn choose(arg: BackendArg) -> Result<EnforcementMode, Failure> {
     Ok(mode)
 }
 
-/// Applies with the chosen backend; returns a summary suffix for the user.
+/// Applies with the chosen backend, and removes the one it replaces, under
+/// the host-wide lock; returns a summary suffix for the user.
 pub fn apply_with(
     mode: EnforcementMode,
     flat: &FlatModel,
     conntrack_max: u32,
 ) -> Result<String, Failure> {
+    let _lock = sgfw::hostlock::HostLock::acquire().map_err(|e| Failure::Runtime(e.into()))?;
     match mode {
         EnforcementMode::Ebpf => {
             let mut s = apply::apply_ebpf(flat, conntrack_max)?;

@@ -141,6 +141,7 @@ async fn daemon(a: &RunArgs) -> Result<ExitCode, Failure> {
         tracing::info!("stopping; enforcement stays in place (--keep)");
     } else {
         tracing::info!("stopping; tearing down");
+        let _lock = sgfw::hostlock::HostLock::acquire().map_err(|e| Failure::Runtime(e.into()))?;
         EbpfBackend::default().teardown()?;
         super::teardown_nft()?;
     }

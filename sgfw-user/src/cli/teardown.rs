@@ -18,6 +18,9 @@ pub struct TeardownArgs {}
 
 /// Runs `sgfw teardown`.
 pub fn run(_a: &TeardownArgs) -> Result<ExitCode, Failure> {
+    // Under the host-wide lock: an apply racing this teardown finishes
+    // before it or starts after it.
+    let _lock = sgfw::hostlock::HostLock::acquire().context("taking the host lock")?;
     let be = EbpfBackend::default();
     let was = be.is_applied();
     be.teardown().context("removing the eBPF dataplane")?;
