@@ -210,6 +210,9 @@ fn nft_status() -> Result<Status, Failure> {
             sgfw::nft::CounterKind::Tracked => {
                 unattributed.insert("allow:tracked".into(), c.packets);
             }
+            sgfw::nft::CounterKind::Dropped { reason } => {
+                *unattributed.entry(format!("drop:{reason}")).or_default() += c.packets;
+            }
             sgfw::nft::CounterKind::Stage { stage, allowed, .. } => {
                 let key = format!("{}:{stage}", if allowed { "allow" } else { "drop" });
                 *per.entry(c.label.clone())

@@ -1,44 +1,122 @@
 //! The nftables backend: the fallback where BPF cannot be loaded.
 //!
-//! This module owns `table inet sgfw` — and only it: it never lists, flushes
-//! or deletes any other table. [`render`] turns a [`FlatModel`] into the
-//! table's text; [`NftBackend`] applies it in one `nft -f -` transaction,
-//! tears it down, probes whether `nft` can run here and reads the counters.
-//! Every `nft` run and every `/proc/sys` access goes through [`Host`], so the
-//! backend is tested without privileges against a fake host.
+//! This module owns `table inet sgfw` and `table bridge sgfw` — and only
+//! them: it never lists, flushes or deletes any other table. [`render`] turns
+//! a [`FlatModel`] into the tables' text; [`NftBackend`] applies it in one
+//! `nft -f -` transaction, tears it down, probes whether `nft` can run here
+//! and reads the counters. Every `nft` run and every `/proc/sys` access goes
+//! through [`Host`], so the backend is tested without privileges against a
+//! fake host. What is enforced is docs/semantics.md; this is how.
 //!
 //! # Packet path
 //!
-//! Three base chains — `forward` (routed between subnets, and bridged inside
-//! a subnet through `br_netfilter`), `input` and `output` (an instance
-//! talking to the host's own bridge address) — at priority `filter - 10`,
-//! policy `accept`, all jump to one chain `decide`, which follows
-//! [`crate::eval::evaluate`]:
-//! 1. passthrough (`accept`): ICMPv6 133-137, DHCP (UDP 68→67, 67→68), the
-//!    metadata address 169.254.169.254, and (instance, its subnet's DNS
-//!    address) pairs in either direction. ARP never reaches inet hooks.
-//! 2. NACLs, stateless, on every packet, before any conntrack shortcut (so a
-//!    NACL change cuts established flows): the sender's subnet's outbound
-//!    chain and the receiver's subnet's inbound chain, reached through
-//!    verdict maps keyed on instance addresses. Each chain `return`s at once
-//!    when the peer is an instance of the same subnet, then walks the entries
-//!    in rule-number order (allow = `return`, deny = `drop`), then `drop`s.
-//! 3. `ct state established,related` and `ct status confirmed`: accept. The
-//!    kernel confirms a conntrack entry only when its first packet passed the
-//!    whole ruleset, i.e. both SG legs, so a confirmed flow is one sgfw
-//!    allowed: removing an SG rule keeps it, as in AWS.
-//!    (`ct status confirmed` also covers a flow's later packets in the
-//!    original direction before any reply, which the kernel calls `new`.)
-//! 4. SG egress of the sender (`sg_out_<n>`), then SG ingress of the receiver
-//!    (`sg_in_<n>`), one chain per instance and direction, reached through
-//!    verdict maps keyed on the instance's addresses. A chain `return`s on its
-//!    first match — never `accept`, which would skip the other instance's
-//!    leg — and ends in `drop`.
-//! 5. A new flow allowed by every stage gets the SEMANTICS timeouts.
+//! **`table bridge sgfw`** sees each frame at the port it comes from or goes
+//! to, which the inet hooks do not (br_netfilter names the bridge there), and
+//! the frames br_netfilter never hands to them (VLAN-tagged, non-IP). Base
+//! chains `prerouting` (what a port sends), `forward` (what a port is handed
+//! by another port) and `output` (what the host hands a port), at priority
+//! `filter - 10`, before br_netfilter (0) and so before the inet chains:
+//! 1. at every port in the set `ports` — the model's bound interfaces and
+//!    every port found on the model's bridges at apply time — a VLAN-tagged
+//!    frame (802.1Q, 802.1ad, also a priority tag with VID 0) drops: the
+//!    kernel moves a received tag into the skb's metadata, and nft's payload
+//!    expression rebuilds it, so `ether type { 8021q, 8021ad }` matches it (a
+//!    real priority-tagged frame is dropped in `tests/tests/nft_backend.rs`).
+//!    ARP passes; any other non-IP frame drops;
+//! 2. at a bound port, what it sends: the source check, before any
+//!    passthrough class — the instance's addresses, fe80::/10, and 0.0.0.0 /
+//!    :: only in a DHCP-client (UDP 68→67) or NDP (ICMPv6 133-136) packet;
+//!    anything else drops, so an instance can never speak as the metadata
+//!    service, the DNS address or another instance;
+//! 3. at a bound port, what it is handed: the instance's addresses, fe80::/10,
+//!    or a group or broadcast address (which `table inet sgfw` then judges).
 //!
-//! Traffic between two addresses that are not instances matches nothing and
-//! leaves through the `accept` policy: it is not sgfw's to judge, and other
-//! tables still see it.
+//! The kernel here (as some others) may lack `meta ibrname` (nft_meta_bridge),
+//! so ports are named, not matched by their bridge: a bound interface is
+//! checked from its first packet whenever it appears (its name is in the
+//! model); an unbound port that joins a bridge after the apply gets the
+//! frame checks at the ports it talks to (`forward`: frames handed to a known
+//! port), and its own at the next apply. Everything below is keyed by bridge
+//! name or address and covers every port from its first packet.
+//!
+//! **`table inet sgfw`**: three base chains — `forward` (routed between
+//! subnets, and bridged inside a subnet through `br_netfilter`), `input` and
+//! `output` (an instance talking to the host's own bridge address) — at
+//! priority `filter - 10`, policy `accept`, all jump to one chain `decide`,
+//! which follows docs/semantics.md. A packet has a *sender's leg* when it
+//! comes from a port of one of the model's bridges (`iifname @bridges`) or
+//! from an instance address, a *receiver's leg* when it goes to such a port
+//! (`oifname @bridges`) or an instance address.
+//! 1. Passthrough, either leg (`accept`, no state): NDP (ICMPv6 133-136; 137
+//!    is not), the service addresses (metadata, Time Sync, Amazon DNS, IPv4
+//!    and IPv6: [`SERVICES`]) as source or destination, and (instance, its
+//!    subnet's DNS address) pairs in either direction. ARP never reaches inet
+//!    hooks.
+//! 2. Not carried: ICMPv6 redirects to or from the model's bridges drop.
+//! 3. DHCP (IPv4) in its client shape, with a peer that is no instance (the
+//!    VPC's DHCP server never is one), is passthrough for one leg only: UDP
+//!    68→67 to an address of no instance `goto leg_in` (the sender's leg is
+//!    passed; only the receiver's checks remain, i.e. not carried for the
+//!    copies of a broadcast that other ports would get), 67→68 from an
+//!    address of no instance `goto leg_out` (the receiver's leg is passed).
+//!    A DHCP datagram between two instances, either way, is judged by both
+//!    legs like any other.
+//! 4. For each leg still to judge, in order (`decide`: both; `leg_in`,
+//!    `leg_out`: one):
+//!    - not carried: a destination in `not_carried_v4` (224.0.0.0/4,
+//!      255.255.255.255, every subnet's broadcast address) or
+//!      `not_carried_v6` (ff00::/8) drops at a leg on the model's bridges —
+//!      between instances, and from outside to instances (a DHCP client's
+//!      broadcast still reaches the host; a server's broadcast reply reaches
+//!      the instances);
+//!    - NACLs, stateless, on every packet, before any conntrack shortcut (so
+//!      a NACL change cuts established flows): the sender's subnet's outbound
+//!      chain and the receiver's subnet's inbound chain, reached through
+//!      verdict maps keyed on instance addresses. Each chain `return`s at
+//!      once when the peer is an instance of the same subnet, then walks the
+//!      entries in rule-number order (allow = `return`, deny = `drop`), then
+//!      `drop`s;
+//!    - `ct state established,related` and `ct status confirmed`: accept. The
+//!      kernel confirms a conntrack entry only when its first packet passed
+//!      the whole ruleset, i.e. its SG legs, so a confirmed flow is one sgfw
+//!      allowed: removing an SG rule keeps it, as in AWS. (`ct status
+//!      confirmed` also covers a flow's later packets in the original
+//!      direction before any reply, which the kernel calls `new`.)
+//!    - SG egress of the sender (`sg_out_<n>`), then SG ingress of the
+//!      receiver (`sg_in_<n>`), one chain per instance and direction, reached
+//!      through verdict maps keyed on the instance's addresses. A chain
+//!      `return`s on its first match — never `accept`, which would skip the
+//!      other instance's leg — and ends in `drop`;
+//!    - a new flow allowed by every stage gets the SEMANTICS timeouts.
+//!
+//! Traffic between two addresses that are not instances, and not broadcast or
+//! multicast on the model's bridges, matches nothing and leaves through the
+//! `accept` policy: it is not sgfw's to judge, and other tables still see it.
+//! A frame the host itself injects through a packet socket on a bridge
+//! skips the inet hooks (it gets only the bridge table's checks).
+//!
+//! # Fragments
+//!
+//! The inet chains judge whole datagrams. The `ct` expressions of `table
+//! inet sgfw` make the kernel load and enable `nf_defrag_ipv4` /
+//! `nf_defrag_ipv6` in the host's namespace, which reassemble at priority
+//! -400, before any chain; br_netfilter hands bridged IP packets to those
+//! same prerouting hooks, so a bridged datagram is reassembled too, judged
+//! once, and refragmented by br_netfilter on its way out of the port (to its
+//! original fragment size). So the fragments of an allowed datagram are
+//! delivered, the fragments of a denied one never are, and a fragment whose
+//! first fragment never came (or any incomplete datagram) is never
+//! reassembled, is dropped when the reassembly timer expires and never
+//! reaches a port. `tests/tests/nft_backend.rs` sends a 4000-byte UDP
+//! datagram at MTU 1500 (IPv4 and IPv6) and an orphan fragment; without a
+//! `ct` expression in the namespace the orphan would be delivered.
+//!
+//! `table bridge sgfw` runs before that reassembly and sees fragments one by
+//! one; its checks read only the Ethernet and IP headers, which every
+//! fragment carries, except the DHCP and NDP shapes of the source check
+//! (0.0.0.0 / ::): a non-first fragment has no UDP or ICMPv6 header, so a
+//! *fragmented* DHCP or NDP packet from the unspecified address drops (NDP
+//! must never be fragmented, RFC 6980; DHCP messages fit one packet).
 //!
 //! # Where kernel conntrack differs from sgfw's per-instance tracking
 //!
@@ -76,18 +154,25 @@
 //! `net.bridge.bridge-nf-call-ip6tables=1` (IPv6). [`NftBackend::apply`]
 //! checks the module, sets the two sysctls to 1 when they are not (host-wide:
 //! every bridge's traffic then passes the IP hooks), and fails with the fix
-//! when it cannot. `nf_conntrack_bridge` is not used.
+//! when it cannot. nf_tables for the bridge family (`NF_TABLES_BRIDGE`) is
+//! needed for `table bridge sgfw`; `nf_conntrack_bridge` and
+//! `nft_meta_bridge` are not used.
 //!
 //! # Flows
 //!
-//! Every drop is counted in a named counter per stage and subnet/instance
-//! ([`NftBackend::counters`]) and logged to NFLOG group [`NFLOG_GROUP`] with
-//! the prefix `sgfw drop <stage> <s|i><index> <r<rule>|*> `. sgfw has no NFLOG
+//! Every drop is counted in a named counter per stage and subnet/instance,
+//! or per reason (`drop_vlan`, `drop_non_ip`, `drop_source_check`,
+//! `drop_not_for_instance`, `drop_not_carried`) ([`NftBackend::counters`])
+//! and logged to NFLOG group [`NFLOG_GROUP`] with the prefix `sgfw drop
+//! <stage> <s|i><index>|- <r<rule>|*> `. sgfw has no NFLOG
 //! reader yet; see [`NftBackend::flows_supported`].
 
 mod render;
 
-pub use render::{BRIDGE_TABLE, HOOK_PRIORITY, NFLOG_GROUP, RenderError, TABLE, render, sanitize};
+pub use render::{
+    BRIDGE_TABLE, HOOK_PRIORITY, NFLOG_GROUP, RenderError, SERVICES, TABLE, ifname_ok, render,
+    render_with_ports, sanitize,
+};
 
 use serde::Serialize;
 
@@ -136,6 +221,15 @@ pub enum NftError {
         #[source]
         source: SysError,
     },
+    /// The ports of the model's bridges could not be listed.
+    #[error("cannot list the ports of bridge {bridge}")]
+    Ports {
+        /// The bridge.
+        bridge: String,
+        /// The cause.
+        #[source]
+        source: SysError,
+    },
     /// `nft -j` printed something that is not the expected JSON.
     #[error("nft printed unexpected JSON while {what}")]
     Json {
@@ -165,10 +259,17 @@ pub struct ApplyReport {
 /// What a named counter counts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub enum CounterKind {
-    /// Packets let through as passthrough (NDP, DHCP, metadata, DNS).
+    /// Packets let through as passthrough at both legs (NDP, the service
+    /// addresses, the subnet's DNS; DHCP passes one leg uncounted).
     Passthrough,
     /// Packets of tracked flows that skipped the SG rules.
     Tracked,
+    /// Packets dropped before any stage, for a reason of docs/semantics.md
+    /// (`vlan`, `non-ip`, `source-check`, `not-for-instance`, `not-carried`).
+    Dropped {
+        /// The reason, as the flow logs name it.
+        reason: String,
+    },
     /// One stage of one subnet (NACL stages) or instance (SG stages).
     Stage {
         /// The stage.
@@ -201,6 +302,11 @@ fn parse_counter_name(name: &str) -> Option<CounterKind> {
         "tracked" => return Some(CounterKind::Tracked),
         _ => {}
     }
+    if let Some(reason) = name.strip_prefix("drop_") {
+        return Some(CounterKind::Dropped {
+            reason: reason.replace('_', "-"),
+        });
+    }
     let (rest, allowed) = if let Some(r) = name.strip_suffix("_allow") {
         (r, true)
     } else {
@@ -226,8 +332,10 @@ pub fn transaction(ruleset: &str) -> String {
 
 /// A miniature of every kernel feature the ruleset uses (inet base chain,
 /// conntrack state/status, ct timeout object, verdict map with jump,
-/// concatenated set, named counter, NFLOG), checked with `nft -c`: nothing
-/// is created, but the kernel validates it and loads what it needs.
+/// concatenated set, named counter, NFLOG; the bridge family with an
+/// interface-name set and verdict map, `ether type` and NFLOG), checked with
+/// `nft -c`: nothing is created, but the kernel validates it and loads what
+/// it needs.
 const PROBE_RULESET: &str = "table inet sgfw {
 \tct timeout probe_tcp { protocol tcp; l3proto ip; policy = { established: 432000 }; }
 \tcounter probe_counter { comment \"probe\"; }
@@ -243,6 +351,19 @@ const PROBE_RULESET: &str = "table inet sgfw {
 \t\tct status confirmed accept
 \t\tip saddr vmap @probe_vmap
 \t\tmeta l4proto tcp ct timeout set \"probe_tcp\"
+\t}
+}
+table bridge sgfw {
+\tset probe_ports { type ifname; elements = { \"sgfw-probe\" } }
+\tmap probe_bound { type ifname : verdict; elements = { \"sgfw-probe\" : jump probe_port } }
+\tchain probe_port {
+\t\tip saddr 192.0.2.1 return
+\t\tether type != { ip, ip6, arp } counter log prefix \"sgfw probe \" group 3210 drop
+\t}
+\tchain probe_base {
+\t\ttype filter hook prerouting priority filter - 10; policy accept;
+\t\tether type { 8021q, 8021ad } drop
+\t\tiifname @probe_ports iifname vmap @probe_bound
 \t}
 }
 ";
@@ -380,7 +501,8 @@ impl<'h> NftBackend<'h> {
     /// [`NftBackend::ensure_bridge_hooks`], or [`NftError::Nft`] with nft's
     /// message.
     pub fn apply(&self, model: &FlatModel) -> Result<ApplyReport, NftError> {
-        let ruleset = render(model)?;
+        let ports = self.bridge_ports(model)?;
+        let ruleset = render_with_ports(model, &ports)?;
         let sysctls_set = self.ensure_bridge_hooks()?;
         self.host
             .nft(&["-f", "-"], Some(&transaction(&ruleset)))
@@ -409,6 +531,26 @@ impl<'h> NftBackend<'h> {
             sysctls_set,
             notes,
         })
+    }
+
+    /// The names of the ports now on the model's bridges.
+    ///
+    /// # Errors
+    ///
+    /// [`NftError::Ports`] when a bridge's ports cannot be listed.
+    pub fn bridge_ports(&self, model: &FlatModel) -> Result<Vec<String>, NftError> {
+        let mut names = Vec::new();
+        for s in &model.subnets {
+            let ports = self
+                .host
+                .bridge_ports(&s.bridge)
+                .map_err(|source| NftError::Ports {
+                    bridge: s.bridge.clone(),
+                    source,
+                })?;
+            names.extend(ports.into_iter().map(|p| p.name));
+        }
+        Ok(names)
     }
 
     /// Removes `table inet sgfw` (and nothing else). Succeeds when it is absent.
@@ -460,22 +602,28 @@ impl<'h> NftBackend<'h> {
         }
     }
 
-    /// Every named counter of `table inet sgfw`, in name order: passthrough,
-    /// tracked, and allow/drop per NACL stage and subnet and per SG stage and
-    /// instance (for `sgfw status`).
+    /// Every named counter of `table inet sgfw` and `table bridge sgfw`, in
+    /// name order: passthrough, tracked, the drops before any stage, and
+    /// allow/drop per NACL stage and subnet and per SG stage and instance
+    /// (for `sgfw status`).
     ///
     /// # Errors
     ///
     /// [`NftError::Nft`] (e.g. not applied) or [`NftError::Json`].
     pub fn counters(&self) -> Result<Vec<CounterValue>, NftError> {
-        let text = self
-            .host
-            .nft(&["-j", "list", "counters", "table", "inet", "sgfw"], None)
-            .map_err(|source| NftError::Nft {
-                what: "listing counters",
-                source,
-            })?;
-        parse_counters(&text)
+        let mut all = Vec::new();
+        for family in ["inet", "bridge"] {
+            let text = self
+                .host
+                .nft(&["-j", "list", "counters", "table", family, "sgfw"], None)
+                .map_err(|source| NftError::Nft {
+                    what: "listing counters",
+                    source,
+                })?;
+            all.extend(parse_counters(&text)?);
+        }
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(all)
     }
 
     /// Whether `sgfw flows` can stream this backend's drops.

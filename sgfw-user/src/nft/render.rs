@@ -1,38 +1,89 @@
 //! [`FlatModel`] → nftables ruleset text, deterministically.
 //!
-//! This module owns the text of `table inet sgfw`. Every value written into
-//! it comes from a typed value: addresses and prefixes ([`IpAddr`],
-//! [`IpNet`]), protocol numbers and ICMP types/codes (`u8`), ports (`u16`),
-//! timeouts (`u32`) and names derived from indices (`sg_in_3`). Instance,
+//! This module owns the text of `table inet sgfw` and `table bridge sgfw`.
+//! Every value written into them comes from a typed value: addresses and
+//! prefixes ([`IpAddr`], [`IpNet`]), protocol numbers and ICMP types/codes
+//! (`u8`), ports (`u16`), timeouts (`u32`) and names derived from indices
+//! (`sg_in_3`) — or is an interface name checked by [`ifname_ok`]. Instance,
 //! subnet and group ids appear only in `#` comments and counter comments, and
 //! only after [`sanitize`] has reduced them to `[A-Za-z0-9._-]`: a hostile id
 //! can never close a string, a block or a line. It must never widen a rule:
 //! a matcher that cannot be expressed is a [`RenderError`], never "match all".
 //!
 //! The layout (see the module docs of [`crate::nft`] for why):
-//! 1. passthrough (`accept`, before anything);
-//! 2. NACLs, every packet: `ip saddr vmap @nacl_out_v4` → `nacl_out_<subnet>`,
-//!    `ip daddr vmap @nacl_in_v4` → `nacl_in_<subnet>` (and `ip6`);
-//! 3. `ct state established,related` / `ct status confirmed`: accept;
-//! 4. SGs: `ip saddr vmap @sg_out_v4` → `sg_out_<instance>`,
-//!    `ip daddr vmap @sg_in_v4` → `sg_in_<instance>`; each chain `return`s
-//!    on its first match and ends in `drop`;
-//! 5. a new flow that passed everything: conntrack timeouts.
+//! - `table bridge sgfw`, at every port of the model's bridges: VLAN-tagged
+//!   and other non-IP, non-ARP frames drop; a bound port's source check
+//!   (frames it sends) and destination check (frames it is handed).
+//! - `table inet sgfw`, chain `decide`:
+//!   1. passthrough, either leg (`accept`): NDP, the service addresses
+//!      ([`SERVICES`]), the subnet's DNS;
+//!   2. ICMPv6 redirects on the model's bridges: drop;
+//!   3. DHCP in its client shape with a peer that is no instance: `goto` the
+//!      one leg that still judges it (`leg_in` for 68→67, `leg_out` for
+//!      67→68);
+//!   4. both legs: broadcast and multicast destinations on the model's
+//!      bridges drop; NACLs, every packet: `ip saddr vmap @nacl_out_v4` →
+//!      `nacl_out_<subnet>`, `ip daddr vmap @nacl_in_v4` → `nacl_in_<subnet>`
+//!      (and `ip6`); `ct state established,related` / `ct status confirmed`:
+//!      accept; SGs: `ip saddr vmap @sg_out_v4` → `sg_out_<instance>`, `ip
+//!      daddr vmap @sg_in_v4` → `sg_in_<instance>`, each chain `return`s on
+//!      its first match and ends in `drop`; a new flow that passed
+//!      everything: conntrack timeouts.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Display;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use crate::eval::METADATA_ADDR;
 use crate::flat::{FirewallRule, FlatModel, Match, NaclEntry, RuleAction};
 use crate::packet::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
+
+// ---------- the traffic classes, defined once for this renderer ----------
+//
+// docs/semantics.md, "Passthrough" and "Not carried". Every rule below that
+// names one of these reads it from here (to become `sgfw_common::passthrough`
+// once that is the one definition for every backend).
+
+/// The VPC's service addresses, passthrough both ways: (name, IPv4, IPv6).
+pub const SERVICES: [(&str, Ipv4Addr, Ipv6Addr); 3] = [
+    (
+        "metadata",
+        Ipv4Addr::new(169, 254, 169, 254),
+        Ipv6Addr::new(0xfd00, 0x0ec2, 0, 0, 0, 0, 0, 0x0254),
+    ),
+    (
+        "time-sync",
+        Ipv4Addr::new(169, 254, 169, 123),
+        Ipv6Addr::new(0xfd00, 0x0ec2, 0, 0, 0, 0, 0, 0x0123),
+    ),
+    (
+        "amazon-dns",
+        Ipv4Addr::new(169, 254, 169, 253),
+        Ipv6Addr::new(0xfd00, 0x0ec2, 0, 0, 0, 0, 0, 0x0253),
+    ),
+];
+/// DHCP (IPv4): an instance's client sends from this port ...
+const DHCP_CLIENT_PORT: u16 = 68;
+/// ... to the server's.
+const DHCP_SERVER_PORT: u16 = 67;
+/// ICMPv6 router solicitation/advertisement, neighbour solicitation/advertisement.
+const NDP_TYPES: (u8, u8) = (133, 136);
+/// ICMPv6 redirect: never delivered.
+const ICMPV6_REDIRECT: u8 = 137;
+/// IPv4 multicast, not carried.
+const GROUP_V4: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(224, 0, 0, 0), 4);
+/// The limited broadcast address, not carried (beside each subnet's broadcast).
+const BROADCAST_V4: Ipv4Addr = Ipv4Addr::BROADCAST;
+/// IPv6 multicast, not carried.
+const GROUP_V6: Ipv6Net = Ipv6Net::new_assert(Ipv6Addr::new(0xff00, 0, 0, 0, 0, 0, 0, 0), 8);
+/// IPv6 link-local addresses: a bound port's instance sends and receives them.
+const LINK_LOCAL_V6: Ipv6Net = Ipv6Net::new_assert(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0), 10);
 
 /// The one table sgfw owns. Nothing else is ever touched.
 pub const TABLE: &str = "inet sgfw";
 
-/// sgfw's bridge table: the source check at instance ports.
+/// sgfw's bridge table: the checks at the ports of the model's bridges.
 pub const BRIDGE_TABLE: &str = "bridge sgfw";
 
 /// The NFLOG group every drop is logged to (prefix `sgfw drop <stage> <who> `).
@@ -79,6 +130,32 @@ pub enum RenderError {
         /// The name.
         name: String,
     },
+    /// A bridge name that cannot be written into the ruleset (see
+    /// [`RenderError::Interface`]).
+    #[error("Subnets[{subnet}].Bridge: {name:?} cannot be written into an nft ruleset")]
+    Bridge {
+        /// Subnet id.
+        subnet: String,
+        /// The name.
+        name: String,
+    },
+    /// A port found on one of the model's bridges whose name cannot be
+    /// written into the ruleset: refused, since the port could not be checked.
+    #[error("port {name:?} of a managed bridge cannot be written into an nft ruleset")]
+    Port {
+        /// The name.
+        name: String,
+    },
+}
+
+/// Whether an interface name may be written into the ruleset, quoted: 1-15
+/// letters, digits and `._-@+`. Never a quote, and never `*` (a wildcard
+/// in nft, which would match other interfaces).
+pub fn ifname_ok(name: &str) -> bool {
+    (1..=15).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-@+".contains(c))
 }
 
 /// IPv4 or IPv6, as nft spells the pieces.
@@ -472,22 +549,46 @@ fn declare(out: &mut Out, kind: &str, name: &str, ty: &str, elements: &[String])
     out.line(1, "}");
 }
 
-/// Renders the model as the text of `table inet sgfw`. Deterministic: the
-/// same model always gives byte-identical text.
+/// Renders the model as the text of `table inet sgfw` and `table bridge
+/// sgfw`, with the port-level checks at the model's bound interfaces only
+/// (see [`render_with_ports`]). Deterministic: the same model always gives
+/// byte-identical text.
+///
+/// # Errors
+///
+/// As [`render_with_ports`].
+pub fn render(model: &FlatModel) -> Result<String, RenderError> {
+    render_with_ports(model, &[])
+}
+
+/// Renders the model; `ports` are the ports found on the model's bridges
+/// (the host ends of the instances' veths), which get the port-level checks
+/// of `table bridge sgfw` beside the model's bound interfaces.
+/// Deterministic: the same model and ports always give byte-identical text.
 ///
 /// # Errors
 ///
 /// [`RenderError`] when the model is inconsistent (an instance in a subnet
-/// that does not exist, an address owned twice) or a matcher cannot be
-/// expressed exactly; validated, flattened models never are.
-pub fn render(model: &FlatModel) -> Result<String, RenderError> {
+/// that does not exist, an address owned twice), a matcher cannot be
+/// expressed exactly, or an interface, bridge or port name cannot be
+/// written safely; validated, flattened models never are (but ports found on
+/// the host can be).
+pub fn render_with_ports(model: &FlatModel, ports: &[String]) -> Result<String, RenderError> {
     let ix = Index::new(model)?;
+    for s in &model.subnets {
+        if !ifname_ok(&s.bridge) {
+            return Err(RenderError::Bridge {
+                subnet: s.id.clone(),
+                name: s.bridge.clone(),
+            });
+        }
+    }
     let mut out = Out::default();
     out.line(
         0,
         "# sgfw: AWS VPC security groups and network ACLs (generated; do not edit).",
     );
-    out.line(0, "# Decision order: passthrough, NACLs (every packet), tracked flows, SG egress, SG ingress.");
+    out.line(0, "# Decision order: frame and port checks (table bridge sgfw), passthrough, not carried, NACLs (every packet), tracked flows, SG egress, SG ingress.");
     for (i, s) in model.subnets.iter().enumerate() {
         out.line(
             0,
@@ -530,94 +631,215 @@ pub fn render(model: &FlatModel) -> Result<String, RenderError> {
         render_sg_chain(&mut out, ChainKind::SgIn, i, &inst.ingress)?;
     }
     out.line(0, "}");
-    render_source_check(&mut out, model)?;
+    render_bridge_table(&mut out, model, ports)?;
     Ok(out.text)
 }
 
-/// The bridge table that drops, at an instance's own port, packets whose
-/// source is not the instance's address (the source/destination check of
-/// instances bound to an `Interface`). The bridge family sees the port a
-/// packet came in on, which the inet hooks (via br_netfilter) do not.
-/// Passthrough classes go first, as in the eBPF dataplane: DHCP from
-/// 0.0.0.0, NDP, the metadata address, and IPv6 link-local or unspecified
-/// sources are the instance's to send. Interface names are validated
-/// The verdict-map jumps to the chains of two stages, both families.
-fn dispatch(out: &mut Out, kinds: [ChainKind; 2]) {
-    for kind in kinds {
-        for f in Family::ALL {
-            out.line(
-                2,
-                format!(
-                    "{} {} vmap @{}_{}",
-                    f.l3(),
-                    kind.key_side().word(),
-                    kind.prefix(),
-                    f.suffix()
-                ),
-            );
-        }
+/// The verdict-map jumps to the chains of one stage, both families.
+fn dispatch(out: &mut Out, kind: ChainKind) {
+    for f in Family::ALL {
+        out.line(
+            2,
+            format!(
+                "{} {} vmap @{}_{}",
+                f.l3(),
+                kind.key_side().word(),
+                kind.prefix(),
+                f.suffix()
+            ),
+        );
     }
 }
 
-/// (letters, digits, `.`, `-`, `_`) and quoted; addresses are typed.
-fn render_source_check(out: &mut Out, model: &FlatModel) -> Result<(), RenderError> {
-    out.line(0, format!("table {BRIDGE_TABLE} {{"));
-    out.line(1, "chain source_check {");
-    out.line(
-        2,
-        "type filter hook prerouting priority filter - 10; policy accept;",
-    );
-    let bound: Vec<_> = model
-        .instances
-        .iter()
-        .filter_map(|i| i.interface.as_ref().map(|n| (n, i)))
-        .collect();
-    if !bound.is_empty() {
-        out.line(2, "udp sport 68 udp dport 67 accept");
-        out.line(2, "icmpv6 type { 133-137 } accept");
+/// A drop statement with its named counter and NFLOG line:
+/// `counter name "drop_<reason>" log prefix "sgfw drop <reason> <who> * " ... drop`.
+fn drop_as(reason: &str, who: &str) -> String {
+    format!(
+        "counter name \"drop_{}\" log prefix \"sgfw drop {reason} {who} * \" group {NFLOG_GROUP} drop",
+        reason.replace('-', "_")
+    )
+}
+
+/// The reasons `table bridge sgfw` drops for, in counter order.
+const BRIDGE_DROPS: [&str; 4] = ["vlan", "non-ip", "source-check", "not-for-instance"];
+
+/// The reasons `table inet sgfw` drops for besides the NACL and SG stages.
+const INET_DROPS: [&str; 1] = ["not-carried"];
+
+/// `table bridge sgfw`: the checks that need the port a frame comes from or
+/// goes to, which the inet hooks (via br_netfilter) do not see, and the
+/// frames br_netfilter never hands to them (VLAN-tagged, non-IP). Hooks:
+/// `prerouting` (what a port sends), `forward` and `output` (what a port is
+/// handed, from another port or from the host), all at priority
+/// `filter - 10`, before br_netfilter (0) and so before the inet chains.
+/// At every port of the model's bridges: a VLAN-tagged frame (802.1Q,
+/// 802.1ad, also a priority tag with VID 0: nft rebuilds a tag the kernel
+/// moved into the skb's metadata, so `ether type` sees it) drops, ARP passes,
+/// any other non-IP frame drops. At a bound port, in the order of
+/// docs/semantics.md — before any passthrough class: the source check of
+/// what it sends (the instance's addresses, fe80::/10, and 0.0.0.0 / :: only
+/// in a DHCP-client or NDP packet) and the destination check of what it is
+/// handed (the instance's addresses, fe80::/10, or a group or broadcast
+/// address, which `table inet sgfw` then judges as not carried).
+fn render_bridge_table(
+    out: &mut Out,
+    model: &FlatModel,
+    ports: &[String],
+) -> Result<(), RenderError> {
+    let mut bound = Vec::new();
+    for (i, inst) in model.instances.iter().enumerate() {
+        if let Some(name) = &inst.interface {
+            if !ifname_ok(name) {
+                return Err(RenderError::Interface {
+                    instance: inst.id.clone(),
+                    name: name.clone(),
+                });
+            }
+            bound.push((i, name.as_str(), inst));
+        }
     }
-    for (name, inst) in bound {
-        let v4: Vec<String> = inst
+    let mut all_ports: BTreeSet<&str> = bound.iter().map(|(_, n, _)| *n).collect();
+    for p in ports {
+        if !ifname_ok(p) {
+            return Err(RenderError::Port { name: p.clone() });
+        }
+        all_ports.insert(p);
+    }
+    out.line(0, format!("table {BRIDGE_TABLE} {{"));
+    for reason in BRIDGE_DROPS {
+        out.line(
+            1,
+            format!(
+                "counter drop_{} {{ comment \"{reason}\"; }}",
+                reason.replace('-', "_")
+            ),
+        );
+    }
+    out.blank();
+    let quoted: Vec<String> = all_ports.iter().map(|n| format!("\"{n}\"")).collect();
+    declare(out, "set", "ports", "ifname", &quoted);
+    for (map, chain) in [
+        ("bound_from", "source_check"),
+        ("bound_to", "receive_check"),
+    ] {
+        let elems: Vec<String> = bound
+            .iter()
+            .map(|(i, name, _)| format!("\"{name}\" : jump {chain}_{i}"))
+            .collect();
+        declare(out, "map", map, "ifname : verdict", &elems);
+    }
+    for (hook, side, chain) in [
+        ("prerouting", "iifname", "from_port"),
+        ("forward", "oifname", "to_port"),
+        ("output", "oifname", "to_port"),
+    ] {
+        out.blank();
+        out.line(1, format!("chain {hook} {{"));
+        out.line(
+            2,
+            format!("type filter hook {hook} priority {HOOK_PRIORITY}; policy accept;"),
+        );
+        out.line(2, format!("{side} @ports jump {chain}"));
+        out.line(1, "}");
+    }
+    for (chain, side, map, what) in [
+        ("from_port", "iifname", "bound_from", "What a port sends"),
+        ("to_port", "oifname", "bound_to", "What a port is handed"),
+    ] {
+        out.blank();
+        out.line(1, format!("chain {chain} {{"));
+        out.line(
+            2,
+            format!("# {what}: VLAN-tagged frames drop, ARP and IP pass, other frames drop."),
+        );
+        out.line(
+            2,
+            format!("ether type {{ 8021q, 8021ad }} {}", drop_as("vlan", "-")),
+        );
+        out.line(
+            2,
+            format!(
+                "ether type != {{ ip, ip6, arp }} {}",
+                drop_as("non-ip", "-")
+            ),
+        );
+        out.line(2, format!("{side} vmap @{map}"));
+        out.line(1, "}");
+    }
+    let broadcasts: Vec<IpNet> = model
+        .subnets
+        .iter()
+        .map(|s| IpNet::V4(Ipv4Net::from(s.cidr_v4.broadcast())))
+        .collect();
+    for (i, name, inst) in &bound {
+        let own = |f: Family| -> Vec<String> {
+            inst.addrs
+                .iter()
+                .filter(|a| Family::of_addr(a) == f)
+                .map(ToString::to_string)
+                .collect()
+        };
+        out.blank();
+        out.line(1, format!("chain source_check_{i} {{"));
+        out.line(
+            2,
+            format!("# What {name} sends: only from the instance's addresses (before any passthrough class)."),
+        );
+        out.line(2, "ether type arp return");
+        let v4 = own(Family::V4);
+        if !v4.is_empty() {
+            out.line(2, format!("ip saddr {} return", set_text(&v4)));
+        }
+        let mut v6 = own(Family::V6);
+        v6.push(LINK_LOCAL_V6.to_string());
+        out.line(2, format!("ip6 saddr {} return", set_text(&v6)));
+        out.line(
+            2,
+            format!(
+                "ip saddr {} udp sport {DHCP_CLIENT_PORT} udp dport {DHCP_SERVER_PORT} return",
+                Ipv4Addr::UNSPECIFIED
+            ),
+        );
+        out.line(
+            2,
+            format!(
+                "ip6 saddr {} icmpv6 type {}-{} return",
+                Ipv6Addr::UNSPECIFIED,
+                NDP_TYPES.0,
+                NDP_TYPES.1
+            ),
+        );
+        out.line(2, drop_as("source-check", &format!("i{i}")));
+        out.line(1, "}");
+        out.blank();
+        out.line(1, format!("chain receive_check_{i} {{"));
+        out.line(
+            2,
+            format!("# What {name} is handed: only to the instance's addresses, or to a group or broadcast address."),
+        );
+        out.line(2, "ether type arp return");
+        let mut v4: Vec<IpNet> = inst
             .addrs
             .iter()
             .filter(|a| a.is_ipv4())
-            .map(ToString::to_string)
+            .map(|a| IpNet::from(*a))
             .collect();
-        let v6: Vec<String> = inst
+        v4.extend([IpNet::V4(GROUP_V4), IpNet::from(IpAddr::V4(BROADCAST_V4))]);
+        v4.extend(broadcasts.iter().copied());
+        let v4: Vec<String> = aggregate(Family::V4, &v4).iter().map(net_text).collect();
+        out.line(2, format!("ip daddr {} return", set_text(&v4)));
+        let mut v6: Vec<IpNet> = inst
             .addrs
             .iter()
             .filter(|a| a.is_ipv6())
-            .map(ToString::to_string)
+            .map(|a| IpNet::from(*a))
             .collect();
-        if !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._-@+".contains(c))
-        {
-            return Err(RenderError::Interface {
-                instance: inst.id.clone(),
-                name: name.clone(),
-            });
-        }
-        let mut ok4 = v4;
-        ok4.extend(["0.0.0.0".to_string(), "169.254.169.254".to_string()]);
-        out.line(
-            2,
-            format!(
-                "iifname \"{name}\" ip saddr != {{ {} }} drop",
-                ok4.join(", ")
-            ),
-        );
-        let mut ok6 = v6;
-        ok6.extend(["::".to_string(), "fe80::/10".to_string()]);
-        out.line(
-            2,
-            format!(
-                "iifname \"{name}\" ip6 saddr != {{ {} }} drop",
-                ok6.join(", ")
-            ),
-        );
+        v6.extend([IpNet::V6(LINK_LOCAL_V6), IpNet::V6(GROUP_V6)]);
+        let v6: Vec<String> = aggregate(Family::V6, &v6).iter().map(net_text).collect();
+        out.line(2, format!("ip6 daddr {} return", set_text(&v6)));
+        out.line(2, drop_as("not-for-instance", &format!("i{i}")));
+        out.line(1, "}");
     }
-    out.line(1, "}");
     out.line(0, "}");
     Ok(())
 }
@@ -660,6 +882,15 @@ fn render_timeouts(out: &mut Out, model: &FlatModel) {
 fn render_counters(out: &mut Out, model: &FlatModel) {
     out.line(1, "counter passthrough { comment \"passthrough\"; }");
     out.line(1, "counter tracked { comment \"tracked\"; }");
+    for reason in INET_DROPS {
+        out.line(
+            1,
+            format!(
+                "counter drop_{} {{ comment \"{reason}\"; }}",
+                reason.replace('-', "_")
+            ),
+        );
+    }
     for kind in ChainKind::ALL {
         let ids: Vec<&str> = match kind {
             ChainKind::NaclOut | ChainKind::NaclIn => {
@@ -685,6 +916,31 @@ fn render_counters(out: &mut Out, model: &FlatModel) {
 }
 
 fn render_sets(out: &mut Out, ix: &Index<'_>) {
+    let bridges: BTreeSet<&str> = ix.model.subnets.iter().map(|s| s.bridge.as_str()).collect();
+    let quoted: Vec<String> = bridges.iter().map(|b| format!("\"{b}\"")).collect();
+    declare(out, "set", "bridges", "ifname", &quoted);
+    // Destinations a VPC does not carry: IPv4 multicast, the limited
+    // broadcast and every subnet's broadcast address; IPv6 multicast.
+    let mut v4 = vec![IpNet::V4(GROUP_V4), IpNet::from(IpAddr::V4(BROADCAST_V4))];
+    v4.extend(
+        ix.model
+            .subnets
+            .iter()
+            .map(|s| IpNet::V4(Ipv4Net::from(s.cidr_v4.broadcast()))),
+    );
+    for (f, nets) in [(Family::V4, v4), (Family::V6, vec![IpNet::V6(GROUP_V6)])] {
+        let elems: Vec<String> = aggregate(f, &nets).iter().map(net_text).collect();
+        out.line(1, format!("set not_carried_{} {{", f.suffix()));
+        out.line(2, format!("type {}", f.addr_type()));
+        out.line(2, "flags interval");
+        out.line(2, "elements = {");
+        let last = elems.len().saturating_sub(1);
+        for (i, e) in elems.iter().enumerate() {
+            out.line(3, format!("{e}{}", if i == last { "" } else { "," }));
+        }
+        out.line(2, "}");
+        out.line(1, "}");
+    }
     for f in Family::ALL {
         let all: Vec<String> = ix.addrs_of(f).map(|(a, _)| a.to_string()).collect();
         declare(
@@ -752,56 +1008,73 @@ fn render_sets(out: &mut Out, ix: &Index<'_>) {
     }
 }
 
-/// Base chains and the shared decision chain.
-fn render_entry(out: &mut Out) {
-    for hook in ["forward", "input", "output"] {
-        out.line(1, format!("chain {hook} {{"));
-        out.line(
-            2,
-            format!("type filter hook {hook} priority {HOOK_PRIORITY}; policy accept;"),
-        );
-        out.line(2, "jump decide");
-        out.line(1, "}");
-        out.blank();
+/// A leg of a packet: the sender's (what an instance sends: SG egress, the
+/// outbound NACL) or the receiver's (what is delivered to it: the inbound
+/// NACL, SG ingress).
+#[derive(Debug, Clone, Copy)]
+enum Leg {
+    Sender,
+    Receiver,
+}
+
+impl Leg {
+    /// The inet hook's interface on the leg's side: a packet from a port of
+    /// one of the model's bridges came in on the bridge (br_netfilter names
+    /// the bridge, not the port), one to a port goes out on it.
+    fn ifname(self) -> &'static str {
+        match self {
+            Leg::Sender => "iifname",
+            Leg::Receiver => "oifname",
+        }
     }
-    out.line(1, "chain decide {");
+    fn nacl(self) -> ChainKind {
+        match self {
+            Leg::Sender => ChainKind::NaclOut,
+            Leg::Receiver => ChainKind::NaclIn,
+        }
+    }
+    fn sg(self) -> ChainKind {
+        match self {
+            Leg::Sender => ChainKind::SgOut,
+            Leg::Receiver => ChainKind::SgIn,
+        }
+    }
+}
+
+/// The stages of `legs`, in the order of docs/semantics.md: not carried
+/// (broadcast and multicast destinations on the model's bridges), the NACLs
+/// (every packet, before any conntrack shortcut), the tracked-flow shortcut,
+/// the SG chains (sender's egress before receiver's ingress), then the
+/// timeouts of a new flow.
+fn render_legs(out: &mut Out, legs: &[Leg]) {
     out.line(
         2,
-        "# 1. passthrough: NDP/RS/RA, DHCP, instance metadata, the subnet's DNS.",
+        "# Not carried: a broadcast or multicast destination to or from a port of the model's bridges.",
     );
-    out.line(2, "icmpv6 type 133-137 counter name \"passthrough\" accept");
+    for leg in legs {
+        for f in Family::ALL {
+            out.line(
+                2,
+                format!(
+                    "{} @bridges {} daddr @not_carried_{} {}",
+                    leg.ifname(),
+                    f.l3(),
+                    f.suffix(),
+                    drop_as("not-carried", "-")
+                ),
+            );
+        }
+    }
     out.line(
         2,
-        "udp sport 68 udp dport 67 counter name \"passthrough\" accept",
+        "# NACLs are stateless: every packet, before any conntrack shortcut.",
     );
+    for leg in legs {
+        dispatch(out, leg.nacl());
+    }
     out.line(
         2,
-        "udp sport 67 udp dport 68 counter name \"passthrough\" accept",
-    );
-    out.line(
-        2,
-        format!("ip saddr {METADATA_ADDR} counter name \"passthrough\" accept"),
-    );
-    out.line(
-        2,
-        format!("ip daddr {METADATA_ADDR} counter name \"passthrough\" accept"),
-    );
-    out.line(
-        2,
-        "ip saddr . ip daddr @dns_pairs_v4 counter name \"passthrough\" accept",
-    );
-    out.line(
-        2,
-        "ip6 saddr . ip6 daddr @dns_pairs_v6 counter name \"passthrough\" accept",
-    );
-    out.line(
-        2,
-        "# 2. NACLs are stateless: every packet, before any conntrack shortcut.",
-    );
-    dispatch(out, [ChainKind::NaclOut, ChainKind::NaclIn]);
-    out.line(
-        2,
-        "# 3. A flow the kernel tracks passed both SG legs when it began: skip the SG rules.",
+        "# A flow the kernel tracks passed its SG legs when it began: skip the SG rules.",
     );
     out.line(
         2,
@@ -810,12 +1083,17 @@ fn render_entry(out: &mut Out) {
     out.line(2, "ct status confirmed counter name \"tracked\" accept");
     out.line(
         2,
-        "# 4. SG egress of the sender, then SG ingress of the receiver (chains return on allow).",
+        match legs {
+            [_, _] => "# SG egress of the sender, then SG ingress of the receiver (chains return on allow).",
+            _ => "# The leg's SG chain (returns on allow).",
+        },
     );
-    dispatch(out, [ChainKind::SgOut, ChainKind::SgIn]);
+    for leg in legs {
+        dispatch(out, leg.sg());
+    }
     out.line(
         2,
-        "# 5. A new flow allowed by every stage: the SEMANTICS timeouts.",
+        "# A new flow allowed by every stage: the SEMANTICS timeouts.",
     );
     for f in Family::ALL {
         for side in [Side::Saddr, Side::Daddr] {
@@ -830,7 +1108,101 @@ fn render_entry(out: &mut Out) {
             );
         }
     }
+}
+
+/// Base chains and the shared decision chain.
+fn render_entry(out: &mut Out) {
+    for hook in ["forward", "input", "output"] {
+        out.line(1, format!("chain {hook} {{"));
+        out.line(
+            2,
+            format!("type filter hook {hook} priority {HOOK_PRIORITY}; policy accept;"),
+        );
+        out.line(2, "jump decide");
+        out.line(1, "}");
+        out.blank();
+    }
+    let pass = "counter name \"passthrough\" accept";
+    out.line(1, "chain decide {");
+    out.line(
+        2,
+        "# 1. Passthrough, either leg: NDP (not redirects), the service addresses, the subnet's DNS.",
+    );
+    out.line(
+        2,
+        format!("icmpv6 type {}-{} {pass}", NDP_TYPES.0, NDP_TYPES.1),
+    );
+    let v4: Vec<String> = SERVICES.iter().map(|(_, a, _)| a.to_string()).collect();
+    let v6: Vec<String> = SERVICES.iter().map(|(_, _, a)| a.to_string()).collect();
+    for (f, addrs) in [(Family::V4, &v4), (Family::V6, &v6)] {
+        for side in [Side::Daddr, Side::Saddr] {
+            out.line(
+                2,
+                format!("{} {} {} {pass}", f.l3(), side.word(), set_text(addrs)),
+            );
+        }
+    }
+    for f in Family::ALL {
+        out.line(
+            2,
+            format!(
+                "{l3} saddr . {l3} daddr @dns_pairs_{} {pass}",
+                f.suffix(),
+                l3 = f.l3()
+            ),
+        );
+    }
+    out.line(
+        2,
+        "# 2. Not carried: ICMPv6 redirects to or from a port of the model's bridges.",
+    );
+    for leg in [Leg::Sender, Leg::Receiver] {
+        out.line(
+            2,
+            format!(
+                "{} @bridges icmpv6 type {ICMPV6_REDIRECT} {}",
+                leg.ifname(),
+                drop_as("not-carried", "-")
+            ),
+        );
+    }
+    out.line(
+        2,
+        "# 3. DHCP in its client shape, with a peer that is no instance, is passthrough for one leg: the other leg still judges it.",
+    );
+    out.line(
+        2,
+        format!(
+            "meta nfproto ipv4 udp sport {DHCP_CLIENT_PORT} udp dport {DHCP_SERVER_PORT} ip daddr != @instances_v4 goto leg_in"
+        ),
+    );
+    out.line(
+        2,
+        format!(
+            "meta nfproto ipv4 udp sport {DHCP_SERVER_PORT} udp dport {DHCP_CLIENT_PORT} ip saddr != @instances_v4 goto leg_out"
+        ),
+    );
+    out.line(2, "# 4. Both legs.");
+    render_legs(out, &[Leg::Sender, Leg::Receiver]);
     out.line(1, "}");
+    for (name, leg, what) in [
+        (
+            "leg_out",
+            Leg::Sender,
+            "DHCP 67->68: passthrough where it is delivered; the sender's leg judges it",
+        ),
+        (
+            "leg_in",
+            Leg::Receiver,
+            "DHCP 68->67: passthrough where it is sent; the receiver's leg judges it",
+        ),
+    ] {
+        out.blank();
+        out.line(1, format!("chain {name} {{"));
+        out.line(2, format!("# {what}."));
+        render_legs(out, &[leg]);
+        out.line(1, "}");
+    }
     out.blank();
     out.line(1, "chain ct_new {");
     for f in Family::ALL {

@@ -15,7 +15,7 @@ struct FakeHost {
     calls: RefCell<Vec<(Vec<String>, Option<String>)>>,
     /// stderr to fail `nft` with, when the args start with this word.
     fail: RefCell<BTreeMap<String, String>>,
-    /// stdout per first arg.
+    /// stdout per whole argument list (space-joined), else per first arg.
     stdout: BTreeMap<String, String>,
     sysctls: RefCell<BTreeMap<String, String>>,
     sysctl_read_only: bool,
@@ -68,7 +68,12 @@ impl Host for FakeHost {
                 stderr: stderr.clone(),
             });
         }
-        Ok(self.stdout.get(first).cloned().unwrap_or_default())
+        Ok(self
+            .stdout
+            .get(&args.join(" "))
+            .or_else(|| self.stdout.get(first))
+            .cloned()
+            .unwrap_or_default())
     }
     fn read_sysctl(&self, key: &str) -> Result<Option<String>, SysError> {
         Ok(self.sysctls.borrow().get(key).cloned())
@@ -114,14 +119,27 @@ fn render_is_deterministic() {
 
 #[test]
 fn hostile_interface_names_are_refused_not_written() {
-    for p in PAYLOADS {
+    // `*` would be a wildcard in nft: it must never stand for other ports.
+    for p in PAYLOADS.iter().chain(&["*", " x", "\t"]) {
         let mut m = fixture();
         m.instances[0].interface = Some(format!("veth{p}"));
         match render(&m) {
             Err(RenderError::Interface { name, .. }) => assert_eq!(name, format!("veth{p}")),
             other => panic!("{p:?}: expected an Interface error, got {other:?}"),
         }
+        let mut m = fixture();
+        m.subnets[1].bridge = format!("br{p}");
+        match render(&m) {
+            Err(RenderError::Bridge { name, .. }) => assert_eq!(name, format!("br{p}")),
+            other => panic!("{p:?}: expected a Bridge error, got {other:?}"),
+        }
+        match render_with_ports(&fixture(), &["ok0".into(), format!("port{p}")]) {
+            Err(RenderError::Port { name }) => assert_eq!(name, format!("port{p}")),
+            other => panic!("{p:?}: expected a Port error, got {other:?}"),
+        }
     }
+    assert!(!ifname_ok(&"x".repeat(16)));
+    assert!(ifname_ok("veth-a.1@x+y_z"));
 }
 
 #[test]
@@ -250,6 +268,256 @@ fn unknown_subnet_and_duplicate_address_are_refused() {
     ));
 }
 
+// ---------- docs/semantics.md: frames, source check, passthrough, not carried ----------
+
+/// The fixture with i-web1 bound to `veth-web1`, and its index.
+fn bound_fixture() -> (FlatModel, usize) {
+    let mut m = fixture();
+    let i = m.instances.iter().position(|i| i.id == "i-web1").unwrap();
+    m.instances[i].interface = Some("veth-web1".into());
+    (m, i)
+}
+
+/// The body of a chain of `table bridge sgfw`.
+fn bridge_chain<'a>(text: &'a str, name: &str) -> Vec<&'a str> {
+    let bridge = &text[text.find("table bridge sgfw {").unwrap()..];
+    chain(bridge, name)
+}
+
+#[test]
+fn vlan_tagged_and_non_ip_frames_drop_at_every_port_both_ways() {
+    let (m, _) = bound_fixture();
+    let text = render_with_ports(&m, &["vport7".into(), "vport3".into()]).unwrap();
+    // Every port of the bridges and every bound interface, in both directions.
+    assert!(text.contains("\t\t\t\"veth-web1\",\n\t\t\t\"vport3\",\n\t\t\t\"vport7\"\n"));
+    for (hook, line) in [
+        ("prerouting", "iifname @ports jump from_port"),
+        ("forward", "oifname @ports jump to_port"),
+        ("output", "oifname @ports jump to_port"),
+    ] {
+        let body = bridge_chain(&text, hook);
+        assert_eq!(
+            body,
+            [
+                format!("type filter hook {hook} priority filter - 10; policy accept;").as_str(),
+                line
+            ]
+        );
+    }
+    for c in ["from_port", "to_port"] {
+        let body = bridge_chain(&text, c);
+        assert!(
+            body[1].starts_with("ether type { 8021q, 8021ad } counter name \"drop_vlan\"")
+                && body[1].ends_with(" drop"),
+            "{body:?}"
+        );
+        assert!(
+            body[2].starts_with("ether type != { ip, ip6, arp } counter name \"drop_non_ip\"")
+                && body[2].ends_with(" drop"),
+            "{body:?}"
+        );
+    }
+}
+
+#[test]
+fn source_check_comes_first_and_admits_only_the_instances_own_sources() {
+    let (m, i) = bound_fixture();
+    let text = render(&m).unwrap();
+    assert!(text.contains(&format!("\"veth-web1\" : jump source_check_{i}")));
+    let body = bridge_chain(&text, &format!("source_check_{i}"));
+    assert_eq!(
+        &body[1..],
+        [
+            "ether type arp return",
+            "ip saddr 10.0.1.10 return",
+            "ip6 saddr { fd00:1::10, fe80::/10 } return",
+            "ip saddr 0.0.0.0 udp sport 68 udp dport 67 return",
+            "ip6 saddr :: icmpv6 type 133-136 return",
+            &format!(
+                "counter name \"drop_source_check\" log prefix \"sgfw drop source-check i{i} * \" group 3210 drop"
+            ),
+        ]
+    );
+    // No service address, DNS address or DHCP server shape may be sent from a bound port.
+    let all = body.join("\n");
+    for (_, v4, v6) in SERVICES {
+        assert!(!all.contains(&v4.to_string()) && !all.contains(&v6.to_string()));
+    }
+    assert!(!all.contains("10.0.0.2") && !all.contains("sport 67"));
+    // The bridge chains run before br_netfilter hands the packet to the inet
+    // chains (priority 0), so before any passthrough class there.
+    assert!(text.contains("type filter hook prerouting priority filter - 10;"));
+}
+
+#[test]
+fn a_bound_port_is_handed_only_its_own_group_and_broadcast_destinations() {
+    let (m, i) = bound_fixture();
+    let text = render(&m).unwrap();
+    let body = bridge_chain(&text, &format!("receive_check_{i}"));
+    assert_eq!(
+        &body[1..4],
+        [
+            "ether type arp return",
+            "ip daddr { 10.0.1.10, 10.0.1.255, 10.0.2.255, 224.0.0.0/4, 255.255.255.255 } return",
+            "ip6 daddr { fd00:1::10, fe80::/10, ff00::/8 } return",
+        ]
+    );
+    assert!(body[4].contains("drop_not_for_instance") && body[4].ends_with(" drop"));
+}
+
+#[test]
+fn broadcast_and_multicast_are_not_carried_on_the_models_bridges() {
+    let text = render(&fixture()).unwrap();
+    let set = |name: &str| -> Vec<String> {
+        let head = format!("\tset {name} {{");
+        text.lines()
+            .skip_while(|l| *l != head)
+            .skip(1)
+            .take_while(|l| *l != "\t}")
+            .map(|l| l.trim().trim_end_matches(',').to_string())
+            .collect()
+    };
+    assert_eq!(
+        set("not_carried_v4"),
+        [
+            "type ipv4_addr",
+            "flags interval",
+            "elements = {",
+            "10.0.1.255",
+            "10.0.2.255",
+            "224.0.0.0/4",
+            "255.255.255.255",
+            "}"
+        ]
+    );
+    assert_eq!(set("not_carried_v6")[3], "ff00::/8");
+    assert_eq!(
+        set("bridges"),
+        ["type ifname", "elements = {", "\"br-a\"", "\"br-b\"", "}"]
+    );
+    // In every chain that judges a leg, before that leg's NACL and SG stages.
+    for (c, legs) in [
+        ("decide", &["iifname", "oifname"][..]),
+        ("leg_out", &["iifname"][..]),
+        ("leg_in", &["oifname"][..]),
+    ] {
+        let body = chain(&text, c);
+        let first_stage = body.iter().position(|l| l.contains(" vmap @")).unwrap();
+        for side in legs {
+            for f in ["ip", "ip6"] {
+                let v = if f == "ip" { "v4" } else { "v6" };
+                let want = format!(
+                    "{side} @bridges {f} daddr @not_carried_{v} counter name \"drop_not_carried\""
+                );
+                let at = body
+                    .iter()
+                    .position(|l| l.starts_with(&want) && l.ends_with(" drop"))
+                    .unwrap_or_else(|| panic!("{c}: {want} missing: {body:?}"));
+                assert!(at < first_stage, "{c}: {want} after the stages");
+            }
+        }
+        // The leg chains judge only their own leg.
+        if legs.len() == 1 {
+            let other = if legs[0] == "iifname" {
+                "oifname"
+            } else {
+                "iifname"
+            };
+            assert!(body.iter().all(|l| !l.starts_with(other)), "{c}: {body:?}");
+        }
+    }
+}
+
+#[test]
+fn passthrough_is_ndp_the_service_addresses_and_the_subnet_dns_only() {
+    let text = render(&fixture()).unwrap();
+    let body = chain(&text, "decide");
+    let accepts: Vec<&str> = body
+        .iter()
+        .copied()
+        .filter(|l| l.ends_with(" accept") && l.contains("passthrough"))
+        .collect();
+    assert_eq!(
+        accepts,
+        [
+            "icmpv6 type 133-136 counter name \"passthrough\" accept",
+            "ip daddr { 169.254.169.254, 169.254.169.123, 169.254.169.253 } counter name \"passthrough\" accept",
+            "ip saddr { 169.254.169.254, 169.254.169.123, 169.254.169.253 } counter name \"passthrough\" accept",
+            "ip6 daddr { fd00:ec2::254, fd00:ec2::123, fd00:ec2::253 } counter name \"passthrough\" accept",
+            "ip6 saddr { fd00:ec2::254, fd00:ec2::123, fd00:ec2::253 } counter name \"passthrough\" accept",
+            "ip saddr . ip daddr @dns_pairs_v4 counter name \"passthrough\" accept",
+            "ip6 saddr . ip6 daddr @dns_pairs_v6 counter name \"passthrough\" accept",
+        ]
+    );
+    // Nothing accepts DHCP or ICMPv6 137 anywhere in the inet table.
+    let inet = &text[..text.find("table bridge sgfw {").unwrap()];
+    for l in inet.lines() {
+        assert!(
+            !(l.contains("udp sport 6") && l.ends_with("accept")),
+            "DHCP accepted: {l}"
+        );
+        assert!(!l.contains("133-137"), "{l}");
+    }
+}
+
+#[test]
+fn icmpv6_redirects_are_not_delivered() {
+    let text = render(&fixture()).unwrap();
+    let body = chain(&text, "decide");
+    for side in ["iifname", "oifname"] {
+        let at = body
+            .iter()
+            .position(|l| {
+                l.starts_with(&format!(
+                    "{side} @bridges icmpv6 type 137 counter name \"drop_not_carried\""
+                )) && l.ends_with(" drop")
+            })
+            .unwrap_or_else(|| panic!("{side}: no redirect drop: {body:?}"));
+        // Before the DHCP legs and every stage: nothing can let it through first.
+        assert!(at < body.iter().position(|l| l.contains("goto leg_in")).unwrap());
+    }
+}
+
+#[test]
+fn dhcp_is_passthrough_for_one_leg_only() {
+    let text = render(&fixture()).unwrap();
+    let body = chain(&text, "decide");
+    // Only with a peer that is no instance: between two instances both legs judge.
+    assert!(body.contains(
+        &"meta nfproto ipv4 udp sport 68 udp dport 67 ip daddr != @instances_v4 goto leg_in"
+    ));
+    assert!(body.contains(
+        &"meta nfproto ipv4 udp sport 67 udp dport 68 ip saddr != @instances_v4 goto leg_out"
+    ));
+    // 68->67: the sender's leg is passed, the receiver's NACL-in and SG ingress judge it.
+    let vmaps = |c: &str| -> Vec<String> {
+        chain(&text, c)
+            .iter()
+            .filter(|l| l.contains(" vmap @"))
+            .map(|l| l.to_string())
+            .collect()
+    };
+    assert_eq!(
+        vmaps("leg_in"),
+        [
+            "ip daddr vmap @nacl_in_v4",
+            "ip6 daddr vmap @nacl_in_v6",
+            "ip daddr vmap @sg_in_v4",
+            "ip6 daddr vmap @sg_in_v6"
+        ]
+    );
+    // 67->68: the receiver's leg is passed, the sender's SG egress and NACL-out judge it.
+    assert_eq!(
+        vmaps("leg_out"),
+        [
+            "ip saddr vmap @nacl_out_v4",
+            "ip6 saddr vmap @nacl_out_v6",
+            "ip saddr vmap @sg_out_v4",
+            "ip6 saddr vmap @sg_out_v6"
+        ]
+    );
+}
+
 // ---------- no injection ----------
 
 const PAYLOADS: [&str; 6] = [
@@ -268,11 +536,10 @@ fn hostile_ids_in_a_flat_model_are_rendered_inert() {
         let s = k % m.subnets.len();
         m.subnets[s].id = format!("subnet{p}");
         m.subnets[s].nacl_id = format!("acl{p}");
-        m.subnets[s].bridge = format!("br{p}");
+        // Hostile bridge and interface names are refused outright (checked above).
         let i = k % m.instances.len();
         m.instances[i].id = format!("i{p}");
         m.instances[i].subnet_id = format!("subnet{p}");
-        // Hostile interface names are refused outright (checked below).
         m.instances[i].interface = None;
         if let Some(r) = m.instances[i].ingress.first_mut() {
             r.origin.group_id = format!("sg{p}");
@@ -492,10 +759,21 @@ fn counters_parse_nft_json() {
       {"counter": {"family": "inet", "name": "nacl_out_0_allow", "table": "sgfw", "handle": 7, "comment": "subnet-a", "packets": 10, "bytes": 900}},
       {"counter": {"family": "inet", "name": "passthrough", "table": "sgfw", "handle": 3, "comment": "passthrough", "packets": 1, "bytes": 60}},
       {"counter": {"family": "ip", "name": "other", "table": "filter", "handle": 1, "packets": 1, "bytes": 1}}]}"#;
+    let bridge = r#"{"nftables": [{"counter": {"family": "bridge", "name": "drop_vlan", "table": "sgfw", "handle": 2, "comment": "vlan", "packets": 4, "bytes": 240}}]}"#;
     let mut host = FakeHost::default();
     host.stdout.insert("-j".into(), json.into());
+    host.stdout
+        .insert("-j list counters table bridge sgfw".into(), bridge.into());
     let c = NftBackend::new(&host).counters().unwrap();
-    assert_eq!(c.len(), 3);
+    assert_eq!(c.len(), 4);
+    assert_eq!(
+        c[0].kind,
+        CounterKind::Dropped {
+            reason: "vlan".into()
+        }
+    );
+    assert_eq!(c[0].packets, 4);
+    let c = &c[1..];
     assert_eq!(c[0].name, "nacl_out_0_allow");
     assert_eq!(
         c[0].kind,
@@ -511,6 +789,10 @@ fn counters_parse_nft_json() {
     assert_eq!(
         host.nft_calls()[0].0,
         ["-j", "list", "counters", "table", "inet", "sgfw"]
+    );
+    assert_eq!(
+        host.nft_calls()[1].0,
+        ["-j", "list", "counters", "table", "bridge", "sgfw"]
     );
 }
 
