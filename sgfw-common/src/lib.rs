@@ -56,6 +56,9 @@ pub mod map_names {
     pub const SCRATCH: &str = "SGFW_SCRATCH";
     /// Per-CPU hash [`crate::PortCountKey`] → packets (`u64`), for the port-count programs.
     pub const PORT_COUNTS: &str = "SGFW_PORT_COUNTS";
+    /// address identity (`u32`, from `skb->mark`) → [`crate::AddrKey`]: the
+    /// sender's own address, whatever NAT made of the packet's source.
+    pub const IDENTITIES: &str = "SGFW_IDENTITIES";
     /// LRU [`crate::FragKey`] → [`crate::FragEntry`]: the verdict of a
     /// datagram's first fragment at one hook, for its later fragments.
     pub const FRAGS: &str = "SGFW_FRAGS";
@@ -327,8 +330,21 @@ pub struct AddrInfo {
     pub instance: u32,
     /// Subnet index (key of [`map_names::SUBNETS`]).
     pub subnet: u32,
+    /// The address's identity (key of [`map_names::IDENTITIES`], 1..=65535;
+    /// 0: none), carried in `skb->mark` from the sender's hook to the
+    /// receiver's.
+    pub identity: u32,
 }
-const _: () = assert!(size_of::<AddrInfo>() == 8);
+const _: () = assert!(size_of::<AddrInfo>() == 12);
+
+/// The `skb->mark` bits sgfw owns: the sender's address identity, written by
+/// the sending instance's hook, read by the receiving instance's hook. The
+/// host's forwarding and NAT keep the mark; a veth's crossing into another
+/// network namespace scrubs it, so an instance cannot forge one. The low 16
+/// bits (netavark's 0x2000, kube-proxy's 0x4000/0x8000) are never touched.
+pub const MARK_IDENTITY_SHIFT: u32 = 16;
+/// Mask of [`MARK_IDENTITY_SHIFT`]'s bits.
+pub const MARK_IDENTITY_MASK: u32 = 0xffff_0000;
 
 /// Value of [`map_names::INSTANCES`]: which compiled policies apply. Replacing
 /// this one hash entry switches the instance to a new policy atomically.
@@ -527,8 +543,13 @@ pub struct CtEntry {
     pub nacl_ok: u8,
     /// Always zero.
     pub _pad: u8,
+    /// Identity of the key's local address ([`AddrInfo::identity`]), written
+    /// into `skb->mark` on the fast path of packets the instance sends.
+    pub local_identity: u32,
+    /// Always zero.
+    pub _pad2: u32,
 }
-const _: () = assert!(size_of::<CtEntry>() == 40);
+const _: () = assert!(size_of::<CtEntry>() == 48);
 
 /// [`Config::flags`]: also send accepted new flows to the event ring.
 pub const CONFIG_EMIT_ACCEPTS: u32 = 1;

@@ -230,10 +230,12 @@ pub fn cache_pass(e: *mut CtEntry, p: &Pkt, dir: Direction, ifindex: u32, cfg: &
 
 /// Starts tracking a flow that the rules just allowed.
 #[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "the new entry's fields")]
 pub fn create(
     k: &CtKey,
     p: &Pkt,
     instance: u32,
+    local_identity: u32,
     dir: Direction,
     ifindex: u32,
     cfg: &Config,
@@ -250,6 +252,8 @@ pub fn create(
         origin: dir as u8,
         nacl_ok: if cacheable(p) { nacl_bit(dir) } else { 0 },
         _pad: 0,
+        local_identity,
+        _pad2: 0,
     };
     // An insert can only fail when the LRU map cannot evict; the packet was
     // allowed by the rules either way, so it still passes.

@@ -40,13 +40,13 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use sgfw_common::{
-    AddrInfo, AddrKey, BROADCAST_OWNER, Config, Direction, PortCountKey, Reason, SUBNET_HAS_DNS_V4,
-    SUBNET_HAS_DNS_V6, SubnetPolicy,
+    AddrInfo, AddrKey, BROADCAST_OWNER, Config, Direction, MARK_IDENTITY_MASK, MARK_IDENTITY_SHIFT,
+    PortCountKey, Reason, SUBNET_HAS_DNS_V4, SUBNET_HAS_DNS_V6, SubnetPolicy,
     limits::{AF_INET, AF_INET6},
     passthrough as pt,
 };
 
-use crate::maps::{ADDRS, CONFIG, INSTANCES, PORT_COUNTS, PORTS, SCRATCH, SUBNETS};
+use crate::maps::{ADDRS, CONFIG, IDENTITIES, INSTANCES, PORT_COUNTS, PORTS, SCRATCH, SUBNETS};
 use crate::parse::{Addr, FRAG_FIRST, Frame, IPPROTO_ICMPV6, IPPROTO_UDP, Pkt};
 use crate::verdict::{Decision, finish};
 
@@ -111,6 +111,7 @@ fn decision(reason: Reason, instance: u32) -> Decision {
         reason,
         instance,
         rule: NO_RULE,
+        identity: 0,
     }
 }
 
@@ -171,13 +172,40 @@ fn classify(ctx: &TcContext, dir: Direction) -> i32 {
             finish(&decision(reason, 0), Some(p), dir, ifx, len, cfg, now)
         }
         Ok(Frame::Ip) => {
-            let d = try_classify(p, dir, ifx, cfg, now);
+            let peer_identity = match dir {
+                Direction::Ingress => (read_mark(ctx) & MARK_IDENTITY_MASK) >> MARK_IDENTITY_SHIFT,
+                Direction::Egress => 0,
+            };
+            let d = try_classify(p, dir, ifx, cfg, now, peer_identity);
             if p.frag == FRAG_FIRST {
                 conntrack::frag_record(p, dir, ifx, !d.reason.is_drop(), now);
+            }
+            if matches!(dir, Direction::Egress) {
+                // What the instance sends carries its own address's identity
+                // to the receiver's hook (and never one it came with).
+                let ours = (d.identity << MARK_IDENTITY_SHIFT) & MARK_IDENTITY_MASK;
+                write_mark(ctx, (read_mark(ctx) & !MARK_IDENTITY_MASK) | ours);
             }
             finish(&d, Some(p), dir, ifx, len, cfg, now)
         }
     }
+}
+
+/// `skb->mark`, read at its constant offset from the context (the verifier
+/// refuses context accesses through a pointer LLVM derived and kept).
+#[inline(never)]
+fn read_mark(ctx: &TcContext) -> u32 {
+    let skb = ctx.skb.skb;
+    // SAFETY: the context pointer the kernel passed to the program.
+    unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*skb).mark)) }
+}
+
+/// Sets `skb->mark` (writable for TC programs); see [`read_mark`].
+#[inline(never)]
+fn write_mark(ctx: &TcContext, mark: u32) {
+    let skb = ctx.skb.skb;
+    // SAFETY: the context pointer the kernel passed to the program.
+    unsafe { core::ptr::write_volatile(core::ptr::addr_of_mut!((*skb).mark), mark) }
 }
 
 #[inline(always)]
@@ -201,6 +229,7 @@ fn lookup_addr(family: u8, addr: &Addr) -> Option<AddrInfo> {
 const NOBODY: AddrInfo = AddrInfo {
     instance: 0,
     subnet: 0,
+    identity: 0,
 };
 
 #[inline(always)]
@@ -410,13 +439,21 @@ fn nacl_stage(table: u32, p: &Pkt, remote: &Addr, deny: Reason, instance: u32) -
             reason: deny,
             instance,
             rule,
+            identity: 0,
         }),
         Err(reason) => Some(decision(reason, instance)),
     }
 }
 
 #[inline(always)]
-fn try_classify(p: &Pkt, dir: Direction, ifx: u32, cfg: &Config, now: u64) -> Decision {
+fn try_classify(
+    p: &Pkt,
+    dir: Direction,
+    ifx: u32,
+    cfg: &Config,
+    now: u64,
+    peer_identity: u32,
+) -> Decision {
     let key = conntrack::key(p, dir);
     // An ICMP error is never a flow of its own: its type/code key must never
     // find one (it could collide with an echo identifier).
@@ -431,8 +468,10 @@ fn try_classify(p: &Pkt, dir: Direction, ifx: u32, cfg: &Config, now: u64) -> De
         if conntrack::cache_valid(e, p, dir, ifx, cfg) {
             conntrack::touch(e, dir, p, now);
             // SAFETY: see conntrack::lookup_live.
-            let instance = unsafe { (*e).instance };
-            return decision(Reason::AllowTracked, instance);
+            let (instance, identity) = unsafe { ((*e).instance, (*e).local_identity) };
+            let mut d = decision(Reason::AllowTracked, instance);
+            d.identity = identity;
+            return d;
         }
     }
 
@@ -443,8 +482,25 @@ fn try_classify(p: &Pkt, dir: Direction, ifx: u32, cfg: &Config, now: u64) -> De
     // SAFETY: read-only hash lookup.
     let bound = unsafe { PORTS.get(&ifx) }.copied();
     let found = owner_of(p.family, local);
+    // The peer as the VPC sees it: at the receiver's hook, the sender's own
+    // address from the identity its hook wrote into `skb->mark`, whatever the
+    // host's NAT made of the source. An identity that names no address is
+    // an address that cannot be known: drop.
+    let mut peer: Addr = *remote;
+    if peer_identity != 0 {
+        // SAFETY: read-only hash lookup.
+        match unsafe { IDENTITIES.get(&peer_identity) } {
+            Some(k) if k.family == p.family => peer = bytemuck::cast(k.addr),
+            Some(_) => {}
+            None => return decision(Reason::DropNoPolicy, 0),
+        }
+    }
+    let remote = &peer;
     let broadcast_local = found.instance == BROADCAST_OWNER;
     let mut local_info = if broadcast_local { NOBODY } else { found };
+    // The identity of the instance's own source address (0 when it sends as
+    // link-local or unspecified).
+    let mut own_identity = local_info.identity;
     // 3. Source check on bound ports, before anything else: an instance never
     // speaks as another address, whatever the packet carries. Link-scoped
     // traffic of a bound port belongs to the port's instance.
@@ -464,11 +520,13 @@ fn try_classify(p: &Pkt, dir: Direction, ifx: u32, cfg: &Config, now: u64) -> De
             );
         }
         if !own {
+            own_identity = 0;
             // SAFETY: read-only hash lookup.
             local_info = match unsafe { INSTANCES.get(&b) } {
                 Some(ip) => AddrInfo {
                     instance: b,
                     subnet: ip.subnet,
+                    identity: 0,
                 },
                 None => NOBODY,
             };
@@ -484,7 +542,9 @@ fn try_classify(p: &Pkt, dir: Direction, ifx: u32, cfg: &Config, now: u64) -> De
 
     // 4. Passthrough classes.
     if passthrough(p, dir, subnet) {
-        return decision(Reason::AllowPassthrough, local_instance);
+        let mut d = decision(Reason::AllowPassthrough, local_instance);
+        d.identity = own_identity;
+        return d;
     }
     // 5. Not carried: group destinations, a subnet's broadcast address,
     // ICMPv6 redirects. At the sender's hook the destination's owner is
@@ -581,7 +641,7 @@ fn try_classify(p: &Pkt, dir: Direction, ifx: u32, cfg: &Config, now: u64) -> De
     };
 
     // 7. Commit: the whole leg allowed the packet.
-    match outcome {
+    let mut d = match outcome {
         SgOutcome::Tracked(e) => {
             conntrack::touch(e, dir, p, now);
             conntrack::cache_pass(e, p, dir, ifx, cfg);
@@ -591,7 +651,7 @@ fn try_classify(p: &Pkt, dir: Direction, ifx: u32, cfg: &Config, now: u64) -> De
         SgOutcome::Rule(rule) => {
             // ICMP errors are never tracked.
             if !p.is_icmp_error {
-                conntrack::create(&key, p, li.instance, dir, ifx, cfg, now);
+                conntrack::create(&key, p, li.instance, own_identity, dir, ifx, cfg, now);
             }
             Decision {
                 reason: match dir {
@@ -600,10 +660,13 @@ fn try_classify(p: &Pkt, dir: Direction, ifx: u32, cfg: &Config, now: u64) -> De
                 },
                 instance: li.instance,
                 rule,
+                identity: 0,
             }
         }
         SgOutcome::NoMatch => no_policy,
-    }
+    };
+    d.identity = own_identity;
+    d
 }
 
 #[cfg(not(test))]

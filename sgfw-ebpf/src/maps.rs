@@ -70,3 +70,7 @@ pub static PORT_COUNTS: PerCpuHashMap<PortCountKey, u64> = PerCpuHashMap::with_m
 /// each record stands for `FRAGMENT_TIMEOUT_NS`.
 #[map(name = "SGFW_FRAGS")]
 pub static FRAGS: LruHashMap<FragKey, FragEntry> = LruHashMap::with_max_entries(16_384, 0);
+
+/// Address identities from `skb->mark` → the sender's own address.
+#[map(name = "SGFW_IDENTITIES")]
+pub static IDENTITIES: HashMap<u32, AddrKey> = HashMap::with_max_entries(4096, 0);

@@ -14,6 +14,9 @@ pub struct Decision {
     pub instance: u32,
     /// SG rule reference or NACL rule number (`u32::MAX`: none).
     pub rule: u32,
+    /// At the sender's hook: the identity of the instance's own source
+    /// address, for `skb->mark` (0: none).
+    pub identity: u32,
 }
 
 #[inline(always)]

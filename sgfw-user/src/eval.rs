@@ -871,7 +871,7 @@ pub fn explain_text(model: &FlatModel, pkt: &Packet, verdict: &Verdict) -> Strin
 }
 
 /// The verdict as `sgfw explain --json` prints it:
-/// `{"verdict": "allow"|"deny", "stages": [{"stage", "verdict", "rule"}], "passthrough": null|"dhcp"|...}`.
+/// `{"verdict": "allow"|"deny", "stages": [{"stage", "verdict", "rule"}], "passthrough": null|"dhcp"|..., "blocked": null|"not-carried"|...}`.
 pub fn explain_json(model: &FlatModel, pkt: &Packet, verdict: &Verdict) -> serde_json::Value {
     let word = |allowed: bool| if allowed { "allow" } else { "deny" };
     let stages: Vec<serde_json::Value> = verdict
@@ -2141,7 +2141,7 @@ pub(crate) mod tests {
         );
         assert_eq!(
             explain_json(&m, &p, &v),
-            serde_json::json!({"verdict": "deny", "passthrough": null, "stages": [
+            serde_json::json!({"verdict": "deny", "passthrough": null, "blocked": null, "stages": [
                 {"stage": "sg-egress", "verdict": "allow", "rule": "sg-web/egress[0]"},
                 {"stage": "nacl-out", "verdict": "allow", "rule": "acl-a rule 100"},
                 {"stage": "nacl-in", "verdict": "allow", "rule": "implicit-default rule 100"},

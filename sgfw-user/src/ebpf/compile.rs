@@ -141,6 +141,8 @@ pub struct Compiled {
     pub book: IdBook,
     /// Address → owner.
     pub addrs: Vec<(AddrKey, AddrInfo)>,
+    /// Address identity (carried in `skb->mark`) → the instance address.
+    pub identities: Vec<(u32, AddrKey)>,
     /// Instance index → policies.
     pub instances: Vec<(u32, InstancePolicy)>,
     /// Subnet index → NACL tables and DNS.
@@ -409,6 +411,7 @@ pub fn compile(model: &FlatModel, idx: &Indices, book: &IdBook) -> Result<Compil
                 AddrInfo {
                     instance: BROADCAST_OWNER,
                     subnet: sidx,
+                    identity: 0,
                 },
             ));
         }
@@ -430,6 +433,7 @@ pub fn compile(model: &FlatModel, idx: &Indices, book: &IdBook) -> Result<Compil
                 AddrInfo {
                     instance: iidx,
                     subnet: sidx,
+                    identity: 0,
                 },
             ));
         }
@@ -466,6 +470,22 @@ pub fn compile(model: &FlatModel, idx: &Indices, book: &IdBook) -> Result<Compil
     out.fresh = ids.fresh;
     out.book = ids.book;
     out.addrs.sort_by_key(|a| (a.0.family, a.0.addr));
+    // Identities in address order (deterministic for a model): 1..=65535,
+    // the bits of `skb->mark` sgfw owns.
+    let mut next = 0u32;
+    for (k, v) in &mut out.addrs {
+        if v.instance == BROADCAST_OWNER {
+            continue;
+        }
+        next += 1;
+        if next > 0xffff {
+            return Err(CompileError::IdSpace(
+                "instance addresses (at most 65,535: the identity bits of skb->mark)",
+            ));
+        }
+        v.identity = next;
+        out.identities.push((next, *k));
+    }
     // Two rules of one set may produce the same key: keep one (any is a match).
     dedup_lpm(&mut out.sg_ports);
     Ok(out)

@@ -244,8 +244,13 @@ pub fn write_generation(
     config: &Config,
 ) -> Result<(), SysError> {
     // Snapshot what the switch overwrites, to restore on failure.
-    let switched: [(&str, usize, usize); 4] = [
-        (mn::ADDRS, size_of::<AddrKey>(), 8),
+    let switched: [(&str, usize, usize); 5] = [
+        (mn::IDENTITIES, 4, size_of::<AddrKey>()),
+        (
+            mn::ADDRS,
+            size_of::<AddrKey>(),
+            size_of::<sgfw_common::AddrInfo>(),
+        ),
         (mn::INSTANCES, 4, size_of::<InstancePolicy>()),
         (mn::SUBNETS, 4, size_of::<SubnetPolicy>()),
         (mn::PORTS, 4, 4),
@@ -373,6 +378,10 @@ fn write_and_switch(
     for (idx, ip) in &c.instances {
         maps.update(mn::INSTANCES, &idx.to_ne_bytes(), bytemuck::bytes_of(ip))?;
     }
+    // Identities before the addresses that carry them into `skb->mark`.
+    for (id, k) in &c.identities {
+        maps.update(mn::IDENTITIES, &id.to_ne_bytes(), bytemuck::bytes_of(k))?;
+    }
     for (k, v) in &c.addrs {
         maps.update(mn::ADDRS, bytemuck::bytes_of(k), bytemuck::bytes_of(v))?;
     }
@@ -388,6 +397,16 @@ fn write_and_switch(
     for k in maps.keys(mn::ADDRS, size_of::<AddrKey>())? {
         if !keep.contains(&k) {
             maps.delete(mn::ADDRS, &k)?;
+        }
+    }
+    let keep: BTreeSet<Vec<u8>> = c
+        .identities
+        .iter()
+        .map(|(id, _)| id.to_ne_bytes().to_vec())
+        .collect();
+    for k in maps.keys(mn::IDENTITIES, 4)? {
+        if !keep.contains(&k) {
+            maps.delete(mn::IDENTITIES, &k)?;
         }
     }
     let keep: BTreeSet<Vec<u8>> = ports
@@ -434,6 +453,7 @@ fn capacities(c: &Compiled, conntrack_max: u32) -> BTreeMap<&'static str, u32> {
     };
     let mut m = BTreeMap::new();
     m.insert(mn::ADDRS, cap(c.addrs.len(), 4096));
+    m.insert(mn::IDENTITIES, 65_536);
     m.insert(mn::INSTANCES, cap(c.instances.len(), 4096));
     m.insert(mn::SUBNETS, cap(c.subnets.len(), 1024));
     m.insert(mn::PORTS, cap(c.instances.len(), 4096));
@@ -490,6 +510,7 @@ pub const ALL_MAPS: &[&str] = &[
     mn::EVENTS,
     mn::PORT_COUNTS,
     mn::FRAGS,
+    mn::IDENTITIES,
     mn::EVENT_RATE,
     mn::SCRATCH,
 ];
@@ -1196,7 +1217,7 @@ mod tests {
         let before = maps.updates;
         let (c2, _) = apply(&mut maps, &b, &mut idx, &book_b, 3).unwrap();
         assert!(c2.fresh.is_empty() && c2.retired.is_empty());
-        let switch_writes = c2.addrs.len() + c2.instances.len() + c2.subnets.len() + 1 /* port */ + 1 /* config */;
+        let switch_writes = c2.identities.len() + c2.addrs.len() + c2.instances.len() + c2.subnets.len() + 1 /* port */ + 1 /* config */;
         assert_eq!(
             maps.updates - before,
             switch_writes,
