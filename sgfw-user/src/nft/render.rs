@@ -16,7 +16,7 @@
 //!   (frames it sends) and destination check (frames it is handed).
 //! - `table inet sgfw`, chain `decide`:
 //!   1. passthrough, either leg (`accept`): NDP, the service addresses
-//!      ([`SERVICES`]), the subnet's DNS;
+//!      ([`SERVICES`], from `sgfw_common::passthrough`), the subnet's DNS;
 //!   2. ICMPv6 redirects on the model's bridges: drop;
 //!   3. DHCP in its client shape with a peer that is no instance: `goto` the
 //!      one leg that still judges it (`leg_in` for 68→67, `leg_out` for
@@ -35,42 +35,53 @@ use std::fmt::Display;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use sgfw_common::passthrough as pt;
 
 use crate::flat::{FirewallRule, FlatModel, Match, NaclEntry, RuleAction};
 use crate::packet::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
 
-// ---------- the traffic classes, defined once for this renderer ----------
+// ---------- the traffic classes ----------
 //
-// docs/semantics.md, "Passthrough" and "Not carried". Every rule below that
-// names one of these reads it from here (to become `sgfw_common::passthrough`
-// once that is the one definition for every backend).
+// docs/semantics.md, "Passthrough" and "Not carried". The passthrough
+// classes are defined once for every backend in `sgfw_common::passthrough`;
+// every rule below that names one reads it from here.
 
-/// The VPC's service addresses, passthrough both ways: (name, IPv4, IPv6).
-pub const SERVICES: [(&str, Ipv4Addr, Ipv6Addr); 3] = [
+const fn v4_of(a: [u8; 4]) -> Ipv4Addr {
+    Ipv4Addr::new(a[0], a[1], a[2], a[3])
+}
+
+const fn v6_of(a: [u8; 16]) -> Ipv6Addr {
+    Ipv6Addr::new(
+        u16::from_be_bytes([a[0], a[1]]),
+        u16::from_be_bytes([a[2], a[3]]),
+        u16::from_be_bytes([a[4], a[5]]),
+        u16::from_be_bytes([a[6], a[7]]),
+        u16::from_be_bytes([a[8], a[9]]),
+        u16::from_be_bytes([a[10], a[11]]),
+        u16::from_be_bytes([a[12], a[13]]),
+        u16::from_be_bytes([a[14], a[15]]),
+    )
+}
+
+const fn service(i: usize) -> (&'static str, Ipv4Addr, Ipv6Addr) {
     (
-        "metadata",
-        Ipv4Addr::new(169, 254, 169, 254),
-        Ipv6Addr::new(0xfd00, 0x0ec2, 0, 0, 0, 0, 0, 0x0254),
-    ),
-    (
-        "time-sync",
-        Ipv4Addr::new(169, 254, 169, 123),
-        Ipv6Addr::new(0xfd00, 0x0ec2, 0, 0, 0, 0, 0, 0x0123),
-    ),
-    (
-        "amazon-dns",
-        Ipv4Addr::new(169, 254, 169, 253),
-        Ipv6Addr::new(0xfd00, 0x0ec2, 0, 0, 0, 0, 0, 0x0253),
-    ),
-];
+        pt::SERVICE_NAMES[i],
+        v4_of(pt::SERVICES_V4[i]),
+        v6_of(pt::SERVICES_V6[i]),
+    )
+}
+
+/// The VPC's service addresses, passthrough both ways: (name, IPv4, IPv6) —
+/// metadata, Time Sync, Amazon DNS.
+pub const SERVICES: [(&str, Ipv4Addr, Ipv6Addr); 3] = [service(0), service(1), service(2)];
 /// DHCP (IPv4): an instance's client sends from this port ...
-const DHCP_CLIENT_PORT: u16 = 68;
+const DHCP_CLIENT_PORT: u16 = pt::DHCP_CLIENT_PORT;
 /// ... to the server's.
-const DHCP_SERVER_PORT: u16 = 67;
+const DHCP_SERVER_PORT: u16 = pt::DHCP_SERVER_PORT;
 /// ICMPv6 router solicitation/advertisement, neighbour solicitation/advertisement.
-const NDP_TYPES: (u8, u8) = (133, 136);
+const NDP_TYPES: (u8, u8) = (*pt::NDP_TYPES.start(), *pt::NDP_TYPES.end());
 /// ICMPv6 redirect: never delivered.
-const ICMPV6_REDIRECT: u8 = 137;
+const ICMPV6_REDIRECT: u8 = pt::ICMPV6_REDIRECT;
 /// IPv4 multicast, not carried.
 const GROUP_V4: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(224, 0, 0, 0), 4);
 /// The limited broadcast address, not carried (beside each subnet's broadcast).
