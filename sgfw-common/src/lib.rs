@@ -219,7 +219,8 @@ pub enum Reason {
     DropMalformed = 13,
     /// An Ethernet type other than IPv4, IPv6 or ARP.
     DropNonIp = 14,
-    /// The policy maps are inconsistent (an id with no entry): fail closed.
+    /// The policy maps are inconsistent (an id with no entry), or an
+    /// identity names no address: fail closed.
     DropNoPolicy = 15,
     /// A later fragment of a datagram whose first fragment was allowed at this hook.
     AllowFragment = 16,
@@ -228,11 +229,15 @@ pub enum Reason {
     /// Traffic a VPC does not carry: a broadcast or multicast destination,
     /// or an ICMPv6 redirect.
     DropNotCarried = 18,
+    /// A packet from an instance's address that did not pass that
+    /// instance's hook (no identity in `skb->mark`): sent from a port sgfw
+    /// has not attached yet, or forged by the host.
+    DropUnattached = 19,
 }
 
 impl Reason {
     /// Number of reasons; counters are laid out with this stride.
-    pub const COUNT: usize = 19;
+    pub const COUNT: usize = 20;
 
     /// All reasons in numeric order.
     pub const ALL: [Reason; Self::COUNT] = [
@@ -255,6 +260,7 @@ impl Reason {
         Reason::AllowFragment,
         Reason::DropVlan,
         Reason::DropNotCarried,
+        Reason::DropUnattached,
     ];
 
     /// The reason with this numeric value.
@@ -298,6 +304,7 @@ impl Reason {
             Reason::AllowFragment => "fragment",
             Reason::DropVlan => "vlan",
             Reason::DropNotCarried => "not-carried",
+            Reason::DropUnattached => "unattached",
         }
     }
 }
@@ -541,8 +548,10 @@ pub struct CtEntry {
     pub origin: u8,
     /// `CT_NACL_OK_*` bits.
     pub nacl_ok: u8,
-    /// Always zero.
-    pub _pad: u8,
+    /// 1: the flow was created for a peer that is an instance (it came with
+    /// an identity, or from an instance's address); at the receiver's hook
+    /// such a flow's packets without an identity take the slow path.
+    pub peer_instance: u8,
     /// Identity of the key's local address ([`AddrInfo::identity`]), written
     /// into `skb->mark` on the fast path of packets the instance sends.
     pub local_identity: u32,

@@ -204,6 +204,13 @@ pub fn cache_valid(e: *mut CtEntry, p: &Pkt, dir: Direction, ifindex: u32, cfg: 
         && cacheable(p)
 }
 
+/// Whether the entry's flow was created for a peer that is an instance.
+#[inline(always)]
+pub fn peer_is_instance(e: *mut CtEntry) -> bool {
+    // SAFETY: see `lookup_live`.
+    unsafe { (*e).peer_instance != 0 }
+}
+
 /// Whether a (live) entry is the given instance's: a tracked flow stands in
 /// for the SG stage of its own instance only.
 #[inline(always)]
@@ -236,6 +243,7 @@ pub fn create(
     p: &Pkt,
     instance: u32,
     local_identity: u32,
+    peer_instance: bool,
     dir: Direction,
     ifindex: u32,
     cfg: &Config,
@@ -251,7 +259,7 @@ pub fn create(
         state: CT_NEW,
         origin: dir as u8,
         nacl_ok: if cacheable(p) { nacl_bit(dir) } else { 0 },
-        _pad: 0,
+        peer_instance: peer_instance as u8,
         local_identity,
         _pad2: 0,
     };

@@ -465,7 +465,12 @@ fn try_classify(
     // 2. Fast path: a tracked flow whose stateless checks passed under this
     // policy generation at this port, for a packet the cache covers.
     if let Some(e) = hit {
-        if conntrack::cache_valid(e, p, dir, ifx, cfg) {
+        // A flow with an instance as its peer needs that instance's identity
+        // at the receiver's hook: without one, the slow path decides.
+        let identity_ok = matches!(dir, Direction::Egress)
+            || peer_identity != 0
+            || !conntrack::peer_is_instance(e);
+        if identity_ok && conntrack::cache_valid(e, p, dir, ifx, cfg) {
             conntrack::touch(e, dir, p, now);
             // SAFETY: see conntrack::lookup_live.
             let (instance, identity) = unsafe { ((*e).instance, (*e).local_identity) };
@@ -487,6 +492,14 @@ fn try_classify(
     // host's NAT made of the source. An identity that names no address is
     // an address that cannot be known: drop.
     let mut peer: Addr = *remote;
+    let wire_peer_is_instance = {
+        let o = owner_of(p.family, remote).instance;
+        o != 0 && o != BROADCAST_OWNER
+    };
+    if matches!(dir, Direction::Ingress) && peer_identity == 0 && wire_peer_is_instance {
+        // From an instance's address, but not through that instance's hook.
+        return decision(Reason::DropUnattached, 0);
+    }
     if peer_identity != 0 {
         // SAFETY: read-only hash lookup.
         match unsafe { IDENTITIES.get(&peer_identity) } {
@@ -651,7 +664,17 @@ fn try_classify(
         SgOutcome::Rule(rule) => {
             // ICMP errors are never tracked.
             if !p.is_icmp_error {
-                conntrack::create(&key, p, li.instance, own_identity, dir, ifx, cfg, now);
+                conntrack::create(
+                    &key,
+                    p,
+                    li.instance,
+                    own_identity,
+                    peer_identity != 0 || wire_peer_is_instance,
+                    dir,
+                    ifx,
+                    cfg,
+                    now,
+                );
             }
             Decision {
                 reason: match dir {

@@ -163,6 +163,8 @@ pub enum Blocked {
     NotCarried,
     /// A later fragment whose first fragment was not allowed at this hook.
     Fragment,
+    /// From an instance's address without passing that instance's hook.
+    Unattached,
 }
 
 impl Blocked {
@@ -174,6 +176,7 @@ impl Blocked {
             Blocked::NotForInstance => "not-for-instance",
             Blocked::NotCarried => "not-carried",
             Blocked::Fragment => "fragment",
+            Blocked::Unattached => "unattached",
         }
     }
 }
@@ -603,6 +606,16 @@ fn hook(
             v.blocked = Some(Blocked::Fragment);
         }
         return ok;
+    }
+    // At the receiver's hook, a packet from an instance's address must have
+    // passed that instance's hook (the identity in `skb->mark`): one sent
+    // from a port with no hook (not attached yet) or forged by the host drops.
+    if dir == SgDirection::Ingress
+        && wire.from.is_none()
+        && model.instance_by_addr(pkt.src).is_some()
+    {
+        v.blocked = Some(Blocked::Unattached);
+        return false;
     }
     let ok = leg(model, ct, pkt, port, dir, now_ns, v);
     if let (Some(f), Some(r)) = (wire.fragment, record)

@@ -535,6 +535,11 @@ pub fn wire(rng: &mut Rng, model: &sgfw::flat::FlatModel, history: &[Packet]) ->
     {
         from = Some(any_port(rng));
     }
+    // From an instance's address but not through its port (a port not
+    // attached yet, or the host forging it).
+    if from.is_some() && rng.chance(2) {
+        from = None;
+    }
     Wire {
         packet: pkt,
         from,

@@ -138,21 +138,40 @@ impl TestDataplane {
         repeat: u32,
         ifindex: u32,
     ) -> Result<(u32, u64), EbpfError> {
+        let (act, ns, _) = self.run_frame_marked(program, frame, repeat, ifindex, 0)?;
+        Ok((act, ns))
+    }
+
+    /// [`TestDataplane::run_frame_at`] with `skb->mark` set to `mark`;
+    /// returns the mark the program left as well.
+    pub fn run_frame_marked(
+        &mut self,
+        program: &str,
+        frame: &[u8],
+        repeat: u32,
+        ifindex: u32,
+        mark: u32,
+    ) -> Result<(u32, u64, u32), EbpfError> {
         let prog = super::classifier(&mut self.ebpf, program)?;
-        // `struct __sk_buff` up to and including `ifindex` (offset 40); the
-        // kernel zero-fills the rest.
+        // `struct __sk_buff` up to and including `ifindex` (offset 40), with
+        // `mark` at offset 8; the kernel zero-fills the rest.
         let mut ctx = [0u8; 44];
+        ctx[8..12].copy_from_slice(&mark.to_ne_bytes());
         ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+        // The kernel writes the whole `__sk_buff` back (ENOSPC if shorter).
+        let mut out = [0u8; 512];
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(frame);
-        if ifindex != 0 {
+        if ifindex != 0 || mark != 0 {
             opts.ctx_in = Some(&ctx);
+            opts.ctx_out = Some(&mut out);
         }
         opts.repeat = repeat;
         let r = prog
             .test_run(opts)
             .map_err(|e| prog_err(format!("BPF_PROG_TEST_RUN of {program}"), e))?;
-        Ok((r.return_value, r.duration.as_nanos() as u64))
+        let mark_out = u32::from_ne_bytes([out[8], out[9], out[10], out[11]]);
+        Ok((r.return_value, r.duration.as_nanos() as u64, mark_out))
     }
 
     /// The hook program for a direction.
@@ -188,13 +207,17 @@ impl TestDataplane {
     /// must have given the instances ports). True = delivered.
     pub fn deliver_wire(&mut self, wire: &Wire) -> Result<bool, EbpfError> {
         let frame = wire_frame(wire);
+        // The mark the sender's hook leaves travels to the receiver's hook,
+        // as the host's forwarding keeps it.
+        let mut mark = 0;
         for (port, program) in [(wire.from, pn::FROM_INSTANCE), (wire.to, pn::TO_INSTANCE)] {
             let Some(i) = port else { continue };
             let ifx = self.port_ifindex.get(i).copied().unwrap_or(0);
-            let (act, _) = self.run_frame_at(program, &frame, 1, ifx)?;
+            let (act, _, m) = self.run_frame_marked(program, &frame, 1, ifx, mark)?;
             if act != TC_ACT_OK {
                 return Ok(false);
             }
+            mark = m;
         }
         Ok(true)
     }
