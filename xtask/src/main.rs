@@ -202,6 +202,8 @@ fn build(root: &Path) -> Result<()> {
 fn test(root: &Path, extra: &[String]) -> Result<()> {
     let t = Instant::now();
     setup::ensure_all(root)?;
+    // The crafted-packet test (tests/tests/crafted.rs) sends frames with scapy.
+    let python = setup::ensure_scapy()?;
     build_ebpf(root)?;
     run(Command::new("cargo")
         .current_dir(root)
@@ -221,6 +223,7 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
     cmd.current_dir(root)
         .env("SGFW_BPF_OBJECT", bpf_object(root))
         .env("SGFW_BIN", root.join("target/release/sgfw"))
+        .env("SGFW_PYTHON", python)
         .env("PROPTEST_CASES", cases)
         .args(["test", "--release", "--workspace", "--exclude", "sgfw-ebpf"])
         .args(extra);

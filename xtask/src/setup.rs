@@ -175,3 +175,74 @@ fn ensure_debian_packages() -> Result<()> {
         .args(["install", "-y", "-qq"])
         .args(&missing))
 }
+
+/// scapy's version for the crafted-packet test (tests/crafted/craft.py).
+const SCAPY_VERSION: &str = "2.6.1";
+
+fn python_imports(python: &Path, modules: &str) -> bool {
+    Command::new(python)
+        .args(["-c", &format!("import {modules}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A Python with scapy for the crafted-packet test: a virtual environment
+/// under `~/.cache/sgfw/venv`, made with `python3 -m venv` (Debian's
+/// `python3-venv` installed first when the base interpreter lacks it) and
+/// scapy from PyPI. Returns the environment's interpreter, which `test`
+/// hands to the tests as `SGFW_PYTHON`.
+pub fn ensure_scapy() -> Result<PathBuf> {
+    let home = std::env::var_os("HOME").context("HOME is not set")?;
+    let venv = Path::new(&home).join(".cache/sgfw/venv");
+    let python = venv.join("bin/python3");
+    if python_imports(&python, "scapy.all") {
+        return Ok(python);
+    }
+    // Debian's interpreter first (what a fresh machine has), else PATH's.
+    let base = [Path::new("/usr/bin/python3"), Path::new("python3")]
+        .into_iter()
+        .find(|p| python_imports(p, "sys"));
+    let base = match base {
+        Some(b) if python_imports(b, "venv, ensurepip") => b.to_path_buf(),
+        _ => {
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            if unsafe { libc::geteuid() } != 0 {
+                bail!(
+                    "python3 with venv is needed for the crafted-packet test. Install it with: sudo apt-get update && sudo apt-get install -y python3 python3-venv"
+                );
+            }
+            eprintln!("xtask: installing Debian packages: python3 python3-venv");
+            run(Command::new("apt-get").args(["update", "-qq"]))?;
+            run(Command::new("apt-get")
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .args(["install", "-y", "-qq", "python3", "python3-venv"]))?;
+            PathBuf::from("/usr/bin/python3")
+        }
+    };
+    eprintln!(
+        "xtask: making a Python environment with scapy {SCAPY_VERSION} at {}",
+        venv.display()
+    );
+    // A broken or half-made environment is made anew.
+    if venv.exists() {
+        std::fs::remove_dir_all(&venv).with_context(|| format!("removing {}", venv.display()))?;
+    }
+    run(Command::new(&base).arg("-m").arg("venv").arg(&venv))?;
+    run(Command::new(&python).args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        &format!("scapy=={SCAPY_VERSION}"),
+    ]))?;
+    if !python_imports(&python, "scapy.all") {
+        bail!(
+            "scapy was installed in {} but does not import",
+            venv.display()
+        );
+    }
+    Ok(python)
+}
