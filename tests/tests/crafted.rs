@@ -819,7 +819,9 @@ fn run(backend: &'static str) {
     // No other sgfw apply or teardown on this host while the cases run (it
     // would void them); ours is still in place once the lock is held.
     let lock = sgfw::hostlock::HostLock::acquire().expect("taking sgfw's host lock");
-    still_ours(backend, &sa.bridge, "after apply");
+    let ours = [sa.bridge.as_str(), bed.instance("a1").port.as_str()];
+    still_ours(backend, &ours, "after apply");
+    no_twin(&bed, "after apply");
 
     let mut w = World {
         backend,
@@ -844,7 +846,8 @@ fn run(backend: &'static str) {
     spoofed(&mut w);
     fragments(&mut w);
     passthrough(&mut w);
-    still_ours(backend, &sa.bridge, "after the cases");
+    still_ours(backend, &ours, "after the cases");
+    no_twin(&bed, "after the cases");
     drop(lock);
 
     let failed: Vec<String> = w
@@ -878,20 +881,43 @@ fn run(backend: &'static str) {
     );
 }
 
-/// Fails unless `backend` enforces this lab's model (its bridge is in the
-/// applied state): a run of cases against anything else proves nothing.
-fn still_ours(backend: &str, bridge: &str, when: &str) {
+/// Fails when another bed on this host (another test process) routes this
+/// bed's prefixes to a bridge of its own: the lab's addresses are unique per
+/// process only, and routed cases would reach the other bed.
+fn no_twin(bed: &TestBed, when: &str) {
+    for s in &bed.subnets {
+        for cidr in [Some(&s.cidr_v4), s.cidr_v6.as_ref()].into_iter().flatten() {
+            let routes = sh(&["ip", "-o", "route", "show", cidr]).unwrap_or_default();
+            let other: Vec<&str> = routes
+                .lines()
+                .filter(|l| !l.contains(&format!("dev {} ", s.bridge)))
+                .collect();
+            assert!(
+                other.is_empty(),
+                "{when}: another test bed on this host uses {cidr} too (run one test process at a time): {other:?}"
+            );
+        }
+    }
+}
+
+/// Fails unless `backend` enforces this lab's model (its bridge or a1's
+/// port, names unique to this bed, are in the applied state): a run of cases
+/// against anything else proves nothing.
+fn still_ours(backend: &str, names: &[&str], when: &str) {
     let o = sgfw(&["status", "--json"]);
     let st: Value = serde_json::from_slice(&o.stdout)
         .unwrap_or_else(|e| panic!("sgfw status --json {when}: {e}: {}", text(&o)));
     let state = if backend == "nftables" {
         // Its status names no bridges: the ruleset does.
-        sh(&["nft", "list", "table", "inet", "sgfw"]).unwrap_or_default()
+        ["inet", "bridge"]
+            .iter()
+            .map(|f| sh(&["nft", "list", "table", f, "sgfw"]).unwrap_or_default())
+            .collect::<String>()
     } else {
         st.to_string()
     };
     assert!(
-        st["backend"] == backend && state.contains(bridge),
+        st["backend"] == backend && names.iter().any(|n| state.contains(n)),
         "{when}: sgfw does not enforce this test's model with {backend} (another process changed it?): {st}"
     );
 }
@@ -1411,6 +1437,37 @@ fn spoofed(w: &mut World) {
         s,
         &World::tap(&a2, m),
         true,
+    );
+    // Handed to a2's port but for another address: not a2's to receive.
+    let (s, m) = w.udp(
+        &a1,
+        IpAddr::V4(a1.v4),
+        5067,
+        IpAddr::V4(b1.v4),
+        5068,
+        &a2.mac,
+    );
+    w.case(
+        C,
+        "UDP a1 -> b1's address in a frame to a2's MAC",
+        s,
+        &World::tap(&a2, m),
+        false,
+    );
+    let (s, m) = w.udp(
+        &a1,
+        IpAddr::V6(a1.v6),
+        5067,
+        IpAddr::V6(b1.v6),
+        5068,
+        &a2.mac,
+    );
+    w.case(
+        C,
+        "UDP a1 -> b1's IPv6 address in a frame to a2's MAC",
+        s,
+        &World::tap(&a2, m),
+        false,
     );
     let (s, m) = w.udp(&a1, IpAddr::V4(a1.v4), 67, IpAddr::V4(a2.v4), 68, &a2.mac);
     w.case(C, "UDP a1:67 -> a2:68", s, &World::tap(&a2, m), false);
