@@ -25,6 +25,13 @@
 //! differs only in what the case is about. All cases run; the test prints
 //! each with its outcome and fails listing those that did not do what the
 //! specification says.
+//!
+//! The cases run under sgfw's host lock (no other `sgfw apply` or teardown
+//! meanwhile), and the test fails rather than judge a dataplane it did not
+//! apply, or a lab whose prefixes another test process's bed routes too.
+//! Run alone: `SGFW_BIN=target/release/sgfw cargo test --release -p
+//! sgfw-tests --test crafted -- --nocapture` (root; `SGFW_PYTHON`, else
+//! `~/.cache/sgfw/venv/bin/python3`, must import scapy).
 #![expect(
     clippy::unwrap_used,
     clippy::expect_used,
