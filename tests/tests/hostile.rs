@@ -232,23 +232,37 @@ fn forged_icmp_errors_are_not_related() {
 #[test]
 fn broadcast_and_multicast_are_not_carried() {
     run(|bed| {
+        // a3 admits everything: only "not carried" can stop these.
         for dst in [
             "224.0.0.251",
             "255.255.255.255",
             "10.40.1.255",
             "239.255.255.250",
         ] {
-            let p = Packet::udp(ip(A3), ip(dst), 5353, 5353);
+            let p = Packet::udp(ip(A1), ip(dst), 5353, 5353);
             bed.send(
-                &format!("a3 -> {dst} at a3's port"),
-                bed.wire("a3", "a1", p.clone()),
+                &format!("a1 -> {dst} at a3's port"),
+                bed.wire("a1", "a3", p),
                 false,
             );
-            // From the host side (no sender hook) to a1's and a2's ports.
-            let mut w = bed.wire("a3", "a2", p.clone());
+            // From the host side (no sender hook) to a3's port.
+            let mut w = bed.wire(
+                "a1",
+                "a3",
+                Packet::udp(ip("10.40.1.1"), ip(dst), 5353, 5353),
+            );
             w.from = None;
-            bed.send(&format!("host -> {dst} at a2's port"), w, false);
+            bed.send(&format!("host -> {dst} at a3's port"), w, false);
         }
+        let p = Packet::udp(ip("fd40:1::11"), ip("ff02::fb"), 5353, 5353);
+        bed.send(
+            "a1 -> ff02::fb at a3's port",
+            bed.wire("a1", "a3", p),
+            false,
+        );
+        // The same datagram to a3's own address is delivered: the control.
+        let p = Packet::udp(ip(A1), ip(A3), 5353, 5353);
+        bed.send("a1 -> a3 unicast (control)", bed.wire("a1", "a3", p), true);
         let p = Packet::udp(ip("fd40:1::13"), ip("ff02::fb"), 5353, 5353);
         bed.send("a3 -> ff02::fb", bed.wire("a3", "a2", p), false);
         // A unicast frame carrying a broadcast IP, handed to a2's port.
