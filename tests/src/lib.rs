@@ -9,3 +9,25 @@ pub mod testbed;
 
 pub use privilege::require_root;
 pub mod scenario;
+
+/// The `sgfw` binary the privileged tests drive as a user would: `SGFW_BIN`
+/// (set by `cargo xtask test`), else the workspace's release build.
+pub fn sgfw_bin() -> std::path::PathBuf {
+    std::env::var_os("SGFW_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/sgfw")
+        })
+}
+
+/// Runs `sgfw ARGS` and returns its output.
+#[expect(
+    clippy::expect_used,
+    reason = "test support: a failed start is a failed test"
+)]
+pub fn sgfw<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> std::process::Output {
+    std::process::Command::new(sgfw_bin())
+        .args(args)
+        .output()
+        .expect("running sgfw")
+}

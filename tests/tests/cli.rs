@@ -4,7 +4,6 @@
 //! nft table, so they take turns.
 #![expect(
     clippy::unwrap_used,
-    clippy::expect_used,
     clippy::panic,
     reason = "test code: a failed step is a failed test"
 )]
@@ -21,18 +20,7 @@ use sgfw_tests::testbed::InstanceSpec;
 
 static TURN: Mutex<()> = Mutex::new(());
 
-fn bin() -> PathBuf {
-    std::env::var_os("SGFW_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/sgfw"))
-}
-
-fn sgfw(args: &[&str]) -> Output {
-    Command::new(bin())
-        .args(args)
-        .output()
-        .expect("running sgfw")
-}
+use sgfw_tests::{sgfw, sgfw_bin as bin};
 
 fn text(o: &Output) -> String {
     format!(

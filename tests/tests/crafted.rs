@@ -68,18 +68,7 @@ fn nftables() {
     }
 }
 
-fn bin() -> PathBuf {
-    std::env::var_os("SGFW_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/sgfw"))
-}
-
-fn sgfw(args: &[&str]) -> Output {
-    Command::new(bin())
-        .args(args)
-        .output()
-        .expect("running sgfw")
-}
+use sgfw_tests::sgfw;
 
 fn text(o: &Output) -> String {
     format!(

@@ -14,24 +14,13 @@
     reason = "test code: a failed step is a failed test"
 )]
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Command;
 
 use sgfw::model::IpPermission;
 use sgfw_tests::scenario::{Backend, Lab, all_anywhere, sg};
 
-fn bin() -> PathBuf {
-    std::env::var_os("SGFW_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/sgfw"))
-}
-
-fn sgfw(args: &[String]) -> Output {
-    Command::new(bin())
-        .args(args)
-        .output()
-        .expect("running sgfw")
-}
+use sgfw_tests::sgfw;
 
 /// Removes whatever the test applied, however it ends.
 struct Teardown;
