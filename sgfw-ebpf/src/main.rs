@@ -280,20 +280,22 @@ fn not_carried(p: &Pkt, broadcast: bool) -> bool {
     p.family == AF_INET6 && p.proto == IPPROTO_ICMPV6 && p.icmp_type == pt::ICMPV6_REDIRECT
 }
 
+/// IPv4 UDP from `sport` to `dport`.
 #[inline(always)]
-fn is_dhcp_client(p: &Pkt) -> bool {
-    p.family == AF_INET
-        && p.proto == IPPROTO_UDP
-        && p.sport == pt::DHCP_CLIENT_PORT
-        && p.dport == pt::DHCP_SERVER_PORT
+fn is_udp4(p: &Pkt, sport: u16, dport: u16) -> bool {
+    p.family == AF_INET && p.proto == IPPROTO_UDP && p.sport == sport && p.dport == dport
 }
 
+/// DHCP as an instance's client sends it (68 -> 67).
+#[inline(always)]
+fn is_dhcp_client(p: &Pkt) -> bool {
+    is_udp4(p, pt::DHCP_CLIENT_PORT, pt::DHCP_SERVER_PORT)
+}
+
+/// DHCP as a server answers an instance's client (67 -> 68).
 #[inline(always)]
 fn is_dhcp_server(p: &Pkt) -> bool {
-    p.family == AF_INET
-        && p.proto == IPPROTO_UDP
-        && p.sport == pt::DHCP_SERVER_PORT
-        && p.dport == pt::DHCP_CLIENT_PORT
+    is_udp4(p, pt::DHCP_SERVER_PORT, pt::DHCP_CLIENT_PORT)
 }
 
 #[inline(always)]
@@ -335,7 +337,9 @@ fn is_service(family: u8, a: &Addr, subnet: Option<&SubnetPolicy>) -> bool {
 /// NDP either way; DHCP in its client shape (sent 68 -> 67, delivered
 /// 67 -> 68) with a peer that is no instance; a service address as the peer.
 #[inline(always)]
-fn passthrough(p: &Pkt, dir: Direction, subnet: Option<&SubnetPolicy>) -> bool {
+/// `peer_owner` is the owner of the peer's address on the wire (the one
+/// lookup of it that `try_classify` makes).
+fn passthrough(p: &Pkt, dir: Direction, subnet: Option<&SubnetPolicy>, peer_owner: u32) -> bool {
     if is_ndp(p) {
         return true;
     }
@@ -345,11 +349,8 @@ fn passthrough(p: &Pkt, dir: Direction, subnet: Option<&SubnetPolicy>) -> bool {
     };
     // The DHCP server is the VPC's, never an instance: an instance's 67 -> 68
     // to another is judged by both instances' groups.
-    if dhcp {
-        let owner = owner_of(p.family, peer).instance;
-        if owner == 0 || owner == BROADCAST_OWNER {
-            return true;
-        }
+    if dhcp && (peer_owner == 0 || peer_owner == BROADCAST_OWNER) {
+        return true;
     }
     is_service(p.family, peer, subnet)
 }
@@ -492,10 +493,12 @@ fn try_classify(
     // host's NAT made of the source. An identity that names no address is
     // an address that cannot be known: drop.
     let mut peer: Addr = *remote;
-    let wire_peer_is_instance = {
-        let o = owner_of(p.family, remote).instance;
-        o != 0 && o != BROADCAST_OWNER
-    };
+    // The one lookup of the wire peer's owner on this path: the unattached
+    // check, DHCP's "peer is no instance", the sender's broadcast check and
+    // (unless an identity names another address) the boundary crossing.
+    let wire_owner = owner_of(p.family, remote);
+    let mut peer_owner = Some(wire_owner);
+    let wire_peer_is_instance = wire_owner.instance != 0 && wire_owner.instance != BROADCAST_OWNER;
     if matches!(dir, Direction::Ingress) && peer_identity == 0 && wire_peer_is_instance {
         // From an instance's address, but not through that instance's hook.
         return decision(Reason::DropUnattached, 0);
@@ -503,7 +506,11 @@ fn try_classify(
     if peer_identity != 0 {
         // SAFETY: read-only hash lookup.
         match unsafe { IDENTITIES.get(&peer_identity) } {
-            Some(k) if k.family == p.family => peer = bytemuck::cast(k.addr),
+            Some(k) if k.family == p.family => {
+                peer = bytemuck::cast(k.addr);
+                // Looked up only if the crossing needs it.
+                peer_owner = None;
+            }
             Some(_) => {}
             None => return decision(Reason::DropNoPolicy, 0),
         }
@@ -554,23 +561,16 @@ fn try_classify(
     };
 
     // 4. Passthrough classes.
-    if passthrough(p, dir, subnet) {
+    if passthrough(p, dir, subnet, wire_owner.instance) {
         let mut d = decision(Reason::AllowPassthrough, local_instance);
         d.identity = own_identity;
         return d;
     }
-    // 5. Not carried: group destinations, a subnet's broadcast address,
-    // ICMPv6 redirects. At the sender's hook the destination's owner is
-    // looked up here (IPv4 only: IPv6 has no broadcast) and reused below.
-    let remote_info = if matches!(dir, Direction::Egress) && p.family == AF_INET {
-        owner_of(p.family, remote)
-    } else {
-        NOBODY
-    };
-    if not_carried(
-        p,
-        broadcast_local || remote_info.instance == BROADCAST_OWNER,
-    ) {
+    // 5. Not carried: group destinations, a subnet's broadcast address
+    // (the destination's, at the sender's hook), ICMPv6 redirects.
+    let remote_broadcast =
+        matches!(dir, Direction::Egress) && wire_owner.instance == BROADCAST_OWNER;
+    if not_carried(p, broadcast_local || remote_broadcast) {
         return decision(Reason::DropNotCarried, local_instance);
     }
     if local_instance == 0 {
@@ -588,11 +588,7 @@ fn try_classify(
     // Outside the subnet's prefix the peer cannot be an instance of it: the
     // packet crosses the boundary without an owner lookup.
     let crossing = !in_prefix(subnet, p.family, remote) || {
-        let r = if remote_info.instance != 0 {
-            remote_info
-        } else {
-            owner_of(p.family, remote)
-        };
+        let r = peer_owner.unwrap_or_else(|| owner_of(p.family, remote));
         r.instance == 0 || r.instance == BROADCAST_OWNER || r.subnet != li.subnet
     };
     let v4 = p.family == AF_INET;

@@ -31,3 +31,14 @@ pub fn sgfw<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> std::process::Output {
         .output()
         .expect("running sgfw")
 }
+
+/// Runs `sgfw teardown` when dropped: whatever a test applied through the
+/// CLI is removed however the test ends.
+#[derive(Debug)]
+pub struct TeardownOnDrop;
+
+impl Drop for TeardownOnDrop {
+    fn drop(&mut self) {
+        let _ = sgfw(&["teardown"]);
+    }
+}

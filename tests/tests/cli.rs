@@ -30,14 +30,6 @@ fn text(o: &Output) -> String {
     )
 }
 
-/// Removes whatever a test applied through the CLI, however it ends.
-struct Teardown;
-impl Drop for Teardown {
-    fn drop(&mut self) {
-        let _ = sgfw(&["teardown"]);
-    }
-}
-
 fn write_model(lab: &Lab, m: &sgfw::model::Model) -> PathBuf {
     let tag = lab.bed.instances[0].netns.clone();
     let path = std::env::temp_dir().join(format!("{tag}.json"));
@@ -65,7 +57,7 @@ fn apply_status_flows_teardown() {
         vec![],
     );
     let file = write_model(&lab, &model);
-    let _guard = Teardown;
+    let _guard = sgfw_tests::TeardownOnDrop;
     lab.serve("web", &[80, 81], &[]);
     // First on nftables, then switched to eBPF: one backend at a time.
     let o = sgfw(&[
@@ -236,7 +228,7 @@ fn run_follows_model_edits_and_new_instances() {
     };
     let (closed, open) = (make(false), make(true));
     let file = write_model(&lab, &closed);
-    let _guard = Teardown;
+    let _guard = sgfw_tests::TeardownOnDrop;
     lab.serve("y", &[80], &[]);
     let y = lab.addr("y", false);
     let mut daemon = Command::new(bin())

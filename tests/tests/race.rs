@@ -22,14 +22,6 @@ use sgfw_tests::scenario::{Backend, Lab, all_anywhere, sg};
 
 use sgfw_tests::sgfw;
 
-/// Removes whatever the test applied, however it ends.
-struct Teardown;
-impl Drop for Teardown {
-    fn drop(&mut self) {
-        let _ = sgfw(&["teardown".to_string()]);
-    }
-}
-
 fn nft_present() -> bool {
     let o = Command::new("nft")
         .args(["list", "table", "inet", "sgfw"])
@@ -48,7 +40,7 @@ fn concurrent_applies_and_teardowns_end_with_one_backend_and_the_last_model() {
         return;
     }
     let mut lab = Lab::new(Backend::Ebpf, &["a", "b"], &[("client", 0), ("web", 1)]);
-    let _guard = Teardown;
+    let _guard = sgfw_tests::TeardownOnDrop;
     lab.serve("web", &[80, 81], &[]);
     let web = lab.addr("web", false);
     let mut files = Vec::new();
