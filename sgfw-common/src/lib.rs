@@ -76,6 +76,13 @@ pub mod program_names {
     pub const PORT_COUNT_EGRESS: &str = "sgfw_port_count_egress";
     /// Does one array read and passes: the floor that benchmarks compare against.
     pub const NOOP: &str = "sgfw_noop";
+    /// TC ingress on a subnet's bridge device (what its ports hand up to the
+    /// host): the fence for ports not attached yet — a frame that no port
+    /// hook of sgfw's stamped drops.
+    pub const BRIDGE_UP: &str = "sgfw_bridge_up";
+    /// TC egress on a subnet's bridge device (what the host hands to the
+    /// bridge): stamps [`crate::STAMP_HOST`] on a frame with no stamp.
+    pub const BRIDGE_DOWN: &str = "sgfw_bridge_down";
 }
 
 /// Capacity limits the BPF programs are built for. User space checks a model
@@ -229,9 +236,11 @@ pub enum Reason {
     /// Traffic a VPC does not carry: a broadcast or multicast destination,
     /// or an ICMPv6 redirect.
     DropNotCarried = 18,
-    /// A packet from an instance's address that did not pass that
-    /// instance's hook (no identity in `skb->mark`): sent from a port sgfw
-    /// has not attached yet, or forged by the host.
+    /// A frame no hook of sgfw's stamped ([`STAMP_NONE`]: straight from a
+    /// bridge port sgfw has not attached yet), or a packet from an
+    /// instance's address that did not pass that instance's hook (no
+    /// identity in `skb->mark`: through the host from such a port, or
+    /// forged by the host).
     DropUnattached = 19,
 }
 
@@ -337,7 +346,8 @@ pub struct AddrInfo {
     pub instance: u32,
     /// Subnet index (key of [`map_names::SUBNETS`]).
     pub subnet: u32,
-    /// The address's identity (key of [`map_names::IDENTITIES`], 1..=65535;
+    /// The address's identity (key of [`map_names::IDENTITIES`],
+    /// 1..=[`IDENTITY_MAX`];
     /// 0: none), carried in `skb->mark` from the sender's hook to the
     /// receiver's.
     pub identity: u32,
@@ -352,6 +362,27 @@ const _: () = assert!(size_of::<AddrInfo>() == 12);
 pub const MARK_IDENTITY_SHIFT: u32 = 16;
 /// Mask of [`MARK_IDENTITY_SHIFT`]'s bits.
 pub const MARK_IDENTITY_MASK: u32 = 0xffff_0000;
+
+/// The stamp (the identity bits of `skb->mark`) of a frame no hook of sgfw's
+/// has seen: it came straight from a bridge port sgfw has not attached yet
+/// (a container that just started). The receiving port's hook and the
+/// bridge device's own ingress hook drop it (the fence).
+pub const STAMP_NONE: u32 = 0;
+/// The stamp of a frame that passed an attached port's hook while its
+/// sender spoke as no instance (an unbound port; an instance's link-local
+/// or unspecified source).
+pub const STAMP_PORT: u32 = 0xffff;
+/// The stamp of a frame the host handed to a subnet's bridge (routed from
+/// elsewhere, or the host's own), written by the bridge device's egress hook.
+pub const STAMP_HOST: u32 = 0xfffe;
+/// The largest address identity: the stamps above are not identities.
+pub const IDENTITY_MAX: u32 = 0xfffd;
+
+/// The identity a stamp names: 0 for [`STAMP_PORT`] and [`STAMP_HOST`]
+/// (and for [`STAMP_NONE`], which the fence has dropped before).
+pub const fn stamp_identity(stamp: u32) -> u32 {
+    if stamp > IDENTITY_MAX { 0 } else { stamp }
+}
 
 /// Value of [`map_names::INSTANCES`]: which compiled policies apply. Replacing
 /// this one hash entry switches the instance to a new policy atomically.

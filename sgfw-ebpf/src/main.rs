@@ -6,6 +6,18 @@
 //! and its SG ingress). Each hook decides only for its own instance; a packet
 //! between two instances passes both.
 //!
+//! Every frame an instance port's hook lets through carries a *stamp* in the
+//! identity bits of `skb->mark`: the sender's address identity, or
+//! [`STAMP_PORT`]. The bridge device's own hooks close the window between a
+//! port joining a bridge and sgfw attaching it: `sgfw_bridge_down` (TC
+//! egress of the bridge: what the host hands it) stamps [`STAMP_HOST`],
+//! `sgfw_bridge_up` (TC ingress: what the ports hand up) drops an unstamped
+//! frame, and `sgfw_to_instance` drops one before any other check. So a
+//! frame from a port with no hook yet reaches neither an instance nor the
+//! host. Only two ports that are both not attached yet could talk to each
+//! other; `sgfw run` and the library's watcher attach a port on the netlink
+//! event that enslaves it.
+//!
 //! Order of checks at one hook (the reference evaluator's order; the
 //! specification is docs/semantics.md):
 //! 1. frame: VLAN-tagged frames drop; ARP passes; other non-IP and malformed
@@ -41,9 +53,10 @@ use aya_ebpf::{
 };
 use sgfw_common::{
     AddrInfo, AddrKey, BROADCAST_OWNER, Config, Direction, MARK_IDENTITY_MASK, MARK_IDENTITY_SHIFT,
-    PortCountKey, Reason, SUBNET_HAS_DNS_V4, SUBNET_HAS_DNS_V6, SubnetPolicy,
+    PortCountKey, Reason, STAMP_HOST, STAMP_NONE, STAMP_PORT, SUBNET_HAS_DNS_V4, SUBNET_HAS_DNS_V6,
+    SubnetPolicy,
     limits::{AF_INET, AF_INET6},
-    passthrough as pt,
+    passthrough as pt, stamp_identity,
 };
 
 use crate::maps::{ADDRS, CONFIG, IDENTITIES, INSTANCES, PORT_COUNTS, PORTS, SCRATCH, SUBNETS};
@@ -124,13 +137,13 @@ fn classify(ctx: &TcContext, dir: Direction) -> i32 {
     let now = conntrack::now(cfg);
     let ifx = ifindex(ctx);
     let len = ctx.len();
-    // A tag the kernel moved into the skb (it strips one 802.1Q/802.1ad tag,
-    // VID 0 priority tags included, before TC sees the frame): a VPC carries
-    // no VLANs. Tags left in the frame are caught by the parser.
-    // SAFETY: the context pointer the kernel passed to the program.
-    if unsafe { (*ctx.skb.skb).vlan_present } != 0 {
+    let stamp = (read_mark(ctx) & MARK_IDENTITY_MASK) >> MARK_IDENTITY_SHIFT;
+    // The fence: a frame handed to an instance that no hook of sgfw's has
+    // stamped came straight from a port of this bridge that is not attached
+    // yet. It drops, whatever it claims to be, until that port is attached.
+    if matches!(dir, Direction::Ingress) && stamp == STAMP_NONE {
         return finish(
-            &decision(Reason::DropVlan, 0),
+            &decision(Reason::DropUnattached, 0),
             None,
             dir,
             ifx,
@@ -139,8 +152,46 @@ fn classify(ctx: &TcContext, dir: Direction) -> i32 {
             now,
         );
     }
+    let (d, parsed) = judge(ctx, dir, ifx, cfg, now, stamp_identity(stamp));
+    let act = finish(&d, parsed, dir, ifx, len, cfg, now);
+    if matches!(dir, Direction::Egress) && act == TC_ACT_OK {
+        // What an instance port sends carries a stamp to the receiver's hook
+        // (and never one it came with): its own address's identity, or
+        // "an attached port" when it speaks as no instance.
+        let ours = if d.identity != 0 {
+            d.identity
+        } else {
+            STAMP_PORT
+        };
+        write_mark(
+            ctx,
+            (read_mark(ctx) & !MARK_IDENTITY_MASK)
+                | ((ours << MARK_IDENTITY_SHIFT) & MARK_IDENTITY_MASK),
+        );
+    }
+    act
+}
+
+/// The decision of one hook for a stamped frame (see the crate doc for the
+/// order), and the parsed packet when there is one to report.
+#[inline(always)]
+fn judge(
+    ctx: &TcContext,
+    dir: Direction,
+    ifx: u32,
+    cfg: &Config,
+    now: u64,
+    peer_identity: u32,
+) -> (Decision, Option<&'static Pkt>) {
+    // A tag the kernel moved into the skb (it strips one 802.1Q/802.1ad tag,
+    // VID 0 priority tags included, before TC sees the frame): a VPC carries
+    // no VLANs. Tags left in the frame are caught by the parser.
+    // SAFETY: the context pointer the kernel passed to the program.
+    if unsafe { (*ctx.skb.skb).vlan_present } != 0 {
+        return (decision(Reason::DropVlan, 0), None);
+    }
     let Some(p) = SCRATCH.get_ptr_mut(0) else {
-        return TC_ACT_SHOT;
+        return (decision(Reason::DropNoPolicy, 0), None);
     };
     // SAFETY: this CPU's scratch slot; a TC program is not re-entered on the
     // same CPU while it runs.
@@ -152,43 +203,65 @@ fn classify(ctx: &TcContext, dir: Direction) -> i32 {
             if p.frag == FRAG_FIRST {
                 conntrack::frag_record(p, dir, ifx, false, now);
             }
-            finish(&decision(reason, 0), None, dir, ifx, len, cfg, now)
+            (decision(reason, 0), None)
         }
-        Ok(Frame::Arp) => finish(
-            &decision(Reason::AllowPassthrough, 0),
-            None,
-            dir,
-            ifx,
-            len,
-            cfg,
-            now,
-        ),
+        Ok(Frame::Arp) => (decision(Reason::AllowPassthrough, 0), None),
         Ok(Frame::LaterFragment) => {
             let reason = if conntrack::frag_allowed(p, dir, ifx, now) {
                 Reason::AllowFragment
             } else {
                 Reason::DropFragment
             };
-            finish(&decision(reason, 0), Some(p), dir, ifx, len, cfg, now)
+            (decision(reason, 0), Some(p))
         }
         Ok(Frame::Ip) => {
-            let peer_identity = match dir {
-                Direction::Ingress => (read_mark(ctx) & MARK_IDENTITY_MASK) >> MARK_IDENTITY_SHIFT,
-                Direction::Egress => 0,
-            };
             let d = try_classify(p, dir, ifx, cfg, now, peer_identity);
             if p.frag == FRAG_FIRST {
                 conntrack::frag_record(p, dir, ifx, !d.reason.is_drop(), now);
             }
-            if matches!(dir, Direction::Egress) {
-                // What the instance sends carries its own address's identity
-                // to the receiver's hook (and never one it came with).
-                let ours = (d.identity << MARK_IDENTITY_SHIFT) & MARK_IDENTITY_MASK;
-                write_mark(ctx, (read_mark(ctx) & !MARK_IDENTITY_MASK) | ours);
-            }
-            finish(&d, Some(p), dir, ifx, len, cfg, now)
+            (d, Some(p))
         }
     }
+}
+
+/// TC ingress on a subnet's bridge device: what the bridge's ports hand up
+/// to the host (to the gateway address, or to be routed to another subnet
+/// or outside). Every port's own hook stamped what it let through; a frame
+/// without a stamp came from a port not attached yet, and drops.
+#[classifier]
+pub fn sgfw_bridge_up(ctx: TcContext) -> i32 {
+    let Some(cfg) = CONFIG.get(0) else {
+        return TC_ACT_SHOT;
+    };
+    if (read_mark(&ctx) & MARK_IDENTITY_MASK) >> MARK_IDENTITY_SHIFT != STAMP_NONE {
+        return TC_ACT_OK;
+    }
+    let now = conntrack::now(cfg);
+    finish(
+        &decision(Reason::DropUnattached, 0),
+        None,
+        Direction::Egress,
+        ifindex(&ctx),
+        ctx.len(),
+        cfg,
+        now,
+    )
+}
+
+/// TC egress on a subnet's bridge device: what the host hands to the bridge.
+/// A frame that came through an instance's hook keeps its identity (the
+/// host's forwarding and NAT keep the mark); anything else is stamped as the
+/// host's, so the receiving port's fence lets it be judged.
+#[classifier]
+pub fn sgfw_bridge_down(ctx: TcContext) -> i32 {
+    let mark = read_mark(&ctx);
+    if (mark & MARK_IDENTITY_MASK) >> MARK_IDENTITY_SHIFT == STAMP_NONE {
+        write_mark(
+            &ctx,
+            (mark & !MARK_IDENTITY_MASK) | (STAMP_HOST << MARK_IDENTITY_SHIFT),
+        );
+    }
+    TC_ACT_OK
 }
 
 /// `skb->mark`, read at its constant offset from the context (the verifier

@@ -163,7 +163,8 @@ pub enum Blocked {
     NotCarried,
     /// A later fragment whose first fragment was not allowed at this hook.
     Fragment,
-    /// From an instance's address without passing that instance's hook.
+    /// Straight from a port not attached yet, or from an instance's address
+    /// without passing that instance's hook.
     Unattached,
 }
 
@@ -538,6 +539,7 @@ pub fn evaluate(model: &FlatModel, ct: &mut Conntrack, pkt: &Packet, now_ns: u64
         packet: pkt.clone(),
         from: index_of(pkt.src),
         to: index_of(pkt.dst),
+        unattached: false,
         vlan: false,
         fragment: None,
     };
@@ -556,6 +558,15 @@ pub fn evaluate_wire(model: &FlatModel, ct: &mut Conntrack, wire: &Wire, now_ns:
         blocked: None,
         fragment: false,
     };
+    // The fence: what no hook of sgfw's stamped (straight from a port not
+    // attached yet) is dropped, whatever it claims to be — by the receiving
+    // port's hook before anything else, or by the bridge device's own hook
+    // on its way up to the host.
+    if wire.unattached {
+        v.allowed = false;
+        v.blocked = Some(Blocked::Unattached);
+        return v;
+    }
     for (port, dir) in [
         (wire.from, SgDirection::Egress),
         (wire.to, SgDirection::Ingress),

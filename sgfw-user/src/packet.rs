@@ -439,8 +439,12 @@ pub struct Wire {
     /// The IP packet (for a later fragment: the datagram's addresses and
     /// protocol; its L4 fields are not on the wire).
     pub packet: Packet,
-    /// The sending instance's port.
+    /// The sending instance's port; `None`: the host hands the packet to
+    /// the bridge (routed from elsewhere, or its own), unless `unattached`.
     pub from: Option<usize>,
+    /// Sent straight from a bridge port sgfw has not attached yet (no hook
+    /// of sgfw's saw it; `from` is `None`).
+    pub unattached: bool,
     /// The receiving instance's port.
     pub to: Option<usize>,
     /// The frame carries an 802.1Q tag (VID 0 included).

@@ -540,10 +540,13 @@ pub fn wire(rng: &mut Rng, model: &sgfw::flat::FlatModel, history: &[Packet]) ->
     if from.is_some() && rng.chance(2) {
         from = None;
     }
+    // Straight from a port not attached yet, as anything (the fence).
+    let unattached = from.is_none() && rng.chance(3);
     Wire {
         packet: pkt,
         from,
         to,
+        unattached,
         vlan: rng.chance(1),
         fragment: None,
     }

@@ -23,6 +23,7 @@ use sgfw::model::{
     IcmpTypeCode, Instance, IpPermission, Model, NetworkAcl, NetworkAclEntry, SecurityGroup, Subnet,
 };
 use sgfw::packet::{Fragment, L4, Packet, TcpFlags, Wire};
+use sgfw_common::program_names as pn;
 
 const A1: &str = "10.40.1.11";
 const A2: &str = "10.40.1.12";
@@ -111,6 +112,7 @@ fn model() -> FlatModel {
 struct Bed {
     m: FlatModel,
     dp: TestDataplane,
+    ports: Vec<u32>,
     ct: Conntrack,
     now: u64,
 }
@@ -124,6 +126,7 @@ impl Bed {
         Bed {
             m,
             dp,
+            ports,
             ct: Conntrack::new(),
             now: 1_000_000_000_000,
         }
@@ -148,11 +151,17 @@ impl Bed {
         );
     }
 
+    /// The ifindex of an instance's port.
+    fn dp_port(&self, id: &str) -> u32 {
+        self.ports[self.port(id).unwrap()]
+    }
+
     fn wire(&self, from: &str, to: &str, packet: Packet) -> Wire {
         Wire {
             packet,
             from: self.port(from),
             to: self.port(to),
+            unattached: false,
             vlan: false,
             fragment: None,
         }
@@ -331,6 +340,72 @@ fn spoofed_sources_are_dropped_first() {
         );
         disc.to = None;
         bed.send("a2 DHCP discover", disc, true);
+    });
+}
+
+/// The fence: a frame straight from a port sgfw has not attached yet (a
+/// container that just started) is dropped at the receiving instance's hook
+/// and at the bridge device — whatever source it claims, to an instance that
+/// admits everything; the same packet from an attached port or from the
+/// host is delivered.
+#[test]
+fn frames_from_ports_not_attached_yet_are_fenced() {
+    run(|bed| {
+        // b1 admits everything, and its subnet has the default NACL.
+        for (src, dst) in [
+            (A1, B1),
+            ("198.51.100.7", B1),
+            ("fd40:1::11", "fd40:2::21"),
+            ("2001:db8::7", "fd40:2::21"),
+        ] {
+            let p = Packet::tcp(ip(src), ip(dst), 40000, 80, TcpFlags::SYN);
+            let mut w = bed.wire("a1", "b1", p);
+            let label = format!("{src} -> {dst}");
+            if bed.m.instance_by_addr(ip(src)).is_some() {
+                bed.send(&format!("{label} from a1's port"), w.clone(), true);
+            } else {
+                w.from = None;
+                bed.send(&format!("{label} from the host"), w.clone(), true);
+            }
+            w.from = None;
+            w.unattached = true;
+            bed.send(
+                &format!("{label} from a port not attached yet"),
+                w.clone(),
+                false,
+            );
+            // Up to the host (to be routed elsewhere): the bridge's own hook.
+            w.to = None;
+            bed.send(
+                &format!("{label} up from a port not attached yet"),
+                w,
+                false,
+            );
+        }
+        // ARP too: nothing from such a port reaches an instance.
+        let mut arp = vec![0xffu8; 6];
+        arp.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x99, 0x08, 0x06]);
+        arp.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+        arp.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x99, 198, 51, 100, 7]);
+        arp.extend_from_slice(&[0, 0, 0, 0, 0, 0, 10, 40, 1, 13]);
+        arp.resize(60, 0);
+        let b1 = bed.dp_port("b1");
+        let shift = sgfw_common::MARK_IDENTITY_SHIFT;
+        for (stamp, delivered) in [
+            (sgfw_common::STAMP_NONE, false),
+            (sgfw_common::STAMP_HOST, true),
+            (sgfw_common::STAMP_PORT, true),
+        ] {
+            let (act, _, _) = bed
+                .dp
+                .run_frame_marked(pn::TO_INSTANCE, &arp, 1, b1, stamp << shift)
+                .unwrap();
+            assert_eq!(
+                act == 0,
+                delivered,
+                "ARP with stamp {stamp:#x} at b1's port"
+            );
+        }
     });
 }
 

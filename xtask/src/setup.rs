@@ -16,6 +16,12 @@ const DEBIAN: &[(&str, &str)] = &[
     ("iperf3", "iperf3"),
     ("socat", "socat"),
     ("iproute2", "ip"),
+    // The container-runtime tests (tests/tests/podman.rs): rootful podman with
+    // netavark, runc (crun refuses hybrid cgroups), and a static busybox
+    // from which the local image is made (no registry is reachable).
+    ("podman", "podman"),
+    ("runc", "runc"),
+    ("busybox-static", "busybox"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -24,7 +30,70 @@ pub fn ensure_all(_root: &Path) -> Result<()> {
     ensure_rust_src()?;
     ensure_bpf_linker()?;
     ensure_debian_packages()?;
+    ensure_podman_image()?;
     Ok(())
+}
+
+/// The local image the podman tests run: busybox-static and the applet
+/// links they use, imported as `localhost/sgfw-busybox:1`. No registry is
+/// reachable, so it is made from the Debian package's binary.
+pub const PODMAN_IMAGE: &str = "localhost/sgfw-busybox:1";
+
+fn ensure_podman_image() -> Result<()> {
+    let present = Command::new("podman")
+        .args(["image", "exists", PODMAN_IMAGE])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if present {
+        return Ok(());
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        // The podman tests are privileged; an unprivileged run skips them.
+        return Ok(());
+    }
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .map(Path::new)
+        .find(|p| p.exists())
+        .context("busybox-static is installed but /bin/busybox is missing")?;
+    eprintln!(
+        "xtask: building the podman image {PODMAN_IMAGE} from {}",
+        busybox.display()
+    );
+    let dir = std::env::temp_dir().join(format!("sgfw-image-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).with_context(|| format!("creating {}", bin.display()))?;
+    std::fs::copy(busybox, bin.join("busybox"))
+        .with_context(|| format!("copying {}", busybox.display()))?;
+    for applet in [
+        "sh", "nc", "ping", "ping6", "ip", "cat", "sleep", "echo", "timeout", "ls", "true",
+    ] {
+        std::os::unix::fs::symlink("busybox", bin.join(applet))
+            .with_context(|| format!("linking {applet}"))?;
+    }
+    for d in ["tmp", "proc", "sys", "dev", "etc"] {
+        std::fs::create_dir_all(dir.join(d)).with_context(|| format!("creating {d}"))?;
+    }
+    let tar = dir.with_extension("tar");
+    let made = run(Command::new("tar")
+        .arg("-C")
+        .arg(&dir)
+        .arg("-cf")
+        .arg(&tar)
+        .arg("."))
+    .and_then(|()| {
+        run(Command::new("podman")
+            .arg("import")
+            .arg(&tar)
+            .arg(PODMAN_IMAGE))
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(&tar);
+    made
 }
 
 fn output(cmd: &mut Command) -> Result<String> {

@@ -470,17 +470,17 @@ pub fn compile(model: &FlatModel, idx: &Indices, book: &IdBook) -> Result<Compil
     out.fresh = ids.fresh;
     out.book = ids.book;
     out.addrs.sort_by_key(|a| (a.0.family, a.0.addr));
-    // Identities in address order (deterministic for a model): 1..=65535,
-    // the bits of `skb->mark` sgfw owns.
+    // Identities in address order (deterministic for a model):
+    // 1..=IDENTITY_MAX, the bits of `skb->mark` sgfw owns less its stamps.
     let mut next = 0u32;
     for (k, v) in &mut out.addrs {
         if v.instance == BROADCAST_OWNER {
             continue;
         }
         next += 1;
-        if next > 0xffff {
+        if next > sgfw_common::IDENTITY_MAX {
             return Err(CompileError::IdSpace(
-                "instance addresses (at most 65,535: the identity bits of skb->mark)",
+                "instance addresses (at most 65,533: the identity bits of skb->mark)",
             ));
         }
         v.identity = next;

@@ -599,6 +599,8 @@ pub fn load_object(caps: &BTreeMap<&'static str, u32>) -> Result<Ebpf, EbpfError
     for name in [
         pn::FROM_INSTANCE,
         pn::TO_INSTANCE,
+        pn::BRIDGE_UP,
+        pn::BRIDGE_DOWN,
         pn::PORT_COUNT_INGRESS,
         pn::PORT_COUNT_EGRESS,
         pn::NOOP,
@@ -873,7 +875,12 @@ impl EbpfBackend {
             map.pin(&path)
                 .map_err(|e| prog_err(format!("pinning map {name}"), e))?;
         }
-        for name in [pn::FROM_INSTANCE, pn::TO_INSTANCE] {
+        for name in [
+            pn::FROM_INSTANCE,
+            pn::TO_INSTANCE,
+            pn::BRIDGE_UP,
+            pn::BRIDGE_DOWN,
+        ] {
             let path = self.pin_root.join("progs").join(name);
             classifier(ebpf, name)?
                 .pin(&path)
@@ -918,62 +925,88 @@ impl EbpfBackend {
             .join(format!("{}@{}-{dir}", port.name, port.ifindex))
     }
 
-    /// Attaches the classifiers to every port of every bridge in the state
-    /// that is not attached yet; forgets links of ports that are gone.
-    /// Returns the names of the ports newly attached.
+    /// Attaches the classifiers: first to each bridge device of the state
+    /// (the fence: `sgfw_bridge_down` on its egress, `sgfw_bridge_up` on its
+    /// ingress), then to every port of it that is not attached yet; forgets
+    /// links of interfaces that are gone. Returns the names of the ports (and
+    /// bridge devices) newly attached.
+    ///
+    /// The bridge device comes first so that what the host hands a bridge is
+    /// stamped before any port's fence can see it.
     pub fn attach_ports(&self, host: &dyn Host) -> Result<Vec<String>, EbpfError> {
         let Some(state) = self.state()? else {
             return Err(EbpfError::NotApplied);
         };
-        // Forget links of interfaces that no longer exist.
+        // Forget links of interfaces that no longer exist (or were re-created
+        // under the same name).
         for (path, ifname, ifx) in self.link_pins() {
             if host.ifindex(&ifname)? != Some(ifx) {
                 let _ = std::fs::remove_file(path);
             }
         }
         let mut attached = Vec::new();
-        let mut progs: Option<(SchedClassifier, SchedClassifier)> = None;
+        let mut progs: BTreeMap<&'static str, SchedClassifier> = BTreeMap::new();
         let bridges: BTreeSet<&String> = state.bridges.values().collect();
         for bridge in bridges {
+            let Some(ifindex) = host.ifindex(bridge)? else {
+                continue;
+            };
+            let dev = sys::Port {
+                name: bridge.clone(),
+                ifindex,
+            };
+            if self.attach_one(&dev, pn::BRIDGE_UP, pn::BRIDGE_DOWN, &mut progs)? {
+                attached.push(dev.name);
+            }
             for port in host.bridge_ports(bridge)? {
-                let pin_in = self.link_pin(&port, "ingress");
-                let pin_out = self.link_pin(&port, "egress");
-                if pin_in.exists() && pin_out.exists() {
-                    continue;
+                if self.attach_one(&port, pn::FROM_INSTANCE, pn::TO_INSTANCE, &mut progs)? {
+                    attached.push(port.name.clone());
                 }
-                if progs.is_none() {
-                    let open = |name: &str| {
-                        SchedClassifier::from_pin(self.pin_root.join("progs").join(name))
-                            .map_err(|e| prog_err(format!("opening pinned program {name}"), e))
-                    };
-                    progs = Some((open(pn::FROM_INSTANCE)?, open(pn::TO_INSTANCE)?));
-                }
-                let Some((from, to)) = progs.as_mut() else {
-                    continue;
-                };
-                for (prog, kind, pin) in [
-                    (from, TcAttachType::Ingress, &pin_in),
-                    (to, TcAttachType::Egress, &pin_out),
-                ] {
-                    if pin.exists() {
-                        continue;
-                    }
-                    let id = prog.attach(&port.name, kind).map_err(|e| {
-                        prog_err(format!("attaching to {} ({kind:?})", port.name), e)
-                    })?;
-                    let link = prog
-                        .take_link(id)
-                        .map_err(|e| prog_err(format!("taking link of {}", port.name), e))?;
-                    let fd: FdLink = link.try_into().map_err(|e| {
-                        prog_err(format!("link of {} is not a TCX link", port.name), e)
-                    })?;
-                    fd.pin(pin)
-                        .map_err(|e| prog_err(format!("pinning link {}", pin.display()), e))?;
-                }
-                attached.push(port.name.clone());
             }
         }
         Ok(attached)
+    }
+
+    /// Attaches `ingress` and `egress` to one interface unless both links are
+    /// pinned already, pinning each link; true when something was attached.
+    fn attach_one(
+        &self,
+        dev: &sys::Port,
+        ingress: &'static str,
+        egress: &'static str,
+        progs: &mut BTreeMap<&'static str, SchedClassifier>,
+    ) -> Result<bool, EbpfError> {
+        let pin_in = self.link_pin(dev, "ingress");
+        let pin_out = self.link_pin(dev, "egress");
+        let mut any = false;
+        for (name, kind, pin) in [
+            (ingress, TcAttachType::Ingress, &pin_in),
+            (egress, TcAttachType::Egress, &pin_out),
+        ] {
+            if pin.exists() {
+                continue;
+            }
+            let prog = match progs.entry(name) {
+                std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::btree_map::Entry::Vacant(v) => v.insert(
+                    SchedClassifier::from_pin(self.pin_root.join("progs").join(name))
+                        .map_err(|e| prog_err(format!("opening pinned program {name}"), e))?,
+                ),
+            };
+            let id = prog
+                .attach(&dev.name, kind)
+                .map_err(|e| prog_err(format!("attaching to {} ({kind:?})", dev.name), e))?;
+            let link = prog
+                .take_link(id)
+                .map_err(|e| prog_err(format!("taking link of {}", dev.name), e))?;
+            let fd: FdLink = link
+                .try_into()
+                .map_err(|e| prog_err(format!("link of {} is not a TCX link", dev.name), e))?;
+            fd.pin(pin)
+                .map_err(|e| prog_err(format!("pinning link {}", pin.display()), e))?;
+            any = true;
+        }
+        Ok(any)
     }
 
     /// Removes every trace: links (detaching the programs), programs, maps,

@@ -138,7 +138,15 @@ impl TestDataplane {
         repeat: u32,
         ifindex: u32,
     ) -> Result<(u32, u64), EbpfError> {
-        let (act, ns, _) = self.run_frame_marked(program, frame, repeat, ifindex, 0)?;
+        // What reaches an instance's hook without a sender's hook before it
+        // is taken to be the host's (stamped by the bridge device's egress
+        // hook); `run_frame_marked` sends other stamps.
+        let mark = if program == pn::TO_INSTANCE {
+            sgfw_common::STAMP_HOST << sgfw_common::MARK_IDENTITY_SHIFT
+        } else {
+            0
+        };
+        let (act, ns, _) = self.run_frame_marked(program, frame, repeat, ifindex, mark)?;
         Ok((act, ns))
     }
 
@@ -162,10 +170,8 @@ impl TestDataplane {
         let mut out = [0u8; 512];
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(frame);
-        if ifindex != 0 || mark != 0 {
-            opts.ctx_in = Some(&ctx);
-            opts.ctx_out = Some(&mut out);
-        }
+        opts.ctx_in = Some(&ctx);
+        opts.ctx_out = Some(&mut out);
         opts.repeat = repeat;
         let r = prog
             .test_run(opts)
@@ -182,38 +188,28 @@ impl TestDataplane {
         }
     }
 
-    /// What the dataplane does to `pkt` end to end: the sender's hook (if
-    /// the source is an instance), then the receiver's (if the destination
-    /// is one and the sender's hook passed it). True = delivered.
-    pub fn deliver(&mut self, model: &FlatModel, pkt: &Packet) -> Result<bool, EbpfError> {
-        let frame = frame(pkt);
-        if model.instance_by_addr(pkt.src).is_some() {
-            let (act, _) = self.run_frame(pn::FROM_INSTANCE, &frame, 1)?;
-            if act != TC_ACT_OK {
-                return Ok(false);
-            }
-        }
-        if model.instance_by_addr(pkt.dst).is_some() {
-            let (act, _) = self.run_frame(pn::TO_INSTANCE, &frame, 1)?;
-            if act != TC_ACT_OK {
-                return Ok(false);
-            }
-        }
-        Ok(true)
-    }
-
     /// What the dataplane does to a packet on the wire: the sender's hook at
-    /// its port, then the receiver's at its port ([`TestDataplane::set_ports`]
-    /// must have given the instances ports). True = delivered.
+    /// its port ([`TestDataplane::set_ports`] must have given the instances
+    /// ports), or — for a packet the host hands to the bridge — the bridge
+    /// device's egress hook, or nothing for one straight from a port not
+    /// attached yet; then the receiver's hook at its port, or the bridge
+    /// device's ingress hook for what goes up to the host. True = delivered.
     pub fn deliver_wire(&mut self, wire: &Wire) -> Result<bool, EbpfError> {
         let frame = wire_frame(wire);
-        // The mark the sender's hook leaves travels to the receiver's hook,
-        // as the host's forwarding keeps it.
+        // The mark the first hook leaves travels to the next, as the host's
+        // forwarding keeps it.
         let mut mark = 0;
-        for (port, program) in [(wire.from, pn::FROM_INSTANCE), (wire.to, pn::TO_INSTANCE)] {
-            let Some(i) = port else { continue };
-            let ifx = self.port_ifindex.get(i).copied().unwrap_or(0);
-            let (act, _, m) = self.run_frame_marked(program, &frame, 1, ifx, mark)?;
+        let first = match (wire.from, wire.unattached) {
+            (Some(i), _) => Some((pn::FROM_INSTANCE, self.port_ifindex.get(i).copied())),
+            (None, false) => Some((pn::BRIDGE_DOWN, None)),
+            (None, true) => None,
+        };
+        let last = match wire.to {
+            Some(i) => (pn::TO_INSTANCE, self.port_ifindex.get(i).copied()),
+            None => (pn::BRIDGE_UP, None),
+        };
+        for (program, ifx) in first.into_iter().chain([last]) {
+            let (act, _, m) = self.run_frame_marked(program, &frame, 1, ifx.unwrap_or(0), mark)?;
             if act != TC_ACT_OK {
                 return Ok(false);
             }
