@@ -41,3 +41,5 @@ pub mod nft;
 pub mod packet;
 pub mod sys;
 pub mod validate;
+#[cfg(feature = "watch")]
+pub mod watch;

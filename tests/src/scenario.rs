@@ -132,6 +132,8 @@ impl Lab {
         lab.bed.on_drop(move || match backend {
             Backend::Ebpf => {
                 let _ = ebpf.teardown();
+                // The backend keeps its lock file; this bed's is its own.
+                let _ = std::fs::remove_file(ebpf.state_path.with_extension("lock"));
                 let _ = std::fs::remove_dir("/run/sgfw-test");
             }
             Backend::Nft => {

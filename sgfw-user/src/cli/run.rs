@@ -4,19 +4,19 @@
 //! re-binds instances whose interface appears later, and tears everything
 //! down on SIGINT/SIGTERM unless `--keep`.
 //!
-//! Ports and interfaces are found by polling sysfs every 250 ms; the cost is
-//! a directory listing per bridge.
+//! Ports, bridges and instance interfaces are followed through the kernel's
+//! link events ([`sgfw::watch`]): each batch of netlink `RTM_NEWLINK` /
+//! `RTM_DELLINK` messages attaches what is new (and binds a re-created
+//! instance interface) at once. The model file is polled every 250 ms.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 use clap::Args;
-use sgfw::backend::EnforcementMode;
+use sgfw::backend::{EnforcementMode, Enforcer};
 use sgfw::ebpf::EbpfBackend;
-use sgfw::flat::FlatModel;
-use sgfw::sys::{Host, RealHost};
+use sgfw::watch::{LinkEvent, LinkEvents, WatchError};
 use tokio::signal::unix::{SignalKind, signal};
 
 use super::{BackendArg, Failure, load_model};
@@ -45,18 +45,6 @@ fn mtime(p: &Path) -> Option<SystemTime> {
     std::fs::metadata(p).and_then(|m| m.modified()).ok()
 }
 
-/// Bound interfaces and their ifindex now, to notice an instance starting.
-fn bindings(flat: &FlatModel) -> BTreeMap<String, Option<u32>> {
-    flat.instances
-        .iter()
-        .filter_map(|i| i.interface.clone())
-        .map(|n| {
-            let ifx = RealHost.ifindex(&n).ok().flatten();
-            (n, ifx)
-        })
-        .collect()
-}
-
 /// Runs `sgfw run`.
 pub fn run(a: &RunArgs) -> Result<ExitCode, Failure> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -66,7 +54,7 @@ pub fn run(a: &RunArgs) -> Result<ExitCode, Failure> {
 }
 
 async fn daemon(a: &RunArgs) -> Result<ExitCode, Failure> {
-    let (_, mut flat) = load_model(&a.file)?;
+    let (_, flat) = load_model(&a.file)?;
     let mode = super::choose(a.backend)?;
     let summary = super::apply_with(mode, &flat, a.conntrack_max)?;
     tracing::info!(
@@ -75,7 +63,17 @@ async fn daemon(a: &RunArgs) -> Result<ExitCode, Failure> {
     );
     let mut seen = mtime(&a.file);
     let mut pending: Option<(SystemTime, u8)> = None;
-    let mut bound = bindings(&flat);
+    // Subscribed before the first catch-up attach, so no port is missed.
+    let mut links = match mode {
+        EnforcementMode::Ebpf => {
+            Some(LinkEvents::subscribe().map_err(|e| Failure::Runtime(e.into()))?)
+        }
+        _ => None,
+    };
+    let enforcer = Enforcer::with_mode(mode);
+    if links.is_some() {
+        attach_round(&enforcer);
+    }
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -83,7 +81,29 @@ async fn daemon(a: &RunArgs) -> Result<ExitCode, Failure> {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
+            e = next_link(&mut links) => {
+                match e {
+                    Ok(_) => {
+                        if let Some(l) = links.as_mut() {
+                            l.drain();
+                        }
+                        attach_round(&enforcer);
+                    }
+                    Err(e) => {
+                        // Without events, fall back to attaching on every tick.
+                        tracing::error!(
+                            "{}; attaching on every tick instead",
+                            super::chain(&anyhow::Error::new(e))
+                        );
+                        links = None;
+                    }
+                }
+                continue;
+            }
             _ = tick.tick() => {}
+        }
+        if mode == EnforcementMode::Ebpf && links.is_none() {
+            attach_round(&enforcer);
         }
         // Model file: re-apply once its mtime has been stable for one tick.
         let now = mtime(&a.file);
@@ -95,11 +115,7 @@ async fn daemon(a: &RunArgs) -> Result<ExitCode, Failure> {
                         pending = None;
                         match load_model(&a.file) {
                             Ok((_, f)) => match super::apply_with(mode, &f, a.conntrack_max) {
-                                Ok(s) => {
-                                    tracing::info!("model changed: re-applied{s}");
-                                    flat = f;
-                                    bound = bindings(&flat);
-                                }
+                                Ok(s) => tracing::info!("model changed: re-applied{s}"),
                                 Err(e) => tracing::error!(
                                     "re-apply failed, the previous policy stays: {}",
                                     describe(&e)
@@ -117,25 +133,6 @@ async fn daemon(a: &RunArgs) -> Result<ExitCode, Failure> {
                 _ => pending = now.map(|t| (t, 0)),
             }
         }
-        if mode == EnforcementMode::Ebpf {
-            // An instance whose interface appeared or was re-created: bind it.
-            let b = bindings(&flat);
-            if b != bound {
-                bound = b;
-                match super::apply_with(mode, &flat, a.conntrack_max) {
-                    Ok(s) => tracing::info!("instance interface changed: re-applied{s}"),
-                    Err(e) => tracing::error!("re-binding interfaces failed: {}", describe(&e)),
-                }
-            }
-            match EbpfBackend::default().attach_ports(&RealHost) {
-                Ok(new) => {
-                    for p in new {
-                        tracing::info!("attached new bridge port {p}");
-                    }
-                }
-                Err(e) => tracing::warn!("attaching new ports: {e}"),
-            }
-        }
     }
     if a.keep {
         tracing::info!("stopping; enforcement stays in place (--keep)");
@@ -146,6 +143,29 @@ async fn daemon(a: &RunArgs) -> Result<ExitCode, Failure> {
         super::teardown_nft()?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The next link event, or never when there is no subscription.
+async fn next_link(links: &mut Option<LinkEvents>) -> Result<LinkEvent, WatchError> {
+    match links {
+        Some(l) => l.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Attaches what is new and logs it.
+fn attach_round(enforcer: &Enforcer) {
+    match enforcer.attach_new_ports() {
+        Ok(new) => {
+            for p in new {
+                tracing::info!("attached {p}");
+            }
+        }
+        Err(e) => tracing::warn!(
+            "attaching new ports: {}",
+            super::chain(&anyhow::Error::new(e))
+        ),
+    }
 }
 
 fn describe(f: &Failure) -> String {

@@ -852,7 +852,7 @@ impl EbpfBackend {
         state.entry_counts = report.entries.clone();
         state.save(&self.state_path)?;
 
-        report.attached = self.attach_ports(host)?;
+        report.attached = self.attach_ports_unlocked(host)?;
         report.generation = generation;
         Ok(report)
     }
@@ -933,7 +933,20 @@ impl EbpfBackend {
     ///
     /// The bridge device comes first so that what the host hands a bridge is
     /// stamped before any port's fence can see it.
+    ///
+    /// An instance's interface that appeared (or was re-created, with a new
+    /// ifindex) since the apply is bound to its instance first, so its first
+    /// frame is judged as that instance's; a binding whose ifindex is no
+    /// longer its interface's is removed (an ifindex can be reused).
+    ///
+    /// Takes the backend's lock: safe to call from a watcher while another
+    /// process applies.
     pub fn attach_ports(&self, host: &dyn Host) -> Result<Vec<String>, EbpfError> {
+        let _lock = self.lock()?;
+        self.attach_ports_unlocked(host)
+    }
+
+    fn attach_ports_unlocked(&self, host: &dyn Host) -> Result<Vec<String>, EbpfError> {
         let Some(state) = self.state()? else {
             return Err(EbpfError::NotApplied);
         };
@@ -944,6 +957,7 @@ impl EbpfBackend {
                 let _ = std::fs::remove_file(path);
             }
         }
+        self.rebind(&state, host)?;
         let mut attached = Vec::new();
         let mut progs: BTreeMap<&'static str, SchedClassifier> = BTreeMap::new();
         let bridges: BTreeSet<&String> = state.bridges.values().collect();
@@ -965,6 +979,42 @@ impl EbpfBackend {
             }
         }
         Ok(attached)
+    }
+
+    /// Makes `PORTS` hold exactly the bound interfaces as they are now:
+    /// (current ifindex of the instance's interface → instance index).
+    fn rebind(&self, state: &State, host: &dyn Host) -> Result<(), EbpfError> {
+        let mut want: BTreeMap<u32, u32> = BTreeMap::new();
+        for (inst, ifname) in &state.interfaces {
+            if let (Some(idx), Some(ifx)) =
+                (state.indices.instances.get(inst), host.ifindex(ifname)?)
+            {
+                want.insert(ifx, *idx);
+            }
+        }
+        let mut maps = self.open_maps()?;
+        let mut have: BTreeMap<u32, u32> = BTreeMap::new();
+        for k in maps.keys(mn::PORTS, 4)? {
+            let Ok(key) = <[u8; 4]>::try_from(k.as_slice()) else {
+                continue;
+            };
+            let ifx = u32::from_ne_bytes(key);
+            let v = maps.lookup(mn::PORTS, &k, 4)?;
+            if let Some(v) = v.and_then(|v| <[u8; 4]>::try_from(v.as_slice()).ok()) {
+                have.insert(ifx, u32::from_ne_bytes(v));
+            }
+        }
+        for (ifx, idx) in &want {
+            if have.get(ifx) != Some(idx) {
+                maps.update(mn::PORTS, &ifx.to_ne_bytes(), &idx.to_ne_bytes())?;
+            }
+        }
+        for ifx in have.keys() {
+            if !want.contains_key(ifx) {
+                maps.delete(mn::PORTS, &ifx.to_ne_bytes())?;
+            }
+        }
+        Ok(())
     }
 
     /// Attaches `ingress` and `egress` to one interface unless both links are
@@ -1069,12 +1119,8 @@ impl EbpfBackend {
                 .into());
             }
         }
-        // The lock file and the state directory go too, once nothing else of
-        // sgfw's is in it (the lock is held, so no one else is mid-apply).
-        let _ = std::fs::remove_file(self.state_path.with_extension("lock"));
-        if let Some(dir) = self.state_path.parent() {
-            let _ = std::fs::remove_dir(dir);
-        }
+        // The lock file stays: unlinking it would let a process waiting on
+        // the old inode and one locking a fresh file both hold "the" lock.
         Ok(())
     }
 
