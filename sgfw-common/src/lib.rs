@@ -331,8 +331,10 @@ pub const fn counter_index(instance: u32, reason: Reason) -> u32 {
 pub struct AddrKey {
     /// [`limits::AF_INET`] or [`limits::AF_INET6`].
     pub family: u8,
+    /// The half of `ADDRS` the key is in ([`Config::slot`]); 0 elsewhere.
+    pub slot: u8,
     /// Always zero.
-    pub _pad: [u8; 3],
+    pub _pad: [u8; 2],
     /// Address bytes in network order; IPv4 uses the first 4, the rest zero.
     pub addr: [u8; 16],
 }
@@ -363,6 +365,17 @@ pub const MARK_IDENTITY_SHIFT: u32 = 16;
 /// Mask of [`MARK_IDENTITY_SHIFT`]'s bits.
 pub const MARK_IDENTITY_MASK: u32 = 0xffff_0000;
 
+/// The key of an instance, subnet or identity in slot `slot` of its map
+/// ([`Config::slot`]): indices and identities stay below 2^31.
+pub const fn slotted(index: u32, slot: u32) -> u32 {
+    index | ((slot & 1) << 31)
+}
+
+/// The slot bit of a stamp: which half of the maps the sender's hook read
+/// its identity from, so the receiver resolves it in the same half even
+/// when an apply switches halves while the packet is in flight.
+pub const STAMP_SLOT: u32 = 0x8000;
+
 /// The stamp (the identity bits of `skb->mark`) of a frame no hook of sgfw's
 /// has seen: it came straight from a bridge port sgfw has not attached yet
 /// (a container that just started). The receiving port's hook and the
@@ -371,17 +384,28 @@ pub const STAMP_NONE: u32 = 0;
 /// The stamp of a frame that passed an attached port's hook while its
 /// sender spoke as no instance (an unbound port; an instance's link-local
 /// or unspecified source).
-pub const STAMP_PORT: u32 = 0xffff;
+pub const STAMP_PORT: u32 = 0x7fff;
 /// The stamp of a frame the host handed to a subnet's bridge (routed from
 /// elsewhere, or the host's own), written by the bridge device's egress hook.
-pub const STAMP_HOST: u32 = 0xfffe;
+pub const STAMP_HOST: u32 = 0x7ffe;
 /// The largest address identity: the stamps above are not identities.
-pub const IDENTITY_MAX: u32 = 0xfffd;
+pub const IDENTITY_MAX: u32 = 0x7ffd;
 
-/// The identity a stamp names: 0 for [`STAMP_PORT`] and [`STAMP_HOST`]
-/// (and for [`STAMP_NONE`], which the fence has dropped before).
+/// The key in `IDENTITIES` of the identity a stamp names (its slot bit
+/// included: [`slotted`]), or 0 for [`STAMP_PORT`] and [`STAMP_HOST`] (and
+/// for [`STAMP_NONE`], which the fence has dropped before).
 pub const fn stamp_identity(stamp: u32) -> u32 {
-    if stamp > IDENTITY_MAX { 0 } else { stamp }
+    let id = stamp & !STAMP_SLOT;
+    if id == 0 || id > IDENTITY_MAX {
+        0
+    } else {
+        slotted(id, (stamp & STAMP_SLOT != 0) as u32)
+    }
+}
+
+/// The stamp of identity `id` (1..=[`IDENTITY_MAX`]) read from `slot`.
+pub const fn identity_stamp(id: u32, slot: u32) -> u32 {
+    id | if slot & 1 != 0 { STAMP_SLOT } else { 0 }
 }
 
 /// Value of [`map_names::INSTANCES`]: which compiled policies apply. Replacing
@@ -621,8 +645,11 @@ pub struct Config {
     pub events_per_sec: u32,
     /// Bumped by every apply; conntrack caches of older generations are stale.
     pub generation: u32,
-    /// Always zero.
-    pub _pad: u32,
+    /// Which half of the switched maps (`ADDRS`, `IDENTITIES`, `INSTANCES`,
+    /// `SUBNETS`: see [`slotted`]) is in force, 0 or 1. An apply writes the
+    /// other half, then switches every instance, subnet and address at once
+    /// with this one array write.
+    pub slot: u32,
 }
 const _: () = assert!(size_of::<Config>() == 80);
 

@@ -54,9 +54,9 @@ use aya_ebpf::{
 use sgfw_common::{
     AddrInfo, AddrKey, BROADCAST_OWNER, Config, Direction, MARK_IDENTITY_MASK, MARK_IDENTITY_SHIFT,
     PortCountKey, Reason, STAMP_HOST, STAMP_NONE, STAMP_PORT, SUBNET_HAS_DNS_V4, SUBNET_HAS_DNS_V6,
-    SubnetPolicy,
+    SubnetPolicy, identity_stamp,
     limits::{AF_INET, AF_INET6},
-    passthrough as pt, stamp_identity,
+    passthrough as pt, slotted, stamp_identity,
 };
 
 use crate::maps::{ADDRS, CONFIG, IDENTITIES, INSTANCES, PORT_COUNTS, PORTS, SCRATCH, SUBNETS};
@@ -159,7 +159,7 @@ fn classify(ctx: &TcContext, dir: Direction) -> i32 {
         // (and never one it came with): its own address's identity, or
         // "an attached port" when it speaks as no instance.
         let ours = if d.identity != 0 {
-            d.identity
+            identity_stamp(d.identity, cfg.slot)
         } else {
             STAMP_PORT
         };
@@ -282,18 +282,19 @@ fn write_mark(ctx: &TcContext, mark: u32) {
 }
 
 #[inline(always)]
-fn addr_key(family: u8, addr: &Addr) -> AddrKey {
+fn addr_key(family: u8, addr: &Addr, slot: u32) -> AddrKey {
     AddrKey {
         family,
-        _pad: [0; 3],
+        slot: slot as u8,
+        _pad: [0; 2],
         addr: bytemuck::cast(*addr),
     }
 }
 
 #[inline(always)]
-fn lookup_addr(family: u8, addr: &Addr) -> Option<AddrInfo> {
+fn lookup_addr(family: u8, addr: &Addr, slot: u32) -> Option<AddrInfo> {
     // SAFETY: read-only copy of a hash value.
-    unsafe { ADDRS.get(&addr_key(family, addr)) }.copied()
+    unsafe { ADDRS.get(&addr_key(family, addr, slot)) }.copied()
 }
 
 /// No owner: instance indices start at 1. A plain value instead of an
@@ -306,8 +307,8 @@ const NOBODY: AddrInfo = AddrInfo {
 };
 
 #[inline(always)]
-fn owner_of(family: u8, addr: &Addr) -> AddrInfo {
-    lookup_addr(family, addr).unwrap_or(NOBODY)
+fn owner_of(family: u8, addr: &Addr, slot: u32) -> AddrInfo {
+    lookup_addr(family, addr, slot).unwrap_or(NOBODY)
 }
 
 /// The first two bytes of an address word, in network order.
@@ -560,7 +561,9 @@ fn try_classify(
     };
     // SAFETY: read-only hash lookup.
     let bound = unsafe { PORTS.get(&ifx) }.copied();
-    let found = owner_of(p.family, local);
+    // Every policy lookup below reads the half of the maps in force.
+    let slot = cfg.slot & 1;
+    let found = owner_of(p.family, local, slot);
     // The peer as the VPC sees it: at the receiver's hook, the sender's own
     // address from the identity its hook wrote into `skb->mark`, whatever the
     // host's NAT made of the source. An identity that names no address is
@@ -569,7 +572,7 @@ fn try_classify(
     // The one lookup of the wire peer's owner on this path: the unattached
     // check, DHCP's "peer is no instance", the sender's broadcast check and
     // (unless an identity names another address) the boundary crossing.
-    let wire_owner = owner_of(p.family, remote);
+    let wire_owner = owner_of(p.family, remote, slot);
     let mut peer_owner = Some(wire_owner);
     let wire_peer_is_instance = wire_owner.instance != 0 && wire_owner.instance != BROADCAST_OWNER;
     if matches!(dir, Direction::Ingress) && peer_identity == 0 && wire_peer_is_instance {
@@ -615,7 +618,7 @@ fn try_classify(
         if !own {
             own_identity = 0;
             // SAFETY: read-only hash lookup.
-            local_info = match unsafe { INSTANCES.get(&b) } {
+            local_info = match unsafe { INSTANCES.get(&slotted(b, slot)) } {
                 Some(ip) => AddrInfo {
                     instance: b,
                     subnet: ip.subnet,
@@ -628,7 +631,7 @@ fn try_classify(
     let local_instance = local_info.instance;
     // SAFETY: read-only hash lookups.
     let subnet = if local_instance != 0 {
-        unsafe { SUBNETS.get(&local_info.subnet) }
+        unsafe { SUBNETS.get(&slotted(local_info.subnet, slot)) }
     } else {
         None
     };
@@ -652,7 +655,7 @@ fn try_classify(
     let li = local_info;
     let no_policy = decision(Reason::DropNoPolicy, li.instance);
     // SAFETY: read-only hash lookup.
-    let Some(inst) = (unsafe { INSTANCES.get(&li.instance) }) else {
+    let Some(inst) = (unsafe { INSTANCES.get(&slotted(li.instance, slot)) }) else {
         return no_policy;
     };
     let Some(subnet) = subnet else {
@@ -661,7 +664,7 @@ fn try_classify(
     // Outside the subnet's prefix the peer cannot be an instance of it: the
     // packet crosses the boundary without an owner lookup.
     let crossing = !in_prefix(subnet, p.family, remote) || {
-        let r = peer_owner.unwrap_or_else(|| owner_of(p.family, remote));
+        let r = peer_owner.unwrap_or_else(|| owner_of(p.family, remote, slot));
         r.instance == 0 || r.instance == BROADCAST_OWNER || r.subnet != li.subnet
     };
     let v4 = p.family == AF_INET;

@@ -354,8 +354,31 @@ impl KernelMaps {
     }
 }
 
+/// Crash injection for the crash tests (`tests/tests/crash.rs`): with
+/// `SGFW_CRASH_AFTER_MAP_WRITES=N` in the environment, the process aborts
+/// just before its (N+1)-th map update or delete, as a kill at that moment
+/// would leave it. Unset (always, outside those tests) it costs one atomic
+/// load per write.
+fn crash_point() {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LIMIT: OnceLock<Option<u64>> = OnceLock::new();
+    static WRITES: AtomicU64 = AtomicU64::new(0);
+    let limit = LIMIT.get_or_init(|| {
+        std::env::var("SGFW_CRASH_AFTER_MAP_WRITES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    });
+    if let Some(n) = limit
+        && WRITES.fetch_add(1, Ordering::Relaxed) >= *n
+    {
+        std::process::abort();
+    }
+}
+
 impl MapOps for KernelMaps {
     fn update(&mut self, map: &str, key: &[u8], value: &[u8]) -> Result<(), SysError> {
+        crash_point();
         let attr = ElemAttr {
             map_fd: self.fd(map)?,
             key: key.as_ptr() as u64,
@@ -370,6 +393,7 @@ impl MapOps for KernelMaps {
     }
 
     fn delete(&mut self, map: &str, key: &[u8]) -> Result<(), SysError> {
+        crash_point();
         let attr = ElemAttr {
             map_fd: self.fd(map)?,
             key: key.as_ptr() as u64,

@@ -12,8 +12,7 @@ use clap::Args;
 use serde::Serialize;
 use sgfw::backend::EnforcementMode;
 use sgfw::ebpf::{EbpfBackend, PIN_ROOT};
-use sgfw::sys::MapOps;
-use sgfw_common::{CONFIG_EMIT_ACCEPTS, Config, Event, Reason, limits::AF_INET, map_names as mn};
+use sgfw_common::{CONFIG_EMIT_ACCEPTS, Event, Reason, limits::AF_INET, map_names as mn};
 
 use super::Failure;
 
@@ -100,18 +99,13 @@ fn clock(id: libc::clockid_t) -> u64 {
 }
 
 fn set_accepts(on: bool) -> Result<(), Failure> {
-    let mut maps = EbpfBackend::default().open_maps()?;
-    let key = 0u32.to_ne_bytes();
-    if let Some(v) = maps.lookup(mn::CONFIG, &key, size_of::<Config>())?
-        && let Ok(mut cfg) = bytemuck::try_pod_read_unaligned::<Config>(&v)
-    {
+    EbpfBackend::default().update_config(|cfg| {
         if on {
             cfg.flags |= CONFIG_EMIT_ACCEPTS;
         } else {
             cfg.flags &= !CONFIG_EMIT_ACCEPTS;
         }
-        maps.update(mn::CONFIG, &key, bytemuck::bytes_of(&cfg))?;
-    }
+    })?;
     Ok(())
 }
 

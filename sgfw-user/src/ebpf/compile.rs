@@ -329,7 +329,8 @@ pub fn addr_key(a: &IpAddr) -> AddrKey {
     };
     AddrKey {
         family,
-        _pad: [0; 3],
+        slot: 0,
+        _pad: [0; 2],
         addr,
     }
 }

@@ -124,6 +124,14 @@ pub struct State {
     /// Entries per map after the last apply (for the capacity check).
     #[serde(default)]
     pub entry_counts: BTreeMap<String, usize>,
+    /// An apply began writing the maps and did not record that it finished
+    /// (it was killed, or failed while removing retired ids): `book` may not
+    /// describe what the maps hold. `generation` and `book.next` were
+    /// already advanced past everything that apply may have written, so
+    /// neither is ever handed out twice; the next apply writes every object
+    /// under new ids and sweeps every id it does not use.
+    #[serde(default)]
+    pub unsettled: bool,
 }
 
 impl State {
@@ -226,74 +234,118 @@ pub fn config_for(model: &FlatModel, generation: u32, flags: u32) -> Config {
         flags,
         events_per_sec: 1000,
         generation,
-        _pad: 0,
+        slot: 0,
     }
 }
 
 /// One map's contents: key bytes → value bytes.
 type Snapshot = BTreeMap<Vec<u8>, Vec<u8>>;
 
+/// The maps with two halves ([`sgfw_common::Config::slot`]): (map, key
+/// size, value size).
+const SLOTTED: [(&str, usize, usize); 4] = [
+    (mn::IDENTITIES, 4, size_of::<AddrKey>()),
+    (
+        mn::ADDRS,
+        size_of::<AddrKey>(),
+        size_of::<sgfw_common::AddrInfo>(),
+    ),
+    (mn::INSTANCES, 4, size_of::<InstancePolicy>()),
+    (mn::SUBNETS, 4, size_of::<SubnetPolicy>()),
+];
+
+/// The half a key of a [`SLOTTED`] map is in.
+fn slot_of(map: &str, key: &[u8]) -> u32 {
+    if map == mn::ADDRS {
+        u32::from(key.get(1).copied().unwrap_or(0) & 1)
+    } else {
+        let b = [
+            key.first().copied().unwrap_or(0),
+            key.get(1).copied().unwrap_or(0),
+            key.get(2).copied().unwrap_or(0),
+            key.get(3).copied().unwrap_or(0),
+        ];
+        u32::from_ne_bytes(b) >> 31
+    }
+}
+
+/// Empties one half of every [`SLOTTED`] map.
+fn clear_slot(maps: &mut dyn MapOps, slot: u32) -> Result<(), SysError> {
+    for (map, ks, _) in SLOTTED {
+        for k in maps.keys(map, ks)? {
+            if slot_of(map, &k) == slot {
+                maps.delete(map, &k)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The half of the maps in force (0 before the first apply).
+pub(crate) fn slot_in_force(maps: &mut dyn MapOps) -> Result<u32, SysError> {
+    Ok(maps
+        .lookup(mn::CONFIG, &0u32.to_ne_bytes(), size_of::<Config>())?
+        .and_then(|v| bytemuck::try_pod_read_unaligned::<Config>(&v).ok())
+        .map_or(0, |c| c.slot & 1))
+}
+
 /// Writes a compiled generation into the maps with the switch protocol
-/// described in the module docs. `ports` is ifindex → instance index for
-/// bound ports. On error, the previous contents are restored (best effort
-/// for the restore itself) and the error is returned.
+/// described in the module docs: everything the datapath reads per
+/// instance, subnet and address goes into the half of the maps not in
+/// force, then one write of `CONFIG` (generation and half) switches all of
+/// it at once, then the old half and the retired ids are removed. `ports`
+/// is ifindex → instance index for bound ports. On an error before the
+/// switch, the maps are as they were (best effort for the restore itself)
+/// and the error is returned; a kill at any point leaves either the old
+/// policy or the new one in force, whole.
 pub fn write_generation(
     maps: &mut dyn MapOps,
     c: &Compiled,
     ports: &[(u32, u32)],
     config: &Config,
 ) -> Result<(), SysError> {
-    // Snapshot what the switch overwrites, to restore on failure.
-    let switched: [(&str, usize, usize); 5] = [
-        (mn::IDENTITIES, 4, size_of::<AddrKey>()),
-        (
-            mn::ADDRS,
-            size_of::<AddrKey>(),
-            size_of::<sgfw_common::AddrInfo>(),
-        ),
-        (mn::INSTANCES, 4, size_of::<InstancePolicy>()),
-        (mn::SUBNETS, 4, size_of::<SubnetPolicy>()),
-        (mn::PORTS, 4, 4),
-    ];
-    let mut before: Vec<(&str, Snapshot)> = Vec::new();
-    for (map, ks, vs) in switched {
-        let mut m = BTreeMap::new();
-        for k in maps.keys(map, ks)? {
-            if let Some(v) = maps.lookup(map, &k, vs)? {
-                m.insert(k, v);
-            }
+    let old = slot_in_force(maps)?;
+    let new = old ^ 1;
+    // Port bindings are not halved (instance indices are stable): keep them
+    // to restore on failure.
+    let mut old_ports: Snapshot = BTreeMap::new();
+    for k in maps.keys(mn::PORTS, 4)? {
+        if let Some(v) = maps.lookup(mn::PORTS, &k, 4)? {
+            old_ports.insert(k, v);
         }
-        before.push((map, m));
     }
-    let old_config = maps.lookup(mn::CONFIG, &0u32.to_ne_bytes(), size_of::<Config>())?;
-
-    let result = write_and_switch(maps, c, ports, config);
+    let mut config = *config;
+    config.slot = new;
+    let result =
+        clear_slot(maps, new).and_then(|()| write_and_switch(maps, c, ports, &config, new));
     if let Err(e) = result {
-        // Roll back: the previous generation's entries were never touched.
-        for (map, old) in &before {
-            let ks = switched.iter().find(|s| s.0 == *map).map_or(0, |s| s.1);
-            if let Ok(keys) = maps.keys(map, ks) {
-                for k in keys {
-                    match old.get(&k) {
-                        Some(_) => {}
-                        None => {
-                            let _ = maps.delete(map, &k);
-                        }
-                    }
+        // Roll back: the half in force was never touched.
+        let _ = clear_slot(maps, new);
+        if let Ok(keys) = maps.keys(mn::PORTS, 4) {
+            for k in keys {
+                if !old_ports.contains_key(&k) {
+                    let _ = maps.delete(mn::PORTS, &k);
                 }
             }
-            for (k, v) in old {
-                let _ = maps.update(map, k, v);
-            }
         }
-        if let Some(cfg) = old_config {
-            let _ = maps.update(mn::CONFIG, &0u32.to_ne_bytes(), &cfg);
+        for (k, v) in &old_ports {
+            let _ = maps.update(mn::PORTS, k, v);
         }
         // The new objects were never referenced: drop them again.
         let _ = delete_ids(maps, &c.fresh, &c.fresh_kinds);
         return Err(e);
     }
     // The new generation is in force: drop what nothing uses any more.
+    clear_slot(maps, old)?;
+    let keep: BTreeSet<Vec<u8>> = ports
+        .iter()
+        .map(|(i, _)| i.to_ne_bytes().to_vec())
+        .collect();
+    for k in maps.keys(mn::PORTS, 4)? {
+        if !keep.contains(&k) {
+            maps.delete(mn::PORTS, &k)?;
+        }
+    }
     delete_ids(maps, &c.retired, &c.retired_kinds)?;
     Ok(())
 }
@@ -330,6 +382,27 @@ fn delete_ids(
     Ok(())
 }
 
+/// Deletes every entry of the id-keyed maps whose id `book` does not use:
+/// what an apply that did not finish may have left, whole or in part.
+fn sweep_ids(maps: &mut dyn MapOps, book: &IdBook) -> Result<(), SysError> {
+    let live: BTreeSet<u32> = book.ids.values().copied().collect();
+    for (map, ks, off) in GENERATIONAL {
+        for k in maps.keys(map, *ks)? {
+            let id = u32::from_be_bytes([k[*off], k[off + 1], k[off + 2], k[off + 3]]);
+            if !live.contains(&id) {
+                maps.delete(map, &k)?;
+            }
+        }
+    }
+    for k in maps.keys(mn::NACL_META, 4)? {
+        let id = u32::from_ne_bytes([k[0], k[1], k[2], k[3]]);
+        if !live.contains(&id) {
+            maps.delete(mn::NACL_META, &k)?;
+        }
+    }
+    Ok(())
+}
+
 /// The id inside an LPM key's data (big-endian, first 4 bytes).
 fn key_id(table: [u8; 4]) -> u32 {
     u32::from_be_bytes(table)
@@ -340,6 +413,7 @@ fn write_and_switch(
     c: &Compiled,
     ports: &[(u32, u32)],
     config: &Config,
+    slot: u32,
 ) -> Result<(), SysError> {
     // 1. The new objects' lookup structures, beside the ones in force
     //    (objects the maps already hold keep their ids and are not touched).
@@ -370,75 +444,35 @@ fn write_and_switch(
             bytemuck::bytes_of::<NaclMeta>(meta),
         )?;
     }
-    // 2. Switch: subnets, then instances (one atomic hash write each), then
-    //    the address and port ownership.
+    // 2. The half not in force: subnets, instances, identities, addresses.
+    let key = |i: u32| sgfw_common::slotted(i, slot).to_ne_bytes();
+    let in_slot = |k: &AddrKey| AddrKey {
+        slot: slot as u8,
+        ..*k
+    };
     for (idx, sp) in &c.subnets {
-        maps.update(mn::SUBNETS, &idx.to_ne_bytes(), bytemuck::bytes_of(sp))?;
+        maps.update(mn::SUBNETS, &key(*idx), bytemuck::bytes_of(sp))?;
     }
     for (idx, ip) in &c.instances {
-        maps.update(mn::INSTANCES, &idx.to_ne_bytes(), bytemuck::bytes_of(ip))?;
+        maps.update(mn::INSTANCES, &key(*idx), bytemuck::bytes_of(ip))?;
     }
-    // Identities before the addresses that carry them into `skb->mark`.
     for (id, k) in &c.identities {
-        maps.update(mn::IDENTITIES, &id.to_ne_bytes(), bytemuck::bytes_of(k))?;
+        maps.update(mn::IDENTITIES, &key(*id), bytemuck::bytes_of(&in_slot(k)))?;
     }
     for (k, v) in &c.addrs {
-        maps.update(mn::ADDRS, bytemuck::bytes_of(k), bytemuck::bytes_of(v))?;
+        maps.update(
+            mn::ADDRS,
+            bytemuck::bytes_of(&in_slot(k)),
+            bytemuck::bytes_of(v),
+        )?;
     }
+    // Bindings of bound ports (instance indices are the same in both halves).
     for (ifx, inst) in ports {
         maps.update(mn::PORTS, &ifx.to_ne_bytes(), &inst.to_ne_bytes())?;
     }
-    // 3. Remove what the new model no longer has.
-    let keep: BTreeSet<Vec<u8>> = c
-        .addrs
-        .iter()
-        .map(|(k, _)| bytemuck::bytes_of(k).to_vec())
-        .collect();
-    for k in maps.keys(mn::ADDRS, size_of::<AddrKey>())? {
-        if !keep.contains(&k) {
-            maps.delete(mn::ADDRS, &k)?;
-        }
-    }
-    let keep: BTreeSet<Vec<u8>> = c
-        .identities
-        .iter()
-        .map(|(id, _)| id.to_ne_bytes().to_vec())
-        .collect();
-    for k in maps.keys(mn::IDENTITIES, 4)? {
-        if !keep.contains(&k) {
-            maps.delete(mn::IDENTITIES, &k)?;
-        }
-    }
-    let keep: BTreeSet<Vec<u8>> = ports
-        .iter()
-        .map(|(i, _)| i.to_ne_bytes().to_vec())
-        .collect();
-    for k in maps.keys(mn::PORTS, 4)? {
-        if !keep.contains(&k) {
-            maps.delete(mn::PORTS, &k)?;
-        }
-    }
-    for (map, live) in [
-        (
-            mn::INSTANCES,
-            c.instances
-                .iter()
-                .map(|(i, _)| *i)
-                .collect::<BTreeSet<u32>>(),
-        ),
-        (
-            mn::SUBNETS,
-            c.subnets.iter().map(|(i, _)| *i).collect::<BTreeSet<u32>>(),
-        ),
-    ] {
-        for k in maps.keys(map, 4)? {
-            let id = u32::from_ne_bytes([k[0], k[1], k[2], k[3]]);
-            if !live.contains(&id) {
-                maps.delete(map, &k)?;
-            }
-        }
-    }
-    // 4. A new generation: every conntrack fast-path cache is re-validated.
+    // 3. The switch: one array write makes the new half, and a new
+    //    generation (every conntrack fast-path cache is re-validated), in
+    //    force for every hook at once.
     maps.update(mn::CONFIG, &0u32.to_ne_bytes(), bytemuck::bytes_of(config))?;
     Ok(())
 }
@@ -728,6 +762,16 @@ impl EbpfBackend {
         let prev = self.state()?.filter(|_| self.is_applied());
         let mut state = prev.clone().unwrap_or_default();
         state.indices.update(model);
+        // After an apply that did not finish, no object of the book may be
+        // trusted to be whole in the maps: compile everything fresh (under
+        // ids after every id handed out so far) and sweep the rest.
+        let sweep = state.unsettled;
+        if sweep {
+            tracing::warn!(
+                "the last apply did not finish; rewriting every object under new ids and removing the rest"
+            );
+            state.book.ids.clear();
+        }
         let t = std::time::Instant::now();
         let compiled = compile::compile(model, &state.indices, &state.book)?;
         tracing::info!(
@@ -802,10 +846,26 @@ impl EbpfBackend {
             "writing generation {generation} and switching {} instances",
             compiled.instances.len()
         );
-        if let Err(e) = write_generation(&mut maps, &compiled, &ports, &config) {
+        // The journal, before the first map write: this generation and these
+        // ids are taken whatever happens next.
+        if prev.is_some() {
+            let mut journal = state.clone();
+            journal.generation = generation;
+            journal.book.next = journal.book.next.max(compiled.book.next);
+            journal.unsettled = true;
+            journal.save(&self.state_path)?;
+        }
+        let written = write_generation(&mut maps, &compiled, &ports, &config).and_then(|()| {
+            if sweep {
+                sweep_ids(&mut maps, &compiled.book)
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = written {
             if report.loaded {
                 // Nothing was in force before: leave nothing behind.
-                let _ = self.teardown();
+                let _ = self.teardown_unlocked();
             }
             return Err(e.into());
         }
@@ -850,6 +910,7 @@ impl EbpfBackend {
         .collect();
         // The maps now hold exactly this model's entries.
         state.entry_counts = report.entries.clone();
+        state.unsettled = false;
         state.save(&self.state_path)?;
 
         report.attached = self.attach_ports_unlocked(host)?;
@@ -1121,6 +1182,21 @@ impl EbpfBackend {
         }
         // The lock file stays: unlinking it would let a process waiting on
         // the old inode and one locking a fresh file both hold "the" lock.
+        Ok(())
+    }
+
+    /// Changes the `CONFIG` in force (flags) under the backend's lock, so an
+    /// apply's switch is never undone by a stale copy.
+    pub fn update_config(&self, f: impl FnOnce(&mut Config)) -> Result<(), EbpfError> {
+        let _lock = self.lock()?;
+        let mut maps = self.open_maps()?;
+        let key = 0u32.to_ne_bytes();
+        if let Some(v) = maps.lookup(mn::CONFIG, &key, size_of::<Config>())?
+            && let Ok(mut cfg) = bytemuck::try_pod_read_unaligned::<Config>(&v)
+        {
+            f(&mut cfg);
+            maps.update(mn::CONFIG, &key, bytemuck::bytes_of(&cfg))?;
+        }
         Ok(())
     }
 

@@ -80,6 +80,7 @@ impl TestDataplane {
         let ports = self.bound_ports(model);
         write_generation(&mut self.maps, &compiled, &ports, &config)?;
         self.book = compiled.book.clone();
+        config.slot = super::slot_in_force(&mut self.maps)?;
         self.config = config;
         Ok(())
     }

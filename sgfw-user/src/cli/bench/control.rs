@@ -125,8 +125,16 @@ fn probe(pin_root: &std::path::Path, pkt: &Packet) -> Result<u32, Failure> {
     let prog = SchedClassifier::from_pin(pin_root.join("progs").join(pn::TO_INSTANCE))
         .context("opening the pinned program")?;
     let f = frame(pkt);
+    // As the host hands it to the bridge (stamped by the bridge's hook).
+    let mut ctx = [0u8; 44];
+    ctx[8..12].copy_from_slice(
+        &(sgfw_common::STAMP_HOST << sgfw_common::MARK_IDENTITY_SHIFT).to_ne_bytes(),
+    );
+    let mut out = [0u8; 512];
     let mut opts = TestRunOptions::new();
     opts.data_in = Some(&f);
+    opts.ctx_in = Some(&ctx);
+    opts.ctx_out = Some(&mut out);
     Ok(prog
         .test_run(opts)
         .context("BPF_PROG_TEST_RUN")?
