@@ -184,6 +184,9 @@ impl Host for RealHost {
         match std::fs::read_to_string(&path) {
             Ok(s) => Ok(s.trim().parse().ok()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            // An interface being deleted answers EINVAL or ENODEV for a
+            // moment before its directory goes: it is gone.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENODEV)) => Ok(None),
             Err(source) => Err(SysError::File {
                 what: "reading",
                 path,
