@@ -236,6 +236,22 @@ impl World {
         ]);
     }
 
+    /// Runs TCP probes `(what, from, to, port, reachable)`; a probe that
+    /// should get through is retried for a moment (the daemon may be
+    /// attaching a port), one that should not is tried once.
+    fn expect(&self, failures: &mut Vec<String>, cases: &[(&str, &str, &String, u16, bool)]) {
+        for (what, from, to, port, want) in cases {
+            let got = if *want {
+                eventually(|| self.tcp(from, to, *port))
+            } else {
+                self.tcp(from, to, *port)
+            };
+            if got != *want {
+                failures.push(format!("{what}: got {got}, want {want}"));
+            }
+        }
+    }
+
     fn model(&self) -> PathBuf {
         let (web_br, db_br) = (self.bridge("web"), self.bridge("db"));
         let inst = |id: &str, subnet: &str, addr: &str, sg: &str| {
@@ -415,36 +431,42 @@ fn scenario(backend: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
     let mut failures = Vec::new();
-    let mut check = |what: &str, got: bool, want: bool| {
+    let check = |failures: &mut Vec<String>, what: &str, got: bool, want: bool| {
         if got != want {
             failures.push(format!("{what}: got {got}, want {want}"));
         }
     };
     // Across networks, through netavark's masquerade.
-    check(
-        "web1 -> db1:5432 (sg-web referenced)",
-        w.tcp("web1", &db1, 5432),
-        true,
+    w.expect(
+        &mut failures,
+        &[
+            (
+                "web1 -> db1:5432 (sg-web referenced)",
+                "web1",
+                &db1,
+                5432,
+                true,
+            ),
+            (
+                "web2 -> db1:5432 (NACL rule 90 denies web2)",
+                "web2",
+                &db1,
+                5432,
+                false,
+            ),
+            ("web1 -> db1:22 (no rule)", "web1", &db1, 22, false),
+            ("db1 -> web1:80 (from anywhere)", "db1", &web1, 80, true),
+            ("db1 -> web1:22 (no rule)", "db1", &web1, 22, false),
+        ],
     );
-    check(
-        "web2 -> db1:5432 (NACL rule 90 denies web2)",
-        w.tcp("web2", &db1, 5432),
-        false,
-    );
-    check("web1 -> db1:22 (no rule)", w.tcp("web1", &db1, 22), false);
-    check(
-        "db1 -> web1:80 (from anywhere)",
-        w.tcp("db1", &web1, 80),
-        true,
-    );
-    check("db1 -> web1:22 (no rule)", w.tcp("db1", &web1, 22), false);
     // Inside a network: the referenced group is sg-web's peers only on 5432 at db.
-    check(
-        "web2 -> web1:5432 (no rule)",
-        w.tcp("web2", &web1, 5432),
-        false,
+    w.expect(
+        &mut failures,
+        &[
+            ("web2 -> web1:5432 (no rule)", "web2", &web1, 5432, false),
+            ("web2 -> web1:80", "web2", &web1, 80, true),
+        ],
     );
-    check("web2 -> web1:80", w.tcp("web2", &web1, 80), true);
 
     // A container started after the apply with nothing following ports: its
     // very first connections to the host. On eBPF its port has no hooks and is
@@ -461,6 +483,7 @@ fn scenario(backend: &str) {
     let got = host.drain();
     let fenced = backend == "ebpf";
     check(
+        &mut failures,
         &format!("web4's first connections, port not attached (got {got:?}) are fenced"),
         got.is_empty(),
         fenced,
@@ -469,6 +492,7 @@ fn scenario(backend: &str) {
     // `sgfw run` follows containers from here on; it attaches web4 at once.
     w.run_daemon(&model, backend);
     check(
+        &mut failures,
         "web4 -> host, judged once attached (sg-web: egress anything)",
         eventually(|| {
             w.to_host("web4", &gw, "web4-later");
@@ -478,37 +502,23 @@ fn scenario(backend: &str) {
     );
     // A container of the model started after the apply.
     w.start("web3", "web", &web3, "02:72:01:00:00:13", "");
-    check(
-        "db1 -> web3:22, started later",
-        w.tcp("db1", &web3, 22),
-        false,
-    );
-    check(
-        "db1 -> web3:80, started later",
-        eventually(|| w.tcp("db1", &web3, 80)),
-        true,
-    );
-    check(
-        "web3 -> db1:5432, started later",
-        eventually(|| w.tcp("web3", &db1, 5432)),
-        true,
+    w.expect(
+        &mut failures,
+        &[
+            ("db1 -> web3:22, started later", "db1", &web3, 22, false),
+            ("db1 -> web3:80, started later", "db1", &web3, 80, true),
+            ("web3 -> db1:5432, started later", "web3", &db1, 5432, true),
+        ],
     );
     // A restart: a new veth with a new ifindex.
     podman_ok(&["restart", "-t", "0", &w.name("web1")]);
-    check(
-        "db1 -> web1:22 after restart",
-        w.tcp("db1", &web1, 22),
-        false,
-    );
-    check(
-        "web1 -> db1:5432 after restart",
-        eventually(|| w.tcp("web1", &db1, 5432)),
-        true,
-    );
-    check(
-        "web1 -> db1:22 after restart",
-        w.tcp("web1", &db1, 22),
-        false,
+    w.expect(
+        &mut failures,
+        &[
+            ("db1 -> web1:22 after restart", "db1", &web1, 22, false),
+            ("web1 -> db1:5432 after restart", "web1", &db1, 5432, true),
+            ("web1 -> db1:22 after restart", "web1", &db1, 22, false),
+        ],
     );
     // A container whose first act is to send what its own policy denies
     // (sg-quiet: no egress at all), as fast as it can, while `sgfw run`
@@ -523,31 +533,48 @@ fn scenario(backend: &str) {
     std::thread::sleep(Duration::from_millis(700));
     let got = host.drain();
     check(
+        &mut failures,
         &format!("web5's first connections (got {got:?})"),
         got.is_empty(),
         true,
     );
-    check(
-        "db1 -> web5:80 (sg-quiet: tcp/80 from anywhere)",
-        eventually(|| w.tcp("db1", &web5, 80)),
-        true,
+    w.expect(
+        &mut failures,
+        &[(
+            "db1 -> web5:80 (sg-quiet: tcp/80 from anywhere)",
+            "db1",
+            &web5,
+            80,
+            true,
+        )],
     );
     // And the db side: db1 restarted, a new port on the db bridge.
     podman_ok(&["restart", "-t", "0", &w.name("db1")]);
-    check(
-        "web1 -> db1:5432 after db1 restarted",
-        eventually(|| w.tcp("web1", &db1, 5432)),
-        true,
-    );
-    check(
-        "web2 -> db1:5432 after db1 restarted",
-        w.tcp("web2", &db1, 5432),
-        false,
-    );
-    check(
-        "web3 -> db1:22 after db1 restarted",
-        w.tcp("web3", &db1, 22),
-        false,
+    w.expect(
+        &mut failures,
+        &[
+            (
+                "web1 -> db1:5432 after db1 restarted",
+                "web1",
+                &db1,
+                5432,
+                true,
+            ),
+            (
+                "web2 -> db1:5432 after db1 restarted",
+                "web2",
+                &db1,
+                5432,
+                false,
+            ),
+            (
+                "web3 -> db1:22 after db1 restarted",
+                "web3",
+                &db1,
+                22,
+                false,
+            ),
+        ],
     );
 
     // Stop `sgfw run`: it tears down; everything is open again.
@@ -557,17 +584,24 @@ fn scenario(backend: &str) {
             .status();
         let _ = d.wait();
     }
-    check(
-        "db1 -> web1:22 after sgfw run stopped",
-        eventually(|| w.tcp("db1", &web1, 22)),
-        true,
+    w.expect(
+        &mut failures,
+        &[(
+            "db1 -> web1:22 after sgfw run stopped",
+            "db1",
+            &web1,
+            22,
+            true,
+        )],
     );
     check(
+        &mut failures,
         "no pins after stop",
         std::path::Path::new("/sys/fs/bpf/sgfw").exists(),
         false,
     );
     check(
+        &mut failures,
         "no nft table after stop",
         nft_has_table("inet", "sgfw"),
         false,
