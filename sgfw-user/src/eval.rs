@@ -6,7 +6,7 @@
 //! It is written for clarity over speed and is pure: time comes in as an
 //! argument and all state lives in the caller's [`Conntrack`].
 //!
-//! It must never diverge from `SEMANTICS.md`: the eBPF dataplane implements
+//! It must never diverge from `docs/semantics.md`: the eBPF dataplane implements
 //! the same steps and a differential test compares the two packet by packet.
 //!
 //! Decision order for one packet (numbered as the dataplane comments them):
@@ -919,7 +919,7 @@ pub fn explain_json(model: &FlatModel, pkt: &Packet, verdict: &Verdict) -> serde
 
 #[cfg(test)]
 pub(crate) mod tests {
-    //! Each test names the SEMANTICS.md statement it checks.
+    //! Each test names the docs/semantics.md statement it checks.
     use super::*;
     use crate::flat::{FirewallRule, Match, NaclEntry};
     use crate::model::Model;

@@ -311,7 +311,7 @@ pub struct ConntrackTimeouts {
 }
 
 impl Default for ConntrackTimeouts {
-    /// SEMANTICS.md: TCP established 432000 s, not yet established 60 s,
+    /// docs/semantics.md: TCP established 432000 s, not yet established 60 s,
     /// closing 10 s; UDP 30 s, stream 180 s; ICMP 30 s; other 600 s.
     fn default() -> Self {
         ConntrackTimeouts {

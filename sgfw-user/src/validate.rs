@@ -1139,7 +1139,7 @@ impl Checker {
                     proto,
                 )
             }
-            // Protocol 58 with an IPv4 CIDR matches all ICMPv6 (SEMANTICS.md).
+            // Protocol 58 with an IPv4 CIDR matches all ICMPv6 (docs/semantics.md).
             other => {
                 self.nacl_fields_ignored(path, e, &other.to_string());
                 Some(Match::Proto(other))
@@ -1200,7 +1200,7 @@ impl Checker {
 
 #[cfg(test)]
 mod tests {
-    //! Every bad input gets its own test and its exact message (SEMANTICS.md,
+    //! Every bad input gets its own test and its exact message (docs/semantics.md,
     //! "Addresses and inputs": "an error that names the field and value").
     use super::*;
     use crate::model::{Instance, IpPermission, SecurityGroup};

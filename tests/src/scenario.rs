@@ -1,6 +1,6 @@
 //! Conformance scenarios: a test bed, a model built from its addresses, a
 //! backend enforcing it, and probes whose expected outcome is stated by the
-//! test (from SEMANTICS.md) *and* checked against the reference evaluator.
+//! test (from docs/semantics.md) *and* checked against the reference evaluator.
 //! The same scenario code runs on the eBPF and the nftables backend.
 
 use std::net::IpAddr;

@@ -1,7 +1,7 @@
 //! Conformance suite: every scenario runs with real TCP, UDP, ICMP and
 //! ICMPv6 traffic between network namespaces, once on the eBPF backend and
 //! once on the nftables backend, unchanged. Each expectation is stated from
-//! SEMANTICS.md (quoted above the scenario) and also checked against the
+//! docs/semantics.md (quoted above the scenario) and also checked against the
 //! reference evaluator.
 
 use sgfw::model::IpPermission;
