@@ -421,6 +421,72 @@ impl TestBed {
         Ok(inst)
     }
 
+    /// Re-creates an instance's veth, as a container runtime does on a
+    /// restart: the same names and addresses, a new ifindex, and a port that
+    /// nothing has attached yet. Sockets in the namespace survive.
+    pub fn replug(&self, inst: &str) -> Result<(), BedError> {
+        let i = self.instance(inst).clone();
+        let sub = self
+            .subnets
+            .get(i.subnet)
+            .cloned()
+            .ok_or_else(|| BedError::Command {
+                cmd: format!("replug {inst}"),
+                stderr: format!("no subnet {}", i.subnet),
+            })?;
+        // The instance keeps its MAC address, as an ENI (and a container
+        // started with `--mac-address`) does.
+        let mac = sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &i.netns,
+            "cat",
+            "/sys/class/net/eth0/address",
+        ])?;
+        let mac = mac.trim().to_string();
+        sh(&["ip", "link", "del", &i.port])?;
+        sh(&[
+            "ip", "link", "add", &i.port, "type", "veth", "peer", "name", "eth0", "address", &mac,
+            "netns", &i.netns,
+        ])?;
+        std::fs::write(
+            format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", i.port),
+            "1",
+        )
+        .map_err(io_err(format!("disabling IPv6 on {}", i.port)))?;
+        sh(&["ip", "link", "set", &i.port, "master", &sub.bridge, "up"])?;
+        let x = |args: &[&str]| -> Result<String, BedError> {
+            let mut v = vec!["ip", "netns", "exec", i.netns.as_str()];
+            v.extend_from_slice(args);
+            sh(&v)
+        };
+        x(&["ip", "addr", "add", &format!("{}/24", i.v4), "dev", "eth0"])?;
+        x(&["ip", "link", "set", "eth0", "up"])?;
+        x(&[
+            "ip",
+            "route",
+            "add",
+            "default",
+            "via",
+            &sub.router_v4.to_string(),
+        ])?;
+        if let (Some(a), Some(r)) = (i.v6, sub.router_v6) {
+            x(&[
+                "ip",
+                "-6",
+                "addr",
+                "add",
+                &format!("{a}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+            x(&["ip", "-6", "route", "add", "default", "via", &r.to_string()])?;
+        }
+        Ok(())
+    }
+
     /// A model of this bed: its subnets (`subnet-NAME`, bridge, CIDRs) and
     /// instances (`i-NAME`, addresses, bound to their ports) with the
     /// security groups `groups(name)` returns; no groups or NACLs yet.

@@ -207,6 +207,14 @@ impl Lab {
         self.flat = Some(flat);
     }
 
+    /// Attaches the lab's eBPF classifiers to ports that appeared (what the
+    /// watcher does on a link event); returns their names.
+    pub fn attach_ports(&self) -> Vec<String> {
+        self.ebpf
+            .attach_ports(&RealHost)
+            .unwrap_or_else(|e| fail(&format!("attaching ports: {e:?}")))
+    }
+
     /// What the reference evaluator says of the probe: the first packet and
     /// its reply both delivered, from fresh connection tracking.
     pub fn evaluator(&self, from: &str, to: IpAddr, probe: Probe) -> bool {

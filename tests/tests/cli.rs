@@ -74,9 +74,20 @@ fn apply_status_flows_teardown() {
         .args(["list", "tables"])
         .output()
         .unwrap();
+    // The nftables backend's tables go; the eBPF backend's own bridge fence
+    // (`table bridge sgfw_fence`) is what stays.
+    let listed = String::from_utf8_lossy(&tables.stdout).into_owned();
     assert!(
-        !String::from_utf8_lossy(&tables.stdout).contains("sgfw"),
-        "switching to eBPF must remove the nft ruleset"
+        !listed
+            .lines()
+            .any(|l| l.trim() == "table inet sgfw" || l.trim() == "table bridge sgfw"),
+        "switching to eBPF must remove the nft ruleset: {listed}"
+    );
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.trim() == "table bridge sgfw_fence"),
+        "the eBPF backend's fence is missing: {listed}"
     );
     assert!(Path::new("/sys/fs/bpf/sgfw/maps/SGFW_CONFIG").exists());
     let web = lab.addr("web", false);

@@ -10,8 +10,10 @@
 //! on the programs in force, with the maps in force) on new flows from
 //! outside to every instance and compared with the reference evaluator:
 //! each verdict must be model A's or model B's; after re-applying A, every
-//! verdict must be A's. Re-applying A is the case that reuses A's objects
-//! by content — the ones B's killed apply was deleting.
+//! verdict must be A's; after killing B again and applying a third model C,
+//! every verdict must be C's. Re-applying A reuses A's objects by content;
+//! C's new objects get new ids, which must not be those whose entries the
+//! killed apply had begun to write.
 #![expect(
     clippy::unwrap_used,
     reason = "test code: a failed step is a failed test"
@@ -146,9 +148,11 @@ fn killed_applies_leave_a_whole_policy() {
             (a_json, a) = model(seed + 1000);
         }
     }
-    let (pa, pb) = (dir.join("a.json"), dir.join("b.json"));
+    let (c_json, c) = model(9_999);
+    let (pa, pb, pc) = (dir.join("a.json"), dir.join("b.json"), dir.join("c.json"));
     std::fs::write(&pa, &a_json).unwrap();
     std::fs::write(&pb, &b_json).unwrap();
+    std::fs::write(&pc, &c_json).unwrap();
     let mut sport = 1024u16;
     let mut n = 0u64;
     let mut kills = 0;
@@ -196,9 +200,21 @@ fn killed_applies_leave_a_whole_policy() {
                 failures.push(format!("re-applied A after a kill at {n}: {p:?}"));
             }
         }
+        // A third model: new objects under new ids, which must not be the
+        // ids B's killed apply had begun to write.
+        if !c.instances.is_empty() {
+            // (The same point may fall elsewhere in this apply, or past it.)
+            let _ = apply(&pb, Some(n));
+            assert!(apply(&pc, None).success(), "applying C after a kill");
+            for p in probes(&c, &mut sport) {
+                if in_force(&p) != expected(&c, &p) {
+                    failures.push(format!("applied C after a kill at {n}: {p:?}"));
+                }
+            }
+        }
         assert!(failures.len() < 20, "{}", failures.join("\n"));
-        // Every early point, then ever wider steps.
-        n = if n < 16 { n + 1 } else { n + n / 4 };
+        // Every early point, then steps of an eighth.
+        n = if n < 16 { n + 1 } else { n + n / 8 };
     }
     let _ = std::fs::remove_dir_all(&dir);
     eprintln!(

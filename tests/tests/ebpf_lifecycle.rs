@@ -95,8 +95,12 @@ fn thousand_reapplies_lose_no_reply_and_leak_nothing() {
             }
         })
     };
-    for i in 0..1000 {
-        lab.apply(if i % 2 == 0 { &m2 } else { &m1 });
+    // 1,000 applies at least, and on until the denied flow was probed often
+    // enough (the prober shares two cores with the applies).
+    let mut applies = 0u32;
+    while applies < 1000 || (probes.load(Ordering::Relaxed) <= 20 && applies < 20_000) {
+        lab.apply(if applies.is_multiple_of(2) { &m2 } else { &m1 });
+        applies += 1;
     }
     std::thread::sleep(Duration::from_millis(200));
     stop.store(true, Ordering::Relaxed);
@@ -109,7 +113,7 @@ fn thousand_reapplies_lose_no_reply_and_leak_nothing() {
         probes.load(Ordering::Relaxed),
     );
     eprintln!(
-        "churn: 1000 applies; {sent} request/replies on the allowed flow, {lost} lost; {probes} denied probes, {leaked} leaked"
+        "churn: {applies} applies; {sent} request/replies on the allowed flow, {lost} lost; {probes} denied probes, {leaked} leaked"
     );
     assert!(sent > 1000, "the allowed flow was not kept busy: {sent}");
     assert_eq!(lost, 0, "replies lost during re-applies");

@@ -137,6 +137,11 @@ pub struct Compiled {
     pub fresh_kinds: BTreeSet<char>,
     /// See [`Compiled::fresh_kinds`].
     pub retired_kinds: BTreeSet<char>,
+    /// Ids the previous apply retired, which this apply deletes (before it
+    /// writes anything: they are named only by the half it clears).
+    pub retire_now: BTreeSet<u32>,
+    /// Kinds of [`Compiled::retire_now`].
+    pub retire_now_kinds: BTreeSet<char>,
     /// The book to keep for the next apply.
     pub book: IdBook,
     /// Address → owner.
@@ -174,6 +179,12 @@ pub struct IdBook {
     pub ids: BTreeMap<String, u32>,
     /// The next id to hand out (ids are never reused while sgfw is loaded).
     pub next: u32,
+    /// Ids the compile of this book retired (kind letter → ids): the half of
+    /// the maps no longer in force may still name them, and a packet that
+    /// read `CONFIG` just before the switch may still look them up, so they
+    /// are deleted by the next apply, when it clears that half.
+    #[serde(default)]
+    pub retiring: BTreeMap<char, BTreeSet<u32>>,
 }
 
 /// A 128-bit hash of a value (two SipHash passes with different prefixes):
@@ -201,6 +212,7 @@ impl<'a> Ids<'a> {
             book: IdBook {
                 ids: BTreeMap::new(),
                 next: old.next.max(1),
+                retiring: BTreeMap::new(),
             },
             fresh: BTreeSet::new(),
         }
@@ -461,7 +473,15 @@ pub fn compile(model: &FlatModel, idx: &Indices, book: &IdBook) -> Result<Compil
         if !in_use.contains(id) {
             out.retired.insert(*id);
             out.retired_kinds.extend(key.chars().next());
+            if let Some(kind) = key.chars().next() {
+                ids.book.retiring.entry(kind).or_default().insert(*id);
+            }
         }
+    }
+    // What the previous apply retired goes now (see `IdBook::retiring`).
+    for (kind, set) in &book.retiring {
+        out.retire_now.extend(set.iter().copied());
+        out.retire_now_kinds.insert(*kind);
     }
     for (key, id) in &ids.book.ids {
         if ids.fresh.contains(id) {

@@ -132,6 +132,9 @@ pub struct State {
     /// under new ids and sweeps every id it does not use.
     #[serde(default)]
     pub unsettled: bool,
+    /// The subnets' prefixes, for the bridge-family fence ([`fence_rules`]).
+    #[serde(default)]
+    pub prefixes: Vec<String>,
 }
 
 impl State {
@@ -241,6 +244,67 @@ pub fn config_for(model: &FlatModel, generation: u32, flags: u32) -> Config {
 /// One map's contents: key bytes → value bytes.
 type Snapshot = BTreeMap<Vec<u8>, Vec<u8>>;
 
+/// The bridge-family fence for ports not attached yet, as one `nft -f`
+/// transaction that replaces `table bridge NAME`. It complements the TC
+/// fence (which stops what such a port *sends*) with what is sent *to* it,
+/// and between two such ports. `meta ibrname` is missing on some kernels,
+/// so the rules are scoped by the ports sgfw attached and by the subnets'
+/// prefixes, never by bridge name:
+/// - `forward` (a frame one port of a bridge hands another): from an
+///   attached port to one that is not attached; from a port that is not
+///   attached, to or from a subnet address;
+/// - `output` (the host hands a bridge a frame): to a subnet address (IP,
+///   or ARP asking for one) at a port that is not attached.
+pub fn fence_rules(table: &str, attached: &BTreeSet<u32>, prefixes: &[String]) -> String {
+    let (v4, v6): (Vec<&String>, Vec<&String>) = prefixes.iter().partition(|p| !p.contains(':'));
+    let set = |name: &str, ty: &str, flags: &str, elems: Vec<String>| {
+        if elems.is_empty() {
+            format!("  set {name} {{ type {ty}; {flags}}}\n")
+        } else {
+            format!(
+                "  set {name} {{ type {ty}; {flags}elements = {{ {} }} }}\n",
+                elems.join(", ")
+            )
+        }
+    };
+    let mut t = format!("table bridge {table} {{}}\ndelete table bridge {table}\n");
+    t.push_str(&format!("table bridge {table} {{\n"));
+    t.push_str(&set(
+        "attached",
+        "iface_index",
+        "",
+        attached.iter().map(u32::to_string).collect(),
+    ));
+    t.push_str(&set(
+        "prefixes4",
+        "ipv4_addr",
+        "flags interval; ",
+        v4.iter().map(|s| s.to_string()).collect(),
+    ));
+    t.push_str(&set(
+        "prefixes6",
+        "ipv6_addr",
+        "flags interval; ",
+        v6.iter().map(|s| s.to_string()).collect(),
+    ));
+    t.push_str(
+        "  chain forward {\n    type filter hook forward priority -300; policy accept;\n    \
+         iif @attached oif != @attached counter drop\n    \
+         iif != @attached ip saddr @prefixes4 counter drop\n    \
+         iif != @attached ip daddr @prefixes4 counter drop\n    \
+         iif != @attached ip6 saddr @prefixes6 counter drop\n    \
+         iif != @attached ip6 daddr @prefixes6 counter drop\n    \
+         iif != @attached arp daddr ip @prefixes4 counter drop\n  }\n",
+    );
+    t.push_str(
+        "  chain output {\n    type filter hook output priority -300; policy accept;\n    \
+         oif != @attached ip daddr @prefixes4 counter drop\n    \
+         oif != @attached ip6 daddr @prefixes6 counter drop\n    \
+         oif != @attached arp daddr ip @prefixes4 counter drop\n  }\n}\n",
+    );
+    t
+}
+
 /// The maps with two halves ([`sgfw_common::Config::slot`]): (map, key
 /// size, value size).
 const SLOTTED: [(&str, usize, usize); 4] = [
@@ -304,8 +368,7 @@ pub fn write_generation(
     ports: &[(u32, u32)],
     config: &Config,
 ) -> Result<(), SysError> {
-    let old = slot_in_force(maps)?;
-    let new = old ^ 1;
+    let new = slot_in_force(maps)? ^ 1;
     // Port bindings are not halved (instance indices are stable): keep them
     // to restore on failure.
     let mut old_ports: Snapshot = BTreeMap::new();
@@ -316,8 +379,11 @@ pub fn write_generation(
     }
     let mut config = *config;
     config.slot = new;
-    let result =
-        clear_slot(maps, new).and_then(|()| write_and_switch(maps, c, ports, &config, new));
+    // The half about to be written held the generation before last, the only
+    // one that still named the ids the last apply retired: both go now.
+    let result = clear_slot(maps, new)
+        .and_then(|()| delete_ids(maps, &c.retire_now, &c.retire_now_kinds))
+        .and_then(|()| write_and_switch(maps, c, ports, &config, new));
     if let Err(e) = result {
         // Roll back: the half in force was never touched.
         let _ = clear_slot(maps, new);
@@ -335,8 +401,10 @@ pub fn write_generation(
         let _ = delete_ids(maps, &c.fresh, &c.fresh_kinds);
         return Err(e);
     }
-    // The new generation is in force: drop what nothing uses any more.
-    clear_slot(maps, old)?;
+    // The new generation is in force. The old half, and the ids only it
+    // names, stay until the next apply: a packet whose hook read `CONFIG`
+    // just before the switch, or whose stamp names the old half, still finds
+    // them (deleting them at once lost replies under 1,000 applies).
     let keep: BTreeSet<Vec<u8>> = ports
         .iter()
         .map(|(i, _)| i.to_ne_bytes().to_vec())
@@ -346,7 +414,6 @@ pub fn write_generation(
             maps.delete(mn::PORTS, &k)?;
         }
     }
-    delete_ids(maps, &c.retired, &c.retired_kinds)?;
     Ok(())
 }
 
@@ -888,6 +955,13 @@ impl EbpfBackend {
             .iter()
             .map(|s| (s.id.clone(), s.nacl_id.clone()))
             .collect();
+        state.prefixes = model
+            .subnets
+            .iter()
+            .flat_map(|s| {
+                std::iter::once(s.cidr_v4.to_string()).chain(s.cidr_v6.map(|c| c.to_string()))
+            })
+            .collect();
         state.rule_counts = model
             .instances
             .iter()
@@ -1022,6 +1096,20 @@ impl EbpfBackend {
         let mut attached = Vec::new();
         let mut progs: BTreeMap<&'static str, SchedClassifier> = BTreeMap::new();
         let bridges: BTreeSet<&String> = state.bridges.values().collect();
+        let result = self.attach_bridges(host, bridges, &mut progs, &mut attached);
+        // Whatever got attached (also when a later port failed), the fence
+        // follows: a port joins `attached` only once both its links are in.
+        self.update_fence(host, &state);
+        result.map(|()| attached)
+    }
+
+    fn attach_bridges(
+        &self,
+        host: &dyn Host,
+        bridges: BTreeSet<&String>,
+        progs: &mut BTreeMap<&'static str, SchedClassifier>,
+        attached: &mut Vec<String>,
+    ) -> Result<(), EbpfError> {
         for bridge in bridges {
             let Some(ifindex) = host.ifindex(bridge)? else {
                 continue;
@@ -1030,16 +1118,58 @@ impl EbpfBackend {
                 name: bridge.clone(),
                 ifindex,
             };
-            if self.attach_one(&dev, pn::BRIDGE_UP, pn::BRIDGE_DOWN, &mut progs)? {
+            if self.attach_one(&dev, pn::BRIDGE_UP, pn::BRIDGE_DOWN, progs)? {
                 attached.push(dev.name);
             }
             for port in host.bridge_ports(bridge)? {
-                if self.attach_one(&port, pn::FROM_INSTANCE, pn::TO_INSTANCE, &mut progs)? {
+                if self.attach_one(&port, pn::FROM_INSTANCE, pn::TO_INSTANCE, progs)? {
                     attached.push(port.name.clone());
                 }
             }
         }
-        Ok(attached)
+        Ok(())
+    }
+
+    /// The bridge-family nft table of this backend's fence (one per pin
+    /// root, so test beds with pin roots of their own do not share one).
+    pub fn fence_table(&self) -> String {
+        let base = self
+            .pin_root
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let clean: String = base
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        format!("{clean}_fence")
+    }
+
+    /// Writes the fence table for the ports attached now (one `nft`
+    /// transaction replacing the table). The TC fence does not depend on
+    /// it: where `nft` cannot run, this is logged and the frames *to* a
+    /// port not attached yet are judged by their sender's hook only.
+    fn update_fence(&self, host: &dyn Host, state: &State) {
+        let ports: BTreeSet<u32> = self.attached_ports().into_iter().map(|(_, i)| i).collect();
+        let text = fence_rules(&self.fence_table(), &ports, &state.prefixes);
+        // What was written last, beside the state file: an apply or a link
+        // event that changes neither the ports nor the prefixes runs no `nft`.
+        let record = self.state_path.with_extension("fence");
+        if std::fs::read_to_string(&record).is_ok_and(|t| t == text) {
+            return;
+        }
+        match host.nft(&["-f", "-"], Some(&text)) {
+            Ok(_) => {
+                let _ = std::fs::write(&record, &text);
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&record);
+                tracing::warn!(
+                    "the bridge fence (nft table bridge {}) could not be written: {e}",
+                    self.fence_table()
+                );
+            }
+        }
     }
 
     /// Makes `PORTS` hold exactly the bound interfaces as they are now:
@@ -1150,6 +1280,15 @@ impl EbpfBackend {
     }
 
     fn teardown_unlocked(&self) -> Result<(), EbpfError> {
+        // The fence first: with the links gone every port is "not attached".
+        let _ = std::fs::remove_file(self.state_path.with_extension("fence"));
+        let table = self.fence_table();
+        let _ = sys::RealHost.nft(
+            &["-f", "-"],
+            Some(&format!(
+                "table bridge {table} {{}}\ndelete table bridge {table}\n"
+            )),
+        );
         let links = self.pin_root.join("links");
         if let Ok(entries) = std::fs::read_dir(&links) {
             for e in entries.flatten() {
@@ -1347,12 +1486,14 @@ mod tests {
         let (cb, book_b) = apply(&mut maps, &b, &mut idx, &book_a, 2).unwrap();
         let in_use: BTreeSet<u32> = book_b.ids.values().copied().collect();
         let present = ids_in_maps(&maps);
+        // The ids B retired stay for one apply (the old half names them).
+        let retiring: BTreeSet<u32> = book_b.retiring.values().flatten().copied().collect();
+        assert_eq!(retiring, cb.retired);
         assert!(
-            present.is_subset(&in_use),
-            "retired ids stayed: {:?}",
+            present.is_subset(&in_use.union(&retiring).copied().collect()),
+            "unknown ids: {:?}",
             present.difference(&in_use)
         );
-        assert!(present.is_disjoint(&cb.retired));
         // Every key the compile produced is in the maps.
         let expected: BTreeSet<u32> = cb
             .sg_cidr_v4
@@ -1372,6 +1513,13 @@ mod tests {
         let before = maps.updates;
         let (c2, _) = apply(&mut maps, &b, &mut idx, &book_b, 3).unwrap();
         assert!(c2.fresh.is_empty() && c2.retired.is_empty());
+        // ... and deletes what B retired: now exactly the ids in use remain.
+        let present = ids_in_maps(&maps);
+        assert!(
+            present.is_subset(&in_use) && present.is_disjoint(&cb.retired),
+            "retired ids stayed: {:?}",
+            present.difference(&in_use)
+        );
         let switch_writes = c2.identities.len() + c2.addrs.len() + c2.instances.len() + c2.subnets.len() + 1 /* port */ + 1 /* config */;
         assert_eq!(
             maps.updates - before,
