@@ -199,6 +199,72 @@ fn build(root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Crates the library an emulator embeds must not pull in (without
+/// features; tokio only with `watch`).
+const NOT_IN_LEAN_LIBRARY: &[&str] = &[
+    "clap",
+    "plotters",
+    "ctrlc",
+    "tracing-subscriber",
+    "tokio",
+    "anyhow",
+];
+
+/// The lean library: `sgfw-user --lib --no-default-features` passes clippy
+/// and its normal dependencies hold none of [`NOT_IN_LEAN_LIBRARY`].
+fn lean_library(root: &Path) -> Result<()> {
+    run(Command::new("cargo")
+        .current_dir(root)
+        .env("SGFW_BPF_OBJECT", bpf_object(root))
+        .args([
+            "clippy",
+            "-p",
+            "sgfw-user",
+            "--lib",
+            "--no-default-features",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
+    let out = Command::new("cargo")
+        .current_dir(root)
+        .args([
+            "tree",
+            "-p",
+            "sgfw-user",
+            "--no-default-features",
+            "-e",
+            "normal",
+            "--prefix",
+            "none",
+        ])
+        .output()
+        .context("running cargo tree")?;
+    if !out.status.success() {
+        bail!(
+            "cargo tree failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let tree = String::from_utf8_lossy(&out.stdout);
+    let crates: std::collections::BTreeSet<&str> = tree
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    let found: Vec<&&str> = NOT_IN_LEAN_LIBRARY
+        .iter()
+        .filter(|c| crates.contains(**c))
+        .collect();
+    if !found.is_empty() {
+        bail!("the lean library (sgfw-user --no-default-features) depends on {found:?}");
+    }
+    eprintln!(
+        "xtask: the lean library depends on {} crates, none of {NOT_IN_LEAN_LIBRARY:?}",
+        crates.len()
+    );
+    Ok(())
+}
+
 fn test(root: &Path, extra: &[String]) -> Result<()> {
     let t = Instant::now();
     setup::ensure_all(root)?;
@@ -212,6 +278,7 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
         .current_dir(root)
         .env("SGFW_BPF_OBJECT", bpf_object(root))
         .args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    lean_library(root)?;
     // Property tests: at least 10,000 cases each unless the caller says otherwise.
     let cases = std::env::var("PROPTEST_CASES").unwrap_or_else(|_| "10000".to_string());
     // The release binary is what the integration tests drive as a user would.

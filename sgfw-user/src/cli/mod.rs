@@ -4,6 +4,7 @@
 //! everything else that fails exits 1.
 
 pub mod apply;
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod demo;
 pub mod explain;
@@ -86,6 +87,7 @@ pub enum Cmd {
     /// Build a small VPC in network namespaces, enforce it, probe it, tear it down.
     Demo(demo::DemoArgs),
     /// Benchmarks (root): per-packet cost, real traffic, control plane, conntrack scale.
+    #[cfg(feature = "bench")]
     Bench(bench::BenchArgs),
 }
 
@@ -144,6 +146,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
         Cmd::Render(a) => render::run(&a),
         Cmd::Run(a) => run::run(&a),
         Cmd::Demo(a) => demo::run(&a),
+        #[cfg(feature = "bench")]
         Cmd::Bench(a) => bench::run(&a),
     }
 }

@@ -10,6 +10,7 @@
 //! any failure before the switch completes restores the previous contents.
 
 pub mod compile;
+#[cfg(feature = "lab")]
 pub mod testrun;
 
 use std::collections::{BTreeMap, BTreeSet};
