@@ -769,3 +769,128 @@ fn dedup_lpm<K: Copy + bytemuck::Pod, V: Copy + Ord>(v: &mut Vec<LpmEntry<K, V>>
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The compiler's own pieces, against brute force: the prefix split of a
+    //! port range, the span masks an LPM lookup returns, and stable ids.
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Whether an LPM entry of `plen` bits over `key` matches `probe`.
+    fn lpm_match(plen: u32, key: &[u8], probe: &[u8]) -> bool {
+        (0..plen as usize).all(|bit| {
+            let (byte, shift) = (bit / 8, 7 - bit % 8);
+            (key[byte] >> shift) & 1 == (probe[byte] >> shift) & 1
+        })
+    }
+
+    /// The mask the BPF map would answer for (proto, port): the longest
+    /// matching entry's.
+    fn lookup(entries: &[(u32, PortKey, u64)], proto: u8, port: u16) -> Option<u64> {
+        let probe = port_key(7, proto, port);
+        entries
+            .iter()
+            .filter(|(plen, k, _)| {
+                lpm_match(*plen, bytemuck::bytes_of(k), bytemuck::bytes_of(&probe))
+            })
+            .max_by_key(|(plen, _, _)| *plen)
+            .map(|(_, _, m)| *m)
+    }
+
+    fn covers(s: &Span, proto: u8, port: u16) -> bool {
+        match *s {
+            Span::All => true,
+            Span::Proto(p) => p == proto,
+            Span::Range(p, lo, hi) => p == proto && lo <= port && port <= hi,
+        }
+    }
+
+    fn span_strategy() -> impl Strategy<Value = Span> {
+        let proto = prop_oneof![Just(6u8), Just(17u8), Just(1u8)];
+        prop_oneof![
+            1 => Just(Span::All),
+            2 => proto.clone().prop_map(Span::Proto),
+            8 => (proto, any::<u16>(), any::<u16>())
+                .prop_map(|(p, a, b)| Span::Range(p, a.min(b), a.max(b))),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(crate::eval::props::config())]
+
+        /// `range_prefixes` covers exactly `lo..=hi` with aligned,
+        /// disjoint blocks, at most two per bit.
+        #[test]
+        fn range_prefixes_cover_exactly_the_range(a in any::<u16>(), b in any::<u16>()) {
+            let (lo, hi) = (a.min(b), a.max(b));
+            let blocks = range_prefixes(lo, hi);
+            prop_assert!(blocks.len() <= 32);
+            let mut next = u32::from(lo);
+            for (v, bits) in &blocks {
+                let size = 1u32 << (16 - bits);
+                prop_assert_eq!(u32::from(*v), next, "blocks are contiguous, in order");
+                prop_assert_eq!(u32::from(*v) % size, 0, "block {} /{} is aligned", v, bits);
+                next += size;
+            }
+            prop_assert_eq!(next, u32::from(hi) + 1);
+        }
+
+        /// The longest match for any (protocol, port) carries exactly the
+        /// bits of the spans covering it.
+        #[test]
+        fn span_masks_answer_exactly_the_covering_spans(
+            spans in proptest::collection::vec(span_strategy(), 0..8),
+            probes in proptest::collection::vec(
+                (prop_oneof![Just(6u8), Just(17u8), Just(1u8), Just(47u8)], any::<u16>()), 1..64),
+        ) {
+            let indexed: Vec<(usize, Span)> = spans.iter().copied().enumerate().collect();
+            let entries = span_masks(7, &indexed);
+            // Edges of every range too, where off-by-ones live.
+            let edges = spans.iter().filter_map(|s| match *s {
+                Span::Range(p, lo, hi) => Some([(p, lo), (p, hi), (p, lo.wrapping_sub(1)), (p, hi.wrapping_add(1))]),
+                _ => None,
+            }).flatten();
+            for (proto, port) in probes.into_iter().chain(edges) {
+                let want = indexed
+                    .iter()
+                    .filter(|(_, s)| covers(s, proto, port))
+                    .fold(0u64, |m, (i, _)| m | 1 << i);
+                prop_assert_eq!(lookup(&entries, proto, port).unwrap_or(0), want,
+                    "proto {} port {} spans {:?}", proto, port, spans);
+            }
+        }
+    }
+
+    /// Interning: the same content gets the same id in a later compile, new
+    /// content a fresh id above every id handed out, and a retired id is
+    /// never handed out again.
+    #[test]
+    fn interning_is_stable_and_never_reuses_an_id() {
+        let book = IdBook::default();
+        let mut ids = Ids::new(&book);
+        let (a, fresh_a) = ids.intern('s', &1u32).unwrap();
+        let (b, _) = ids.intern('s', &2u32).unwrap();
+        let (a2, fresh_again) = ids.intern('s', &1u32).unwrap();
+        assert!(
+            fresh_a && !fresh_again,
+            "emitted on its first use in a compile only"
+        );
+        assert_eq!(a, a2);
+        assert_ne!(a, b);
+        // Same kind letter and value in a later compile: the same id, not fresh.
+        let book1 = ids.book.clone();
+        let mut later = Ids::new(&book1);
+        let (a3, _) = later.intern('s', &1u32).unwrap();
+        assert_eq!(a3, a);
+        assert!(!later.fresh.contains(&a3));
+        // Another kind is another object.
+        let (p, _) = later.intern('p', &1u32).unwrap();
+        assert_ne!(p, a);
+        // `b` is not used any more; content like it later gets a new id.
+        let book2 = later.book.clone();
+        let mut again = Ids::new(&book2);
+        let (b2, _) = again.intern('s', &2u32).unwrap();
+        assert!(b2 > b && b2 > p, "{b2} reuses an id handed out before");
+    }
+}
