@@ -248,6 +248,51 @@ impl std::fmt::Debug for TestBed {
     }
 }
 
+/// Puts a fresh veth of an instance to work: its host end `port` a bridge
+/// port with no addresses of its own, its `eth0` in `netns` with the
+/// instance's addresses and default routes via the subnet's router.
+fn plug(
+    port: &str,
+    netns: &str,
+    v4: Ipv4Addr,
+    v6: Option<Ipv6Addr>,
+    sub: &BedSubnet,
+) -> Result<(), BedError> {
+    std::fs::write(format!("/proc/sys/net/ipv6/conf/{port}/disable_ipv6"), "1")
+        .map_err(io_err(format!("disabling IPv6 on {port}")))?;
+    sh(&["ip", "link", "set", port, "master", &sub.bridge, "up"])?;
+    let x = |args: &[&str]| -> Result<String, BedError> {
+        let mut v = vec!["ip", "netns", "exec", netns];
+        v.extend_from_slice(args);
+        sh(&v)
+    };
+    x(&["ip", "link", "set", "lo", "up"])?;
+    x(&["ip", "addr", "add", &format!("{v4}/24"), "dev", "eth0"])?;
+    x(&["ip", "link", "set", "eth0", "up"])?;
+    x(&[
+        "ip",
+        "route",
+        "add",
+        "default",
+        "via",
+        &sub.router_v4.to_string(),
+    ])?;
+    if let (Some(a), Some(r)) = (v6, sub.router_v6) {
+        x(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{a}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        x(&["ip", "-6", "route", "add", "default", "via", &r.to_string()])?;
+    }
+    Ok(())
+}
+
 static BED_COUNTER: AtomicU32 = AtomicU32::new(0);
 
 impl TestBed {
@@ -376,39 +421,7 @@ impl TestBed {
         sh(&[
             "ip", "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &netns,
         ])?;
-        // The host end is only a bridge port: it needs no addresses of its own.
-        std::fs::write(format!("/proc/sys/net/ipv6/conf/{port}/disable_ipv6"), "1")
-            .map_err(io_err(format!("disabling IPv6 on {port}")))?;
-        sh(&["ip", "link", "set", &port, "master", &sub.bridge, "up"])?;
-        let x = |args: &[&str]| -> Result<String, BedError> {
-            let mut v = vec!["ip", "netns", "exec", netns.as_str()];
-            v.extend_from_slice(args);
-            sh(&v)
-        };
-        x(&["ip", "link", "set", "lo", "up"])?;
-        x(&["ip", "addr", "add", &format!("{v4}/24"), "dev", "eth0"])?;
-        x(&["ip", "link", "set", "eth0", "up"])?;
-        x(&[
-            "ip",
-            "route",
-            "add",
-            "default",
-            "via",
-            &sub.router_v4.to_string(),
-        ])?;
-        if let (Some(a), Some(r)) = (v6, sub.router_v6) {
-            x(&[
-                "ip",
-                "-6",
-                "addr",
-                "add",
-                &format!("{a}/64"),
-                "dev",
-                "eth0",
-                "nodad",
-            ])?;
-            x(&["ip", "-6", "route", "add", "default", "via", &r.to_string()])?;
-        }
+        plug(&port, &netns, v4, v6, &sub)?;
         let inst = BedInstance {
             name: spec.name.clone(),
             subnet: spec.subnet,
@@ -450,40 +463,7 @@ impl TestBed {
             "ip", "link", "add", &i.port, "type", "veth", "peer", "name", "eth0", "address", &mac,
             "netns", &i.netns,
         ])?;
-        std::fs::write(
-            format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", i.port),
-            "1",
-        )
-        .map_err(io_err(format!("disabling IPv6 on {}", i.port)))?;
-        sh(&["ip", "link", "set", &i.port, "master", &sub.bridge, "up"])?;
-        let x = |args: &[&str]| -> Result<String, BedError> {
-            let mut v = vec!["ip", "netns", "exec", i.netns.as_str()];
-            v.extend_from_slice(args);
-            sh(&v)
-        };
-        x(&["ip", "addr", "add", &format!("{}/24", i.v4), "dev", "eth0"])?;
-        x(&["ip", "link", "set", "eth0", "up"])?;
-        x(&[
-            "ip",
-            "route",
-            "add",
-            "default",
-            "via",
-            &sub.router_v4.to_string(),
-        ])?;
-        if let (Some(a), Some(r)) = (i.v6, sub.router_v6) {
-            x(&[
-                "ip",
-                "-6",
-                "addr",
-                "add",
-                &format!("{a}/64"),
-                "dev",
-                "eth0",
-                "nodad",
-            ])?;
-            x(&["ip", "-6", "route", "add", "default", "via", &r.to_string()])?;
-        }
+        plug(&i.port, &i.netns, i.v4, i.v6, &sub)?;
         Ok(())
     }
 
