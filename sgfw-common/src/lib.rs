@@ -182,12 +182,35 @@ const _: () = assert!(size_of::<FragEntry>() == 16);
 
 /// Where a packet was seen, from the instance's point of view.
 #[repr(u8)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(
+    feature = "user",
+    derive(serde::Serialize),
+    serde(rename_all = "lowercase")
+)]
 pub enum Direction {
     /// The instance sends (TC ingress of its bridge port).
     Egress = 0,
     /// The packet is delivered to the instance (TC egress of its bridge port).
     Ingress = 1,
+}
+
+impl Direction {
+    /// `egress` / `ingress`: the permission list, flow-log and message name.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Direction::Egress => "egress",
+            Direction::Ingress => "ingress",
+        }
+    }
+
+    /// The classifier that judges this direction at an instance's port.
+    pub const fn program(self) -> &'static str {
+        match self {
+            Direction::Egress => program_names::FROM_INSTANCE,
+            Direction::Ingress => program_names::TO_INSTANCE,
+        }
+    }
 }
 
 /// Why the dataplane let a packet through or dropped it. One enum for the BPF

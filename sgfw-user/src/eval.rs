@@ -21,53 +21,19 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use serde::Serialize;
 
 use crate::flat::{
-    ConntrackTimeouts, FlatModel, InstanceRules, RuleAction, RuleOrigin, SgDirection,
-    SubnetFirewall,
+    ConntrackTimeouts, Direction, FlatModel, InstanceRules, RuleAction, RuleOrigin, SubnetFirewall,
 };
 use crate::packet::{
     L4, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Packet, Wire, is_icmp_error,
     query_request_type,
 };
+pub use crate::policy::{METADATA_ADDR, Stage};
 use sgfw_common::passthrough as pt;
-
-/// The instance metadata address: never filtered.
-pub const METADATA_ADDR: IpAddr = IpAddr::V4(Ipv4Addr::new(169, 254, 169, 254));
-
-/// One check a packet passes through, in the order they apply.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-pub enum Stage {
-    /// The sending instance's security groups, egress.
-    SgEgress,
-    /// The source subnet's NACL, outbound.
-    NaclOut,
-    /// The destination subnet's NACL, inbound.
-    NaclIn,
-    /// The receiving instance's security groups, ingress.
-    SgIngress,
-}
-
-impl Stage {
-    /// Stable name as in flow logs: `sg-egress`, `nacl-out`, `nacl-in`, `sg-ingress`.
-    pub const fn name(self) -> &'static str {
-        match self {
-            Stage::SgEgress => "sg-egress",
-            Stage::NaclOut => "nacl-out",
-            Stage::NaclIn => "nacl-in",
-            Stage::SgIngress => "sg-ingress",
-        }
-    }
-}
-
-impl fmt::Display for Stage {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
 
 /// What decided a stage.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
@@ -250,7 +216,7 @@ pub struct FlowEntry {
     /// State.
     pub state: FlowState,
     /// Direction of the packet that created it.
-    pub origin: SgDirection,
+    pub origin: Direction,
     /// Creation time, ns.
     pub created_ns: u64,
     /// Time of the last packet that refreshed it, ns.
@@ -292,7 +258,7 @@ pub struct Conntrack {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 struct FragRecord {
     port: usize,
-    dir: SgDirection,
+    dir: Direction,
     src: IpAddr,
     dst: IpAddr,
     proto: u8,
@@ -354,15 +320,15 @@ impl Conntrack {
 /// The conntrack key of `pkt` from the view of the instance on the `dir` side
 /// (egress: the sender, ingress: the receiver). `None` for ICMP errors, which
 /// are never tracked.
-pub fn flow_key(pkt: &Packet, dir: SgDirection) -> Option<FlowKey> {
+pub fn flow_key(pkt: &Packet, dir: Direction) -> Option<FlowKey> {
     let (local, remote) = match dir {
-        SgDirection::Egress => (pkt.src, pkt.dst),
-        SgDirection::Ingress => (pkt.dst, pkt.src),
+        Direction::Egress => (pkt.src, pkt.dst),
+        Direction::Ingress => (pkt.dst, pkt.src),
     };
     let (local_port, remote_port) = match &pkt.l4 {
         L4::Tcp { sport, dport, .. } | L4::Udp { sport, dport } => match dir {
-            SgDirection::Egress => (*sport, *dport),
-            SgDirection::Ingress => (*dport, *sport),
+            Direction::Egress => (*sport, *dport),
+            Direction::Ingress => (*dport, *sport),
         },
         L4::Icmp {
             icmp_type,
@@ -376,7 +342,7 @@ pub fn flow_key(pkt: &Packet, dir: SgDirection) -> Option<FlowKey> {
             }
             match query_request_type(v6, *icmp_type) {
                 Some(request) => {
-                    let asks = (*icmp_type == request) == (dir == SgDirection::Egress);
+                    let asks = (*icmp_type == request) == (dir == Direction::Egress);
                     let asker = if asks {
                         sgfw_common::CT_ICMP_QUERY_LOCAL
                     } else {
@@ -413,9 +379,9 @@ fn related_key(pkt: &Packet, local: IpAddr) -> Option<FlowKey> {
         return None;
     }
     if inner.src == local {
-        flow_key(inner, SgDirection::Egress)
+        flow_key(inner, Direction::Egress)
     } else if inner.dst == local {
-        flow_key(inner, SgDirection::Ingress)
+        flow_key(inner, Direction::Ingress)
     } else {
         None
     }
@@ -489,15 +455,15 @@ pub fn service_class(a: IpAddr) -> Option<PassthroughClass> {
 fn passthrough_at(
     model: &FlatModel,
     inst: Option<&InstanceRules>,
-    dir: SgDirection,
+    dir: Direction,
     pkt: &Packet,
 ) -> Option<PassthroughClass> {
     if is_ndp(pkt) {
         return Some(PassthroughClass::Ndp);
     }
     let (dhcp, peer) = match dir {
-        SgDirection::Egress => (is_dhcp_client(pkt), pkt.dst),
-        SgDirection::Ingress => (is_dhcp_server(pkt), pkt.src),
+        Direction::Egress => (is_dhcp_client(pkt), pkt.dst),
+        Direction::Ingress => (is_dhcp_server(pkt), pkt.src),
     };
     // The DHCP server is the VPC's, never an instance.
     if dhcp && model.instance_by_addr(peer).is_none() {
@@ -517,8 +483,8 @@ fn passthrough_at(
 pub fn is_passthrough(model: &FlatModel, pkt: &Packet) -> Option<PassthroughClass> {
     let sender = model.instance_by_addr(pkt.src);
     let receiver = model.instance_by_addr(pkt.dst);
-    passthrough_at(model, sender, SgDirection::Egress, pkt)
-        .or_else(|| passthrough_at(model, receiver, SgDirection::Ingress, pkt))
+    passthrough_at(model, sender, Direction::Egress, pkt)
+        .or_else(|| passthrough_at(model, receiver, Direction::Ingress, pkt))
 }
 
 /// What to write to conntrack once a leg has allowed.
@@ -568,8 +534,8 @@ pub fn evaluate_wire(model: &FlatModel, ct: &mut Conntrack, wire: &Wire, now_ns:
         return v;
     }
     for (port, dir) in [
-        (wire.from, SgDirection::Egress),
-        (wire.to, SgDirection::Ingress),
+        (wire.from, Direction::Egress),
+        (wire.to, Direction::Ingress),
     ] {
         let Some(port) = port else { continue };
         if !hook(model, ct, wire, port, dir, now_ns, &mut v) {
@@ -587,7 +553,7 @@ fn hook(
     ct: &mut Conntrack,
     wire: &Wire,
     port: usize,
-    dir: SgDirection,
+    dir: Direction,
     now_ns: u64,
     v: &mut Verdict,
 ) -> bool {
@@ -621,9 +587,7 @@ fn hook(
     // At the receiver's hook, a packet from an instance's address must have
     // passed that instance's hook (the identity in `skb->mark`): one sent
     // from a port with no hook (not attached yet) or forged by the host drops.
-    if dir == SgDirection::Ingress
-        && wire.from.is_none()
-        && model.instance_by_addr(pkt.src).is_some()
+    if dir == Direction::Ingress && wire.from.is_none() && model.instance_by_addr(pkt.src).is_some()
     {
         v.blocked = Some(Blocked::Unattached);
         return false;
@@ -648,7 +612,7 @@ fn leg(
     ct: &mut Conntrack,
     pkt: &Packet,
     port: usize,
-    dir: SgDirection,
+    dir: Direction,
     now_ns: u64,
     v: &mut Verdict,
 ) -> bool {
@@ -656,18 +620,18 @@ fn leg(
         return true;
     };
     let (local, remote) = match dir {
-        SgDirection::Egress => (pkt.src, pkt.dst),
-        SgDirection::Ingress => (pkt.dst, pkt.src),
+        Direction::Egress => (pkt.src, pkt.dst),
+        Direction::Ingress => (pkt.dst, pkt.src),
     };
     let owner = model.instance_by_addr(local);
     let inst = if port_inst.interface.is_some() {
         let own = owner.is_some_and(|o| o.id == port_inst.id);
         let ok = match dir {
-            SgDirection::Egress => {
+            Direction::Egress => {
                 own || is_link_local_v6(local)
                     || (is_unspecified(local) && (is_dhcp_client(pkt) || is_ndp(pkt)))
             }
-            SgDirection::Ingress => {
+            Direction::Ingress => {
                 own || is_link_local_v6(local)
                     || is_group(local)
                     || model.is_subnet_broadcast(local)
@@ -675,8 +639,8 @@ fn leg(
         };
         if !ok {
             v.blocked = Some(match dir {
-                SgDirection::Egress => Blocked::SourceCheck,
-                SgDirection::Ingress => Blocked::NotForInstance,
+                Direction::Egress => Blocked::SourceCheck,
+                Direction::Ingress => Blocked::NotForInstance,
             });
             return false;
         }
@@ -690,7 +654,7 @@ fn leg(
     }
     if is_group(pkt.dst)
         || model.is_subnet_broadcast(pkt.dst)
-        || (dir == SgDirection::Egress && model.is_subnet_broadcast(pkt.src))
+        || (dir == Direction::Egress && model.is_subnet_broadcast(pkt.src))
         || is_redirect(pkt)
     {
         v.blocked = Some(Blocked::NotCarried);
@@ -709,7 +673,7 @@ fn leg(
         v.stages.push(r);
         ok
     };
-    if dir == SgDirection::Ingress && crossing && !nacl(v, Stage::NaclIn) {
+    if dir == Direction::Ingress && crossing && !nacl(v, Stage::NaclIn) {
         return false;
     }
     let (sg, commit) = sg_stage(model, ct, inst, dir, pkt, now_ns);
@@ -718,7 +682,7 @@ fn leg(
     if !ok {
         return false;
     }
-    if dir == SgDirection::Egress && crossing && !nacl(v, Stage::NaclOut) {
+    if dir == Direction::Egress && crossing && !nacl(v, Stage::NaclOut) {
         return false;
     }
     apply(ct, commit, inst, dir, pkt, now_ns);
@@ -735,13 +699,13 @@ fn sg_stage(
     model: &FlatModel,
     ct: &mut Conntrack,
     inst: &InstanceRules,
-    dir: SgDirection,
+    dir: Direction,
     pkt: &Packet,
     now_ns: u64,
 ) -> (StageResult, Commit) {
     let (stage, local, remote, rules) = match dir {
-        SgDirection::Egress => (Stage::SgEgress, pkt.src, pkt.dst, &inst.egress),
-        SgDirection::Ingress => (Stage::SgIngress, pkt.dst, pkt.src, &inst.ingress),
+        Direction::Egress => (Stage::SgEgress, pkt.src, pkt.dst, &inst.egress),
+        Direction::Ingress => (Stage::SgIngress, pkt.dst, pkt.src, &inst.ingress),
     };
     let allow = |by| StageResult {
         stage,
@@ -817,7 +781,7 @@ fn apply(
     ct: &mut Conntrack,
     commit: Commit,
     inst: &InstanceRules,
-    dir: SgDirection,
+    dir: Direction,
     pkt: &Packet,
     now_ns: u64,
 ) {
@@ -1174,7 +1138,7 @@ pub(crate) mod tests {
                 },
                 origin: RuleOrigin {
                     group_id: "sg-x".into(),
-                    direction: SgDirection::Ingress,
+                    direction: Direction::Ingress,
                     permission: 0,
                 },
             },
@@ -1187,7 +1151,7 @@ pub(crate) mod tests {
                 },
                 origin: RuleOrigin {
                     group_id: "sg-x".into(),
-                    direction: SgDirection::Ingress,
+                    direction: Direction::Ingress,
                     permission: 1,
                 },
             },
@@ -1617,7 +1581,7 @@ pub(crate) mod tests {
         let (_, e) = ct.iter().next().unwrap();
         assert_eq!(
             (e.origin, e.created_ns, e.last_seen_ns, e.packets),
-            (SgDirection::Egress, 0, 2 * SEC, 3)
+            (Direction::Egress, 0, 2 * SEC, 3)
         );
         let fin = Packet::tcp(
             ip(OUT),
@@ -1650,8 +1614,8 @@ pub(crate) mod tests {
             },
         };
         let web1 = inst_mut(&mut m, "i-web1");
-        web1.ingress = vec![open(SgDirection::Ingress, "sg-open")];
-        web1.egress = vec![open(SgDirection::Egress, "sg-open")];
+        web1.ingress = vec![open(Direction::Ingress, "sg-open")];
+        web1.egress = vec![open(Direction::Egress, "sg-open")];
         let mut ct = Conntrack::new();
         assert!(evaluate(&m, &mut ct, &syn(OUT, WEB1, 22), 0).allowed);
         assert_eq!(ct.len(), 1);
@@ -2091,7 +2055,7 @@ pub(crate) mod tests {
     fn flow_keys() {
         let k = flow_key(
             &Packet::icmp(ip(WEB1), ip(OUT), 0, 0, 9),
-            SgDirection::Ingress,
+            Direction::Ingress,
         )
         .unwrap();
         // A reply delivered to OUT: OUT asked.
@@ -2100,26 +2064,18 @@ pub(crate) mod tests {
             (ip(OUT), 9, sgfw_common::CT_ICMP_QUERY_LOCAL | 8)
         );
         // The same reply seen from its sender: the peer asked.
-        let k = flow_key(
-            &Packet::icmp(ip(WEB1), ip(OUT), 0, 0, 9),
-            SgDirection::Egress,
-        )
-        .unwrap();
+        let k = flow_key(&Packet::icmp(ip(WEB1), ip(OUT), 0, 0, 9), Direction::Egress).unwrap();
         assert_eq!(k.remote_port, sgfw_common::CT_ICMP_QUERY_REMOTE | 8);
-        let k = flow_key(
-            &Packet::icmp(ip(WEB1), ip(OUT), 5, 1, 9),
-            SgDirection::Egress,
-        )
-        .unwrap();
+        let k = flow_key(&Packet::icmp(ip(WEB1), ip(OUT), 5, 1, 9), Direction::Egress).unwrap();
         assert_eq!((k.local_port, k.remote_port, k.proto), (5, 1, 1));
         assert_eq!(
             flow_key(
                 &Packet::icmp(ip(WEB1), ip(OUT), 11, 0, 0),
-                SgDirection::Egress
+                Direction::Egress
             ),
             None
         );
-        let k = flow_key(&syn(WEB1, OUT, 80), SgDirection::Ingress).unwrap();
+        let k = flow_key(&syn(WEB1, OUT, 80), Direction::Ingress).unwrap();
         assert_eq!(
             (k.local, k.remote, k.local_port, k.remote_port),
             (ip(OUT), ip(WEB1), 80, 40000)
@@ -2323,7 +2279,7 @@ pub(crate) mod props {
         }
     }
 
-    fn rule_of(d: &mut Draw, dir: SgDirection) -> FirewallRule {
+    fn rule_of(d: &mut Draw, dir: Direction) -> FirewallRule {
         FirewallRule {
             remote: NET_POOL[d.pick(NETS.len() as u64) as usize],
             matcher: match_of(d),
@@ -2335,7 +2291,7 @@ pub(crate) mod props {
         }
     }
 
-    fn rules_of(d: &mut Draw, dir: SgDirection) -> Vec<FirewallRule> {
+    fn rules_of(d: &mut Draw, dir: Direction) -> Vec<FirewallRule> {
         (0..d.pick(4)).map(|_| rule_of(d, dir)).collect()
     }
 
@@ -2366,7 +2322,7 @@ pub(crate) mod props {
         prop::collection::vec(any::<u64>(), 16).prop_map(Draw::new)
     }
 
-    fn arb_rule(dir: SgDirection) -> impl Strategy<Value = FirewallRule> {
+    fn arb_rule(dir: Direction) -> impl Strategy<Value = FirewallRule> {
         words().prop_map(move |mut d| rule_of(&mut d, dir))
     }
 
@@ -2402,8 +2358,8 @@ pub(crate) mod props {
                 s.outbound = nacl_of(&mut d);
             }
             for inst in &mut m.instances {
-                inst.ingress = rules_of(&mut d, SgDirection::Ingress);
-                inst.egress = rules_of(&mut d, SgDirection::Egress);
+                inst.ingress = rules_of(&mut d, Direction::Ingress);
+                inst.egress = rules_of(&mut d, Direction::Egress);
             }
             m
         })
@@ -2505,7 +2461,7 @@ pub(crate) mod props {
         #[test]
         fn adding_an_sg_rule_never_turns_allow_into_deny(
             m in arb_model(), p in arb_packet(), who in 0usize..3, egress in any::<bool>(),
-            extra in arb_rule(SgDirection::Ingress), pos in 0usize..5,
+            extra in arb_rule(Direction::Ingress), pos in 0usize..5,
         ) {
             let before = explain_new_flow(&m, &p);
             let mut m2 = m;
@@ -2594,7 +2550,7 @@ pub(crate) mod props {
             }
             // Whatever rules there were, one of them lets the first packet out and in.
             for inst in &mut m.instances {
-                for (dir, list) in [(SgDirection::Ingress, &mut inst.ingress), (SgDirection::Egress, &mut inst.egress)] {
+                for (dir, list) in [(Direction::Ingress, &mut inst.ingress), (Direction::Egress, &mut inst.egress)] {
                     for net in ["0.0.0.0/0", "::/0"] {
                         list.push(FirewallRule {
                             remote: net.parse().unwrap(),

@@ -14,11 +14,13 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 
-use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use ipnet::IpNet;
 use serde::Serialize;
 
-use crate::packet::{L4, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Packet};
-use crate::validate::{ValidModel, ValidRemote};
+pub use crate::policy::{
+    ConntrackTimeouts, Direction, Match, NaclEntry, RuleAction, SubnetFirewall, subnet_broadcast,
+};
+use crate::policy::{ValidModel, ValidRemote};
 
 /// The whole model, flattened.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -29,59 +31,6 @@ pub struct FlatModel {
     pub instances: Vec<InstanceRules>,
     /// Connection-tracking timeouts.
     pub timeouts: ConntrackTimeouts,
-}
-
-/// One subnet: its bridge and its NACL, resolved.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct SubnetFirewall {
-    /// Subnet id.
-    pub id: String,
-    /// Host bridge name.
-    pub bridge: String,
-    /// IPv4 CIDR (canonical).
-    pub cidr_v4: Ipv4Net,
-    /// IPv6 CIDR (canonical), if any.
-    pub cidr_v6: Option<Ipv6Net>,
-    /// DNS addresses: traffic to and from them is never filtered. Sorted.
-    pub dns: Vec<IpAddr>,
-    /// Id of the NACL in force (the default NACL's when none is associated).
-    pub nacl_id: String,
-    /// Inbound entries of both families, ascending rule number.
-    pub inbound: Vec<NaclEntry>,
-    /// Outbound entries of both families, ascending rule number.
-    pub outbound: Vec<NaclEntry>,
-}
-
-/// Whether a NACL entry allows or denies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RuleAction {
-    /// Let the packet through this stage.
-    Allow,
-    /// Drop the packet.
-    Deny,
-}
-
-impl fmt::Display for RuleAction {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            RuleAction::Allow => "allow",
-            RuleAction::Deny => "deny",
-        })
-    }
-}
-
-/// One NACL entry, resolved.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
-pub struct NaclEntry {
-    /// Rule number, 1-32766.
-    pub rule_number: u16,
-    /// Allow or deny.
-    pub action: RuleAction,
-    /// Remote CIDR (canonical); its family is the family the entry applies to.
-    pub cidr: IpNet,
-    /// What traffic it matches (ports are destination ports).
-    pub matcher: Match,
 }
 
 /// One instance and its effective security-group rules.
@@ -119,25 +68,6 @@ pub struct FirewallRule {
     pub origin: RuleOrigin,
 }
 
-/// Ingress or egress, as a security group's permission lists are split.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SgDirection {
-    /// `IpPermissions`: traffic delivered to the instance.
-    Ingress,
-    /// `IpPermissionsEgress`: traffic the instance sends.
-    Egress,
-}
-
-impl fmt::Display for SgDirection {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            SgDirection::Ingress => "ingress",
-            SgDirection::Egress => "egress",
-        })
-    }
-}
-
 /// Where a rule came from: a group, a direction and an index into its
 /// `IpPermissions` or `IpPermissionsEgress`. Displays as `sg-web/ingress[0]`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -145,7 +75,7 @@ pub struct RuleOrigin {
     /// Security-group id.
     pub group_id: String,
     /// Which permission list.
-    pub direction: SgDirection,
+    pub direction: Direction,
     /// Index in that list.
     pub permission: usize,
 }
@@ -155,174 +85,10 @@ impl fmt::Display for RuleOrigin {
         write!(
             f,
             "{}/{}[{}]",
-            self.group_id, self.direction, self.permission
+            self.group_id,
+            self.direction.name(),
+            self.permission
         )
-    }
-}
-
-/// What traffic a rule or NACL entry matches, in one canonical form.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-pub enum Match {
-    /// Every protocol.
-    All,
-    /// One protocol, any port or type.
-    Proto(u8),
-    /// TCP or UDP, destination port in `from..=to` (never the full range: that is `Proto`).
-    Ports {
-        /// 6 or 17.
-        proto: u8,
-        /// First port.
-        from: u16,
-        /// Last port.
-        to: u16,
-    },
-    /// ICMP (1, IPv4 packets only) or ICMPv6 (58, IPv6 packets only).
-    Icmp {
-        /// 1 or 58.
-        proto: u8,
-        /// Type; `None` = any (and then `code` is `None` too).
-        icmp_type: Option<u8>,
-        /// Code; `None` = any.
-        code: Option<u8>,
-    },
-}
-
-impl Match {
-    /// Whether this matcher matches a packet: protocol, TCP/UDP destination
-    /// port, ICMP type and code. ICMP matchers match only their own family.
-    pub fn matches(&self, pkt: &Packet) -> bool {
-        match *self {
-            Match::All => true,
-            Match::Proto(p) => pkt.proto() == p,
-            Match::Ports { proto, from, to } => {
-                pkt.proto() == proto && pkt.dport().is_some_and(|d| (from..=to).contains(&d))
-            }
-            Match::Icmp {
-                proto,
-                icmp_type,
-                code,
-            } => {
-                let L4::Icmp {
-                    icmp_type: t,
-                    code: c,
-                    ..
-                } = &pkt.l4
-                else {
-                    return false;
-                };
-                let family_ok = if pkt.is_v6() {
-                    proto == PROTO_ICMPV6
-                } else {
-                    proto == PROTO_ICMP
-                };
-                family_ok
-                    && icmp_type.is_none_or(|want| want == *t)
-                    && code.is_none_or(|want| want == *c)
-            }
-        }
-    }
-
-    /// Whether the matcher can match any packet of the family of `net`.
-    pub fn possible_for(&self, net: &IpNet) -> bool {
-        match self {
-            Match::Icmp { proto, .. } => match net {
-                IpNet::V4(_) => *proto == PROTO_ICMP,
-                IpNet::V6(_) => *proto == PROTO_ICMPV6,
-            },
-            _ => true,
-        }
-    }
-
-    /// The matcher written back as a security-group permission's
-    /// (`IpProtocol`, `FromPort`, `ToPort`); validating that gives this matcher again.
-    pub fn to_sg_fields(&self) -> (String, Option<i64>, Option<i64>) {
-        match *self {
-            Match::All => ("-1".into(), None, None),
-            Match::Proto(p @ (PROTO_TCP | PROTO_UDP)) => (proto_name(p), Some(0), Some(65535)),
-            Match::Proto(p) => (p.to_string(), None, None),
-            Match::Ports { proto, from, to } => {
-                (proto_name(proto), Some(from.into()), Some(to.into()))
-            }
-            Match::Icmp {
-                proto,
-                icmp_type,
-                code,
-            } => (
-                proto_name(proto),
-                Some(icmp_type.map_or(-1, i64::from)),
-                Some(code.map_or(-1, i64::from)),
-            ),
-        }
-    }
-}
-
-fn proto_name(p: u8) -> String {
-    match p {
-        PROTO_TCP => "tcp".into(),
-        PROTO_UDP => "udp".into(),
-        PROTO_ICMP => "icmp".into(),
-        PROTO_ICMPV6 => "icmpv6".into(),
-        other => other.to_string(),
-    }
-}
-
-impl fmt::Display for Match {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match *self {
-            Match::All => f.write_str("all"),
-            Match::Proto(p) => write!(f, "{}", proto_name(p)),
-            Match::Ports { proto, from, to } if from == to => {
-                write!(f, "{} {from}", proto_name(proto))
-            }
-            Match::Ports { proto, from, to } => write!(f, "{} {from}-{to}", proto_name(proto)),
-            Match::Icmp {
-                proto,
-                icmp_type,
-                code,
-            } => {
-                write!(f, "{}", proto_name(proto))?;
-                match (icmp_type, code) {
-                    (None, _) => f.write_str(" any"),
-                    (Some(t), None) => write!(f, " type {t}"),
-                    (Some(t), Some(c)) => write!(f, " type {t} code {c}"),
-                }
-            }
-        }
-    }
-}
-
-/// Connection-tracking timeouts, seconds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct ConntrackTimeouts {
-    /// TCP after a packet in both directions.
-    pub tcp_established: u32,
-    /// TCP before any reply.
-    pub tcp_new: u32,
-    /// TCP after FIN or RST.
-    pub tcp_closing: u32,
-    /// UDP, one direction seen.
-    pub udp: u32,
-    /// UDP, both directions seen.
-    pub udp_stream: u32,
-    /// ICMP and ICMPv6.
-    pub icmp: u32,
-    /// Any other protocol.
-    pub other: u32,
-}
-
-impl Default for ConntrackTimeouts {
-    /// docs/semantics.md: TCP established 432000 s, not yet established 60 s,
-    /// closing 10 s; UDP 30 s, stream 180 s; ICMP 30 s; other 600 s.
-    fn default() -> Self {
-        ConntrackTimeouts {
-            tcp_established: 432_000,
-            tcp_new: 60,
-            tcp_closing: 10,
-            udp: 30,
-            udp_stream: 180,
-            icmp: 30,
-            other: 600,
-        }
     }
 }
 
@@ -353,10 +119,11 @@ impl FlatModel {
     }
 }
 
-/// A subnet's broadcast address (its last address), which a VPC does not
-/// carry; `None` for /31 and /32, whose last address is a host.
-pub fn subnet_broadcast(cidr: &Ipv4Net) -> Option<std::net::Ipv4Addr> {
-    (cidr.prefix_len() <= 30).then(|| cidr.broadcast())
+impl ValidModel {
+    /// The flattened view ([`flatten`]).
+    pub fn flatten(&self) -> FlatModel {
+        flatten(self)
+    }
 }
 
 /// Flattens a validated model. Deterministic: the same model gives the same value.
@@ -390,8 +157,8 @@ pub fn flatten(model: &ValidModel) -> FlatModel {
                     continue;
                 };
                 for (dir, perms, out) in [
-                    (SgDirection::Ingress, &group.ingress, &mut ingress),
-                    (SgDirection::Egress, &group.egress, &mut egress),
+                    (Direction::Ingress, &group.ingress, &mut ingress),
+                    (Direction::Egress, &group.egress, &mut egress),
                 ] {
                     for (idx, perm) in perms.iter().enumerate() {
                         let origin = RuleOrigin {
@@ -486,7 +253,8 @@ mod tests {
         IpPermission, Model, NaclAssociation, NetworkAcl, NetworkAclEntry, PortRange, PrefixList,
         PrefixListEntry, SecurityGroup,
     };
-    use crate::validate::{ValidRemote, validate};
+    use crate::policy::ValidRemote;
+    use crate::validate::validate;
     use proptest::prelude::*;
 
     fn rules_of<'a>(m: &'a FlatModel, id: &str, ingress: bool) -> &'a [FirewallRule] {
@@ -583,7 +351,7 @@ mod tests {
     fn origin_and_match_display() {
         let o = RuleOrigin {
             group_id: "sg-web".into(),
-            direction: SgDirection::Ingress,
+            direction: Direction::Ingress,
             permission: 0,
         };
         assert_eq!(o.to_string(), "sg-web/ingress[0]");

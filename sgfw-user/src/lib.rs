@@ -40,6 +40,7 @@ pub mod lab;
 pub mod model;
 pub mod nft;
 pub mod packet;
+pub mod policy;
 pub mod sys;
 pub mod validate;
 #[cfg(feature = "watch")]

@@ -8,14 +8,8 @@
 use std::fmt;
 use std::net::IpAddr;
 
-/// IP protocol number of TCP.
-pub const PROTO_TCP: u8 = 6;
-/// IP protocol number of UDP.
-pub const PROTO_UDP: u8 = 17;
-/// IP protocol number of ICMP (IPv4).
-pub const PROTO_ICMP: u8 = 1;
-/// IP protocol number of ICMPv6.
-pub const PROTO_ICMPV6: u8 = 58;
+use crate::policy::Match;
+pub use crate::policy::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
 
 /// The TCP flags that connection tracking looks at.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -451,4 +445,40 @@ pub struct Wire {
     pub vlan: bool,
     /// The packet is a fragment.
     pub fragment: Option<Fragment>,
+}
+
+impl Match {
+    /// Whether this matcher matches a packet: protocol, TCP/UDP destination
+    /// port, ICMP type and code. ICMP matchers match only their own family.
+    pub fn matches(&self, pkt: &Packet) -> bool {
+        match *self {
+            Match::All => true,
+            Match::Proto(p) => pkt.proto() == p,
+            Match::Ports { proto, from, to } => {
+                pkt.proto() == proto && pkt.dport().is_some_and(|d| (from..=to).contains(&d))
+            }
+            Match::Icmp {
+                proto,
+                icmp_type,
+                code,
+            } => {
+                let L4::Icmp {
+                    icmp_type: t,
+                    code: c,
+                    ..
+                } = &pkt.l4
+                else {
+                    return false;
+                };
+                let family_ok = if pkt.is_v6() {
+                    proto == PROTO_ICMPV6
+                } else {
+                    proto == PROTO_ICMP
+                };
+                family_ok
+                    && icmp_type.is_none_or(|want| want == *t)
+                    && code.is_none_or(|want| want == *c)
+            }
+        }
+    }
 }

@@ -18,9 +18,12 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use crate::flat::{ConntrackTimeouts, FlatModel, Match, NaclEntry, RuleAction, SubnetFirewall};
 use crate::model::{IpPermission, Model, NetworkAclEntry};
-use crate::packet::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
+pub use crate::policy::ValidModel;
+use crate::policy::{
+    ConntrackTimeouts, Match, NaclEntry, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
+    RuleAction, SubnetFirewall, ValidGroup, ValidInstance, ValidPermission, ValidRemote,
+};
 
 /// AWS default quota: rules per security group, per direction, per address family.
 pub const QUOTA_SG_RULES: usize = 60;
@@ -77,61 +80,6 @@ impl fmt::Display for Warning {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {}", self.path, self.message)
     }
-}
-
-/// A model that passed validation, in typed form. Only [`validate`] makes one.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ValidModel {
-    pub(crate) source: Model,
-    /// Sorted by id, NACLs resolved.
-    pub(crate) subnets: Vec<SubnetFirewall>,
-    /// Sorted by id.
-    pub(crate) instances: Vec<ValidInstance>,
-    pub(crate) groups: BTreeMap<String, ValidGroup>,
-    pub(crate) prefix_lists: BTreeMap<String, Vec<IpNet>>,
-    pub(crate) timeouts: ConntrackTimeouts,
-}
-
-impl ValidModel {
-    /// The model as it was written.
-    pub fn model(&self) -> &Model {
-        &self.source
-    }
-
-    /// The flattened view ([`crate::flat::flatten`]).
-    pub fn flatten(&self) -> FlatModel {
-        crate::flat::flatten(self)
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct ValidInstance {
-    pub(crate) id: String,
-    pub(crate) subnet_id: String,
-    /// IPv4 then IPv6, sorted.
-    pub(crate) addrs: Vec<IpAddr>,
-    pub(crate) interface: Option<String>,
-    /// In the order given, without duplicates.
-    pub(crate) groups: Vec<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub(crate) struct ValidGroup {
-    pub(crate) ingress: Vec<ValidPermission>,
-    pub(crate) egress: Vec<ValidPermission>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct ValidPermission {
-    pub(crate) matcher: Match,
-    pub(crate) remotes: Vec<ValidRemote>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum ValidRemote {
-    Cidr(IpNet),
-    Group(String),
-    PrefixList(String),
 }
 
 /// Checks a model and puts it in typed, canonical form.

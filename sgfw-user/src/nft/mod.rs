@@ -176,10 +176,10 @@ pub use render::{
 
 use serde::Serialize;
 
-use crate::eval::Stage;
 use crate::flat::FlatModel;
+use crate::policy::Stage;
 use crate::sys::{Host, SysError};
-use render::ChainKind;
+use render::{CHAIN_ORDER, NftStage};
 
 /// `/proc/sys` key that exists only when `br_netfilter` is loaded.
 pub const SYSCTL_CALL_IPTABLES: &str = "net/bridge/bridge-nf-call-iptables";
@@ -313,9 +313,9 @@ fn parse_counter_name(name: &str) -> Option<CounterKind> {
         (name.strip_suffix("_drop")?, false)
     };
     let (prefix, index) = rest.rsplit_once('_')?;
-    let kind = ChainKind::ALL.into_iter().find(|k| k.prefix() == prefix)?;
+    let kind = CHAIN_ORDER.into_iter().find(|k| k.prefix() == prefix)?;
     Some(CounterKind::Stage {
-        stage: kind.stage(),
+        stage: kind,
         index: index.parse().ok()?,
         allowed,
     })

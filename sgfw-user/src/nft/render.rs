@@ -37,8 +37,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use sgfw_common::passthrough as pt;
 
-use crate::flat::{FirewallRule, FlatModel, Match, NaclEntry, RuleAction};
-use crate::packet::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
+use crate::flat::{FirewallRule, FlatModel};
+use crate::policy::{
+    Direction, Family, Match, NaclEntry, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
+    RuleAction, Stage,
+};
 
 // ---------- the traffic classes ----------
 //
@@ -169,65 +172,52 @@ pub fn ifname_ok(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || "._-@+".contains(c))
 }
 
-/// IPv4 or IPv6, as nft spells the pieces.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Family {
-    V4,
-    V6,
-}
-
-impl Family {
-    const ALL: [Family; 2] = [Family::V4, Family::V6];
-
-    fn of_net(net: &IpNet) -> Family {
-        match net {
-            IpNet::V4(_) => Family::V4,
-            IpNet::V6(_) => Family::V6,
-        }
-    }
-    fn of_addr(addr: &IpAddr) -> Family {
-        match addr {
-            IpAddr::V4(_) => Family::V4,
-            IpAddr::V6(_) => Family::V6,
-        }
-    }
+/// How nft spells the pieces of an address family ([`Family`] is the one type).
+trait NftFamily: Copy {
     /// `ip` / `ip6` (the payload expression's protocol).
-    fn l3(self) -> &'static str {
-        match self {
-            Family::V4 => "ip",
-            Family::V6 => "ip6",
-        }
-    }
+    fn l3(self) -> &'static str;
     /// `ipv4` / `ipv6` (`meta nfproto`).
-    fn nfproto(self) -> &'static str {
-        match self {
-            Family::V4 => "ipv4",
-            Family::V6 => "ipv6",
-        }
-    }
+    fn nfproto(self) -> &'static str;
     /// `ipv4_addr` / `ipv6_addr` (set types).
-    fn addr_type(self) -> &'static str {
-        match self {
-            Family::V4 => "ipv4_addr",
-            Family::V6 => "ipv6_addr",
-        }
-    }
+    fn addr_type(self) -> &'static str;
     /// `v4` / `v6` (name suffixes).
-    fn suffix(self) -> &'static str {
-        match self {
-            Family::V4 => "v4",
-            Family::V6 => "v6",
-        }
-    }
+    fn suffix(self) -> &'static str;
     /// `ip` / `ip6` (`l3proto` of a ct timeout object).
     fn l3proto(self) -> &'static str {
         self.l3()
     }
 }
 
+impl NftFamily for Family {
+    fn l3(self) -> &'static str {
+        match self {
+            Family::V4 => "ip",
+            Family::V6 => "ip6",
+        }
+    }
+    fn nfproto(self) -> &'static str {
+        match self {
+            Family::V4 => "ipv4",
+            Family::V6 => "ipv6",
+        }
+    }
+    fn addr_type(self) -> &'static str {
+        match self {
+            Family::V4 => "ipv4_addr",
+            Family::V6 => "ipv6_addr",
+        }
+    }
+    fn suffix(self) -> &'static str {
+        match self {
+            Family::V4 => "v4",
+            Family::V6 => "v6",
+        }
+    }
+}
+
 /// Which address of the packet is the remote one.
 #[derive(Debug, Clone, Copy)]
-enum Side {
+pub(crate) enum Side {
     Saddr,
     Daddr,
 }
@@ -262,48 +252,21 @@ pub fn sanitize(s: &str) -> String {
     out
 }
 
-/// The stage names used in chain, counter and log names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) enum ChainKind {
-    NaclOut,
-    NaclIn,
-    SgOut,
-    SgIn,
-}
+/// The chains' order in the ruleset: NACLs, then security groups.
+pub(crate) const CHAIN_ORDER: [Stage; 4] = [
+    Stage::NaclOut,
+    Stage::NaclIn,
+    Stage::SgEgress,
+    Stage::SgIngress,
+];
 
-impl ChainKind {
-    pub(crate) const ALL: [ChainKind; 4] = [
-        ChainKind::NaclOut,
-        ChainKind::NaclIn,
-        ChainKind::SgOut,
-        ChainKind::SgIn,
-    ];
+/// How a stage ([`Stage`], the one type) names its chains and picks them.
+pub(crate) trait NftStage: Copy {
     /// Chain/map/counter name prefix.
-    pub(crate) fn prefix(self) -> &'static str {
-        match self {
-            ChainKind::NaclOut => "nacl_out",
-            ChainKind::NaclIn => "nacl_in",
-            ChainKind::SgOut => "sg_out",
-            ChainKind::SgIn => "sg_in",
-        }
-    }
-    /// The flow-log stage name (as [`crate::eval::Stage::name`]).
-    pub(crate) fn stage(self) -> crate::eval::Stage {
-        match self {
-            ChainKind::NaclOut => crate::eval::Stage::NaclOut,
-            ChainKind::NaclIn => crate::eval::Stage::NaclIn,
-            ChainKind::SgOut => crate::eval::Stage::SgEgress,
-            ChainKind::SgIn => crate::eval::Stage::SgIngress,
-        }
-    }
+    fn prefix(self) -> &'static str;
     /// Which packet address picks the chain from the verdict map: the
     /// sender's for outbound/egress, the receiver's for inbound/ingress.
-    fn key_side(self) -> Side {
-        match self {
-            ChainKind::NaclOut | ChainKind::SgOut => Side::Saddr,
-            ChainKind::NaclIn | ChainKind::SgIn => Side::Daddr,
-        }
-    }
+    fn key_side(self) -> Side;
     /// Which packet address is the remote one inside the chain.
     fn remote_side(self) -> Side {
         match self.key_side() {
@@ -312,11 +275,26 @@ impl ChainKind {
         }
     }
     /// `s` (subnet) or `i` (instance) in log prefixes.
-    fn who(self) -> &'static str {
+    fn who(self) -> &'static str;
+}
+
+impl NftStage for Stage {
+    fn prefix(self) -> &'static str {
         match self {
-            ChainKind::NaclOut | ChainKind::NaclIn => "s",
-            ChainKind::SgOut | ChainKind::SgIn => "i",
+            Stage::NaclOut => "nacl_out",
+            Stage::NaclIn => "nacl_in",
+            Stage::SgEgress => "sg_out",
+            Stage::SgIngress => "sg_in",
         }
+    }
+    fn key_side(self) -> Side {
+        match self.direction() {
+            Direction::Egress => Side::Saddr,
+            Direction::Ingress => Side::Daddr,
+        }
+    }
+    fn who(self) -> &'static str {
+        if self.is_nacl() { "s" } else { "i" }
     }
 }
 
@@ -465,7 +443,7 @@ fn join_nonempty(parts: &[&str]) -> String {
         .join(" ")
 }
 
-fn counter_name(kind: ChainKind, index: usize, allowed: bool) -> String {
+fn counter_name(kind: Stage, index: usize, allowed: bool) -> String {
     format!(
         "{}_{index}_{}",
         kind.prefix(),
@@ -473,11 +451,11 @@ fn counter_name(kind: ChainKind, index: usize, allowed: bool) -> String {
     )
 }
 
-fn log_drop(kind: ChainKind, index: usize, rule: Option<u16>) -> String {
+fn log_drop(kind: Stage, index: usize, rule: Option<u16>) -> String {
     let rule = rule.map_or_else(|| "*".to_string(), |n| format!("r{n}"));
     format!(
         "log prefix \"sgfw drop {} {}{index} {rule} \" group {NFLOG_GROUP}",
-        kind.stage().name(),
+        kind.name(),
         kind.who()
     )
 }
@@ -631,15 +609,15 @@ pub fn render_with_ports(model: &FlatModel, ports: &[String]) -> Result<String, 
     render_entry(&mut out);
     for (i, s) in model.subnets.iter().enumerate() {
         out.blank();
-        render_nacl_chain(&mut out, &ix, ChainKind::NaclOut, i, &s.outbound)?;
+        render_nacl_chain(&mut out, &ix, Stage::NaclOut, i, &s.outbound)?;
         out.blank();
-        render_nacl_chain(&mut out, &ix, ChainKind::NaclIn, i, &s.inbound)?;
+        render_nacl_chain(&mut out, &ix, Stage::NaclIn, i, &s.inbound)?;
     }
     for (i, inst) in model.instances.iter().enumerate() {
         out.blank();
-        render_sg_chain(&mut out, ChainKind::SgOut, i, &inst.egress)?;
+        render_sg_chain(&mut out, Stage::SgEgress, i, &inst.egress)?;
         out.blank();
-        render_sg_chain(&mut out, ChainKind::SgIn, i, &inst.ingress)?;
+        render_sg_chain(&mut out, Stage::SgIngress, i, &inst.ingress)?;
     }
     out.line(0, "}");
     render_bridge_table(&mut out, model, ports)?;
@@ -647,7 +625,7 @@ pub fn render_with_ports(model: &FlatModel, ports: &[String]) -> Result<String, 
 }
 
 /// The verdict-map jumps to the chains of one stage, both families.
-fn dispatch(out: &mut Out, kind: ChainKind) {
+fn dispatch(out: &mut Out, kind: Stage) {
     for f in Family::ALL {
         out.line(
             2,
@@ -902,12 +880,10 @@ fn render_counters(out: &mut Out, model: &FlatModel) {
             ),
         );
     }
-    for kind in ChainKind::ALL {
+    for kind in CHAIN_ORDER {
         let ids: Vec<&str> = match kind {
-            ChainKind::NaclOut | ChainKind::NaclIn => {
-                model.subnets.iter().map(|s| s.id.as_str()).collect()
-            }
-            ChainKind::SgOut | ChainKind::SgIn => {
+            Stage::NaclOut | Stage::NaclIn => model.subnets.iter().map(|s| s.id.as_str()).collect(),
+            Stage::SgEgress | Stage::SgIngress => {
                 model.instances.iter().map(|i| i.id.as_str()).collect()
             }
         };
@@ -995,14 +971,14 @@ fn render_sets(out: &mut Out, ix: &Index<'_>) {
             &pairs,
         );
     }
-    for kind in ChainKind::ALL {
+    for kind in CHAIN_ORDER {
         for f in Family::ALL {
             let elems: Vec<String> = ix
                 .addrs_of(f)
                 .map(|(a, (inst, subnet))| {
                     let target = match kind {
-                        ChainKind::NaclOut | ChainKind::NaclIn => subnet,
-                        ChainKind::SgOut | ChainKind::SgIn => inst,
+                        Stage::NaclOut | Stage::NaclIn => subnet,
+                        Stage::SgEgress | Stage::SgIngress => inst,
                     };
                     format!("{a} : jump {}_{target}", kind.prefix())
                 })
@@ -1022,32 +998,35 @@ fn render_sets(out: &mut Out, ix: &Index<'_>) {
 /// A leg of a packet: the sender's (what an instance sends: SG egress, the
 /// outbound NACL) or the receiver's (what is delivered to it: the inbound
 /// NACL, SG ingress).
-#[derive(Debug, Clone, Copy)]
-enum Leg {
-    Sender,
-    Receiver,
-}
-
-impl Leg {
+/// What the inet hooks need of a leg ([`Direction`], the one type).
+trait NftLeg {
     /// The inet hook's interface on the leg's side: a packet from a port of
     /// one of the model's bridges came in on the bridge (br_netfilter names
     /// the bridge, not the port), one to a port goes out on it.
+    fn ifname(self) -> &'static str;
+    /// The leg's NACL stage.
+    fn nacl(self) -> Stage;
+    /// The leg's security-group stage.
+    fn sg(self) -> Stage;
+}
+
+impl NftLeg for Direction {
     fn ifname(self) -> &'static str {
         match self {
-            Leg::Sender => "iifname",
-            Leg::Receiver => "oifname",
+            Direction::Egress => "iifname",
+            Direction::Ingress => "oifname",
         }
     }
-    fn nacl(self) -> ChainKind {
+    fn nacl(self) -> Stage {
         match self {
-            Leg::Sender => ChainKind::NaclOut,
-            Leg::Receiver => ChainKind::NaclIn,
+            Direction::Egress => Stage::NaclOut,
+            Direction::Ingress => Stage::NaclIn,
         }
     }
-    fn sg(self) -> ChainKind {
+    fn sg(self) -> Stage {
         match self {
-            Leg::Sender => ChainKind::SgOut,
-            Leg::Receiver => ChainKind::SgIn,
+            Direction::Egress => Stage::SgEgress,
+            Direction::Ingress => Stage::SgIngress,
         }
     }
 }
@@ -1057,7 +1036,7 @@ impl Leg {
 /// (every packet, before any conntrack shortcut), the tracked-flow shortcut,
 /// the SG chains (sender's egress before receiver's ingress), then the
 /// timeouts of a new flow.
-fn render_legs(out: &mut Out, legs: &[Leg]) {
+fn render_legs(out: &mut Out, legs: &[Direction]) {
     out.line(
         2,
         "# Not carried: a broadcast or multicast destination to or from a port of the model's bridges.",
@@ -1167,7 +1146,7 @@ fn render_entry(out: &mut Out) {
         2,
         "# 2. Not carried: ICMPv6 redirects to or from a port of the model's bridges.",
     );
-    for leg in [Leg::Sender, Leg::Receiver] {
+    for leg in [Direction::Egress, Direction::Ingress] {
         out.line(
             2,
             format!(
@@ -1194,17 +1173,17 @@ fn render_entry(out: &mut Out) {
         ),
     );
     out.line(2, "# 4. Both legs.");
-    render_legs(out, &[Leg::Sender, Leg::Receiver]);
+    render_legs(out, &[Direction::Egress, Direction::Ingress]);
     out.line(1, "}");
     for (name, leg, what) in [
         (
             "leg_out",
-            Leg::Sender,
+            Direction::Egress,
             "DHCP 67->68: passthrough where it is delivered; the sender's leg judges it",
         ),
         (
             "leg_in",
-            Leg::Receiver,
+            Direction::Ingress,
             "DHCP 68->67: passthrough where it is sent; the receiver's leg judges it",
         ),
     ] {
@@ -1236,7 +1215,7 @@ fn render_entry(out: &mut Out) {
 fn render_nacl_chain(
     out: &mut Out,
     ix: &Index<'_>,
-    kind: ChainKind,
+    kind: Stage,
     subnet: usize,
     entries: &[NaclEntry],
 ) -> Result<(), RenderError> {
@@ -1306,7 +1285,7 @@ type PortGroup = (Family, u8, Vec<IpNet>);
 /// in `drop`.
 fn render_sg_chain(
     out: &mut Out,
-    kind: ChainKind,
+    kind: Stage,
     inst: usize,
     rules: &[FirewallRule],
 ) -> Result<(), RenderError> {
