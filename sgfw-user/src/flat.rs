@@ -126,6 +126,96 @@ impl ValidModel {
     }
 }
 
+/// Why a [`FlatModel`] is inconsistent. [`flatten`] never makes one; a
+/// model built by hand can be, and every backend refuses it the same way.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OwnershipError {
+    /// An instance names a subnet index that does not exist.
+    #[error("Instances[{instance}] ({id}): subnet index {subnet_index} does not exist")]
+    UnknownSubnet {
+        /// Index of the instance in the model.
+        instance: usize,
+        /// Its id.
+        id: String,
+        /// The bad subnet index.
+        subnet_index: usize,
+    },
+    /// Two instances share an address.
+    #[error("address {addr} belongs to Instances[{first}] and Instances[{second}]")]
+    DuplicateAddress {
+        /// The address.
+        addr: IpAddr,
+        /// Index of the first instance.
+        first: usize,
+        /// Index of the second instance.
+        second: usize,
+    },
+}
+
+/// Who owns each instance address: the one address-ownership index every
+/// backend builds its tables from. Built by [`FlatModel::ownership`], which
+/// refuses an inconsistent model (an error, never a skipped entry).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ownership {
+    owner: BTreeMap<IpAddr, Owner>,
+}
+
+/// One address's owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owner {
+    /// Index of the instance in [`FlatModel::instances`].
+    pub instance: usize,
+    /// Index of its subnet in [`FlatModel::subnets`] (checked to exist).
+    pub subnet: usize,
+}
+
+impl Ownership {
+    /// The owner of `addr`, if an instance has it.
+    pub fn get(&self, addr: &IpAddr) -> Option<Owner> {
+        self.owner.get(addr).copied()
+    }
+
+    /// Every instance address and its owner, in address order.
+    pub fn iter(&self) -> impl Iterator<Item = (&IpAddr, &Owner)> {
+        self.owner.iter()
+    }
+}
+
+impl FlatModel {
+    /// The address-ownership index, checked: every instance's subnet exists
+    /// and no address has two owners.
+    ///
+    /// # Errors
+    ///
+    /// [`OwnershipError`] naming the first inconsistency.
+    pub fn ownership(&self) -> Result<Ownership, OwnershipError> {
+        let mut owner = BTreeMap::new();
+        for (i, inst) in self.instances.iter().enumerate() {
+            if inst.subnet_index >= self.subnets.len() {
+                return Err(OwnershipError::UnknownSubnet {
+                    instance: i,
+                    id: inst.id.clone(),
+                    subnet_index: inst.subnet_index,
+                });
+            }
+            for addr in &inst.addrs {
+                let o = Owner {
+                    instance: i,
+                    subnet: inst.subnet_index,
+                };
+                if let Some(first) = owner.insert(*addr, o) {
+                    return Err(OwnershipError::DuplicateAddress {
+                        addr: *addr,
+                        first: first.instance,
+                        second: i,
+                    });
+                }
+            }
+        }
+        Ok(Ownership { owner })
+    }
+}
+
 /// Flattens a validated model. Deterministic: the same model gives the same value.
 pub fn flatten(model: &ValidModel) -> FlatModel {
     let subnets = model.subnets.clone();
@@ -247,13 +337,13 @@ fn sorted_rules(rules: BTreeMap<(IpNet, Match), RuleOrigin>) -> Vec<FirewallRule
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::eval::props::config;
-    use crate::eval::tests::{FIXTURE, flat_of, ip};
     use crate::model::{
         IpPermission, Model, NaclAssociation, NetworkAcl, NetworkAclEntry, PortRange, PrefixList,
         PrefixListEntry, SecurityGroup,
     };
     use crate::policy::ValidRemote;
+    use crate::testutil::config;
+    use crate::testutil::{FIXTURE, flat_of, ip};
     use crate::validate::validate;
     use proptest::prelude::*;
 

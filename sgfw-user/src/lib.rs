@@ -42,6 +42,8 @@ pub mod nft;
 pub mod packet;
 pub mod policy;
 pub mod sys;
+#[cfg(test)]
+pub(crate) mod testutil;
 pub mod validate;
 #[cfg(feature = "watch")]
 pub mod watch;

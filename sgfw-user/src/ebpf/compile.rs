@@ -34,7 +34,9 @@ use sgfw_common::{
     limits::{self, AF_INET, AF_INET6},
 };
 
-use crate::flat::{FirewallRule, FlatModel, Match, NaclEntry, RuleAction, RuleOrigin};
+use crate::flat::{
+    FirewallRule, FlatModel, Match, NaclEntry, OwnershipError, RuleAction, RuleOrigin,
+};
 
 /// Why a model cannot be compiled for the BPF dataplane.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -60,6 +62,17 @@ pub enum CompileError {
     /// More objects than a 31-bit id space holds.
     #[error("too many {0} for the eBPF backend's id space")]
     IdSpace(&'static str),
+    /// The model is inconsistent ([`FlatModel::ownership`]).
+    #[error(transparent)]
+    Ownership(#[from] OwnershipError),
+    /// A subnet or instance has no index ([`Indices::update`] was not given this model).
+    #[error("{kind} {id} has no index: the indices were built for another model")]
+    Unindexed {
+        /// "subnet" or "instance".
+        kind: &'static str,
+        /// Its id.
+        id: String,
+    },
 }
 
 /// Stable numbering of instances and subnets across applies, so counters and
@@ -356,14 +369,21 @@ struct NaclTable {
 /// Compiles `model`, reusing the ids of `book` for content it already has.
 /// Every entry is in the result; [`Compiled::fresh`] says which ids are new.
 pub fn compile(model: &FlatModel, idx: &Indices, book: &IdBook) -> Result<Compiled, CompileError> {
+    // The one ownership index: an inconsistent model is refused here, as
+    // the nft renderer refuses it, never compiled with an entry skipped.
+    model.ownership()?;
     let mut out = Compiled::default();
     let mut ids = Ids::new(book);
 
     // Subnets and their NACL tables.
     for s in &model.subnets {
-        let Some(&sidx) = idx.subnets.get(&s.id) else {
-            continue;
-        };
+        let sidx = *idx
+            .subnets
+            .get(&s.id)
+            .ok_or_else(|| CompileError::Unindexed {
+                kind: "subnet",
+                id: s.id.clone(),
+            })?;
         let mut table_ids = [0u32; 4];
         for (slot, (entries, dir_name, v6)) in [
             (&s.inbound, "inbound", false),
@@ -433,12 +453,18 @@ pub fn compile(model: &FlatModel, idx: &Indices, book: &IdBook) -> Result<Compil
 
     // Instances and their SG policies.
     for inst in &model.instances {
-        let (Some(&iidx), Some(&sidx)) = (
-            idx.instances.get(&inst.id),
-            idx.subnets.get(&inst.subnet_id),
-        ) else {
-            continue;
+        let unindexed = |kind, id: &str| CompileError::Unindexed {
+            kind,
+            id: id.to_string(),
         };
+        let iidx = *idx
+            .instances
+            .get(&inst.id)
+            .ok_or_else(|| unindexed("instance", &inst.id))?;
+        let sidx = *idx
+            .subnets
+            .get(&inst.subnet_id)
+            .ok_or_else(|| unindexed("subnet", &inst.subnet_id))?;
         out.instance_ids.insert(iidx, inst.id.clone());
         for a in &inst.addrs {
             out.addrs.push((
@@ -817,7 +843,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(crate::eval::props::config())]
+        #![proptest_config(crate::testutil::config())]
 
         /// `range_prefixes` covers exactly `lo..=hi` with aligned,
         /// disjoint blocks, at most two per bit.
@@ -892,5 +918,45 @@ mod tests {
         let mut again = Ids::new(&book2);
         let (b2, _) = again.intern('s', &2u32).unwrap();
         assert!(b2 > b && b2 > p, "{b2} reuses an id handed out before");
+    }
+
+    /// One ownership index, one policy: an address with two owners, or an
+    /// instance in a subnet that does not exist, is refused, as the nft
+    /// renderer refuses it, never compiled with the entry left out.
+    #[test]
+    fn an_inconsistent_model_is_an_error_not_a_skipped_entry() {
+        let good = crate::testutil::flat_of(crate::testutil::FIXTURE);
+        let mut idx = Indices::default();
+        idx.update(&good);
+        assert!(compile(&good, &idx, &IdBook::default()).is_ok());
+
+        let mut dup = good.clone();
+        let stolen = dup.instances[0].addrs[0];
+        dup.instances[1].addrs.push(stolen);
+        assert!(matches!(
+            compile(&dup, &idx, &IdBook::default()),
+            Err(CompileError::Ownership(OwnershipError::DuplicateAddress { addr, .. })) if addr == stolen
+        ));
+
+        let mut lost = good.clone();
+        lost.instances[2].subnet_index = 9;
+        assert!(matches!(
+            compile(&lost, &idx, &IdBook::default()),
+            Err(CompileError::Ownership(OwnershipError::UnknownSubnet {
+                subnet_index: 9,
+                ..
+            }))
+        ));
+
+        // An instance the indices were not built for is refused too.
+        let mut other = good.clone();
+        other.instances[0].id = "i-unindexed".into();
+        assert!(matches!(
+            compile(&other, &idx, &IdBook::default()),
+            Err(CompileError::Unindexed {
+                kind: "instance",
+                ..
+            })
+        ));
     }
 }

@@ -37,7 +37,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use sgfw_common::passthrough as pt;
 
-use crate::flat::{FirewallRule, FlatModel};
+use crate::flat::{FirewallRule, FlatModel, Owner, Ownership, OwnershipError};
 use crate::policy::{
     Direction, Family, Match, NaclEntry, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
     RuleAction, Stage,
@@ -111,24 +111,9 @@ pub const HOOK_PRIORITY: &str = "filter - 10";
 /// renderer still refuses them rather than widen anything.
 #[derive(Debug, thiserror::Error)]
 pub enum RenderError {
-    /// An instance names a subnet index that does not exist.
-    #[error("instance #{instance} refers to subnet index {subnet_index}, which does not exist")]
-    UnknownSubnet {
-        /// Index of the instance in the model.
-        instance: usize,
-        /// The bad subnet index.
-        subnet_index: usize,
-    },
-    /// Two instances share an address.
-    #[error("address {addr} belongs to instances #{first} and #{second}")]
-    DuplicateAddress {
-        /// The address.
-        addr: IpAddr,
-        /// Index of the first instance.
-        first: usize,
-        /// Index of the second instance.
-        second: usize,
-    },
+    /// The model is inconsistent ([`FlatModel::ownership`]).
+    #[error(transparent)]
+    Ownership(#[from] OwnershipError),
     /// A matcher this renderer cannot express exactly.
     #[error("cannot express matcher {matcher} exactly in nftables")]
     Matcher {
@@ -460,39 +445,25 @@ fn log_drop(kind: Stage, index: usize, rule: Option<u16>) -> String {
     )
 }
 
-/// Per-subnet and per-instance indices, checked.
+/// Per-subnet and per-instance indices, from the one checked
+/// [`Ownership`] index.
 struct Index<'a> {
     model: &'a FlatModel,
     /// (family) → subnet → its instances' addresses.
     subnet_addrs: BTreeMap<(Family, usize), BTreeSet<IpAddr>>,
-    /// Every instance address → (instance index, subnet index).
-    owner: BTreeMap<IpAddr, (usize, usize)>,
+    /// Every instance address → its owner.
+    owner: Ownership,
 }
 
 impl<'a> Index<'a> {
     fn new(model: &'a FlatModel) -> Result<Index<'a>, RenderError> {
+        let owner = model.ownership()?;
         let mut subnet_addrs: BTreeMap<(Family, usize), BTreeSet<IpAddr>> = BTreeMap::new();
-        let mut owner = BTreeMap::new();
-        for (i, inst) in model.instances.iter().enumerate() {
-            if inst.subnet_index >= model.subnets.len() {
-                return Err(RenderError::UnknownSubnet {
-                    instance: i,
-                    subnet_index: inst.subnet_index,
-                });
-            }
-            for addr in &inst.addrs {
-                if let Some((first, _)) = owner.insert(*addr, (i, inst.subnet_index)) {
-                    return Err(RenderError::DuplicateAddress {
-                        addr: *addr,
-                        first,
-                        second: i,
-                    });
-                }
-                subnet_addrs
-                    .entry((Family::of_addr(addr), inst.subnet_index))
-                    .or_default()
-                    .insert(*addr);
-            }
+        for (addr, o) in owner.iter() {
+            subnet_addrs
+                .entry((Family::of_addr(addr), o.subnet))
+                .or_default()
+                .insert(*addr);
         }
         Ok(Index {
             model,
@@ -501,7 +472,7 @@ impl<'a> Index<'a> {
         })
     }
 
-    fn addrs_of(&self, family: Family) -> impl Iterator<Item = (&IpAddr, &(usize, usize))> {
+    fn addrs_of(&self, family: Family) -> impl Iterator<Item = (&IpAddr, &Owner)> {
         self.owner
             .iter()
             .filter(move |(a, _)| Family::of_addr(a) == family)
@@ -510,8 +481,8 @@ impl<'a> Index<'a> {
     /// (instance address, DNS address of its subnet) pairs of one family.
     fn dns_pairs(&self, family: Family) -> BTreeSet<(IpAddr, IpAddr)> {
         let mut pairs = BTreeSet::new();
-        for (addr, (_, subnet)) in self.addrs_of(family) {
-            let Some(s) = self.model.subnets.get(*subnet) else {
+        for (addr, o) in self.addrs_of(family) {
+            let Some(s) = self.model.subnets.get(o.subnet) else {
                 continue;
             };
             for dns in s.dns.iter().filter(|d| Family::of_addr(d) == family) {
@@ -975,11 +946,8 @@ fn render_sets(out: &mut Out, ix: &Index<'_>) {
         for f in Family::ALL {
             let elems: Vec<String> = ix
                 .addrs_of(f)
-                .map(|(a, (inst, subnet))| {
-                    let target = match kind {
-                        Stage::NaclOut | Stage::NaclIn => subnet,
-                        Stage::SgEgress | Stage::SgIngress => inst,
-                    };
+                .map(|(a, o)| {
+                    let target = if kind.is_nacl() { o.subnet } else { o.instance };
                     format!("{a} : jump {}_{target}", kind.prefix())
                 })
                 .collect();

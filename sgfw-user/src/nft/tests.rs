@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use super::*;
+use crate::flat::OwnershipError;
 use crate::model::Model;
 use crate::sys::Port;
 use crate::validate::validate;
@@ -98,7 +99,7 @@ fn flat(json: &str) -> FlatModel {
 }
 
 fn fixture() -> FlatModel {
-    flat(crate::eval::tests::FIXTURE)
+    flat(crate::testutil::FIXTURE)
 }
 
 /// The body of one chain (lines between `chain NAME {` and its `}`).
@@ -258,13 +259,18 @@ fn timeouts_come_from_the_model() {
 fn unknown_subnet_and_duplicate_address_are_refused() {
     let mut m = fixture();
     m.instances[0].subnet_index = 99;
-    assert!(matches!(render(&m), Err(RenderError::UnknownSubnet { .. })));
+    assert!(matches!(
+        render(&m),
+        Err(RenderError::Ownership(OwnershipError::UnknownSubnet { .. }))
+    ));
     let mut m = fixture();
     let a = m.instances[0].addrs[0];
     m.instances[1].addrs.push(a);
     assert!(matches!(
         render(&m),
-        Err(RenderError::DuplicateAddress { .. })
+        Err(RenderError::Ownership(
+            OwnershipError::DuplicateAddress { .. }
+        ))
     ));
 }
 
@@ -570,7 +576,7 @@ fn hostile_ids_in_a_flat_model_are_rendered_inert() {
 
 #[test]
 fn hostile_cidrs_and_ids_are_rejected_by_validation() {
-    let base = crate::eval::tests::FIXTURE;
+    let base = crate::testutil::FIXTURE;
     for bad in [
         base.replace("10.0.1.0/24\"", "10.0.1.0/24; flush ruleset\""),
         base.replace(
@@ -590,14 +596,14 @@ fn hostile_cidrs_and_ids_are_rejected_by_validation() {
 #[test]
 fn hostile_descriptions_are_dropped_before_rendering() {
     let payload = "x\"; } table ip evil {\n";
-    let json = crate::eval::tests::FIXTURE.replace(
+    let json = crate::testutil::FIXTURE.replace(
         "{\"CidrIp\": \"0.0.0.0/0\"}",
         &format!(
             "{{\"CidrIp\": \"0.0.0.0/0\", \"Description\": {}}}",
             serde_json::to_string(payload).unwrap()
         ),
     );
-    assert_ne!(json, crate::eval::tests::FIXTURE);
+    assert_ne!(json, crate::testutil::FIXTURE);
     let text = render(&flat(&json)).unwrap();
     assert!(!text.contains("evil"));
     assert_eq!(text, render(&fixture()).unwrap());
