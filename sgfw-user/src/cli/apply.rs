@@ -6,10 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::Context;
 use clap::Args;
-use sgfw::ebpf::{ApplyOptions, EbpfBackend};
-use sgfw::sys::RealHost;
 
 use super::{BackendArg, Failure, load_model};
 
@@ -48,26 +45,4 @@ pub fn run(a: &ApplyArgs) -> Result<ExitCode, Failure> {
         summary
     );
     Ok(ExitCode::SUCCESS)
-}
-
-/// eBPF apply with CLI-friendly output.
-pub fn apply_ebpf(flat: &sgfw::flat::FlatModel, conntrack_max: u32) -> Result<String, Failure> {
-    let be = EbpfBackend::default();
-    let opts = ApplyOptions {
-        conntrack_max,
-        emit_accepts: false,
-    };
-    let r = be
-        .apply(flat, &RealHost, &opts)
-        .context("eBPF apply failed; the previous policy (if any) stays in force")?;
-    Ok(format!(
-        "; generation {}, {} ports newly attached{}",
-        r.generation,
-        r.attached.len(),
-        if r.loaded {
-            ", programs loaded and pinned under /sys/fs/bpf/sgfw"
-        } else {
-            ""
-        }
-    ))
 }

@@ -268,9 +268,7 @@ pub fn run(a: &DemoArgs) -> Result<ExitCode, Failure> {
         mismatches: 0,
     };
     demo.bed.on_drop(|| {
-        let _lock = sgfw::hostlock::HostLock::acquire();
-        let _ = sgfw::ebpf::EbpfBackend::default().teardown();
-        let _ = sgfw::nft::NftBackend::new(&sgfw::sys::RealHost).teardown();
+        let _ = super::teardown_all();
     });
     for (name, tcp) in [
         ("web1", &[80u16][..]),

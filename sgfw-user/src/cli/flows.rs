@@ -6,13 +6,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
-use aya::maps::{Map, MapData, RingBuf};
 use clap::Args;
 use serde::Serialize;
-use sgfw::backend::EnforcementMode;
-use sgfw::ebpf::{EbpfBackend, PIN_ROOT};
-use sgfw_common::{CONFIG_EMIT_ACCEPTS, Event, Reason, limits::AF_INET, map_names as mn};
+use sgfw::ebpf::EbpfBackend;
+use sgfw_common::{CONFIG_EMIT_ACCEPTS, Event, Reason, limits::AF_INET};
 
 use super::Failure;
 
@@ -111,28 +108,16 @@ fn set_accepts(on: bool) -> Result<(), Failure> {
 
 /// Runs `sgfw flows`.
 pub fn run(a: &FlowsArgs) -> Result<ExitCode, Failure> {
-    match super::applied_mode() {
-        Some(EnforcementMode::Ebpf) => {}
-        Some(EnforcementMode::Nftables) => {
-            let why = sgfw::nft::NftBackend::flows_supported()
-                .err()
-                .unwrap_or("not supported");
-            return Err(Failure::Runtime(anyhow::anyhow!(
-                "the nftables backend cannot stream flows: {why}; `sgfw status` shows its counters"
-            )));
-        }
-        _ => {
-            return Err(Failure::Runtime(anyhow::anyhow!(
-                "sgfw is not applied on this host"
-            )));
-        }
-    }
-    let be = EbpfBackend::default();
-    let state = be.state()?.unwrap_or_default();
-    let path = format!("{PIN_ROOT}/maps/{}", mn::EVENTS);
-    let data = MapData::from_pin(&path).with_context(|| format!("opening {path}"))?;
-    let mut ring: RingBuf<MapData> =
-        RingBuf::try_from(Map::RingBuf(data)).context("the event ring")?;
+    let Some(mode) = super::applied_mode() else {
+        return Err(Failure::Runtime(anyhow::anyhow!(
+            "sgfw is not applied on this host"
+        )));
+    };
+    let mut events = sgfw::backend::backend_for(mode).flows().map_err(|e| {
+        Failure::Runtime(
+            anyhow::Error::new(e).context(format!("the {mode} backend cannot stream flows")),
+        )
+    })?;
     if a.accepts {
         set_accepts(true)?;
     }
@@ -146,13 +131,8 @@ pub fn run(a: &FlowsArgs) -> Result<ExitCode, Failure> {
     }
     let result = (|| -> Result<(), Failure> {
         loop {
-            while let Some(item) = ring.next() {
-                let Ok(ev) = bytemuck::try_pod_read_unaligned::<Event>(
-                    &item[..size_of::<Event>().min(item.len())],
-                ) else {
-                    continue;
-                };
-                let rec = record(&ev, &state, offset);
+            while let Some(ev) = events.next_event() {
+                let rec = record(&ev, events.state(), offset);
                 let line = if a.json {
                     serde_json::to_string(&rec)?
                 } else {

@@ -172,19 +172,12 @@ impl From<BackendArg> for BackendChoice {
     }
 }
 
-use sgfw::backend::{BackendChoice, EnforcementMode, Probes};
-use sgfw::nft::NftBackend;
+use sgfw::backend::{BackendChoice, EnforcementMode, Enforcer, Probes};
 use sgfw::sys::RealHost;
 
-/// The backend in force on this host, if any.
+/// The backend in force on this host, if any ([`sgfw::backend::applied_mode`]).
 pub fn applied_mode() -> Option<EnforcementMode> {
-    if sgfw::ebpf::EbpfBackend::default().is_applied() {
-        return Some(EnforcementMode::Ebpf);
-    }
-    if NftBackend::new(&RealHost).is_applied().unwrap_or(false) {
-        return Some(EnforcementMode::Nftables);
-    }
-    None
+    sgfw::backend::applied_mode()
 }
 
 /// Picks the backend: the one already in force for `auto`, else the probes.
@@ -213,66 +206,37 @@ pub fn choose(arg: BackendArg) -> Result<EnforcementMode, Failure> {
     Ok(mode)
 }
 
-/// Applies with the chosen backend, and removes the one it replaces, under
-/// the host-wide lock; returns a summary suffix for the user.
+/// Applies with the chosen backend through the library's [`Enforcer`] (the
+/// one place a backend switch happens), under the host-wide lock; returns a
+/// summary suffix for the user.
 pub fn apply_with(
     mode: EnforcementMode,
     flat: &FlatModel,
     conntrack_max: u32,
 ) -> Result<String, Failure> {
-    let _lock = sgfw::hostlock::HostLock::acquire().map_err(|e| Failure::Runtime(e.into()))?;
-    match mode {
-        EnforcementMode::Ebpf => {
-            let mut s = apply::apply_ebpf(flat, conntrack_max)?;
-            // Switching backends: the new one enforces now, the old one goes.
-            if teardown_nft()? {
-                s.push_str("; the nftables ruleset it replaces was removed");
-            }
-            Ok(s)
-        }
-        EnforcementMode::Nftables => {
-            let r = NftBackend::new(&RealHost).apply(flat).map_err(|e| {
-                anyhow::Error::new(e)
-                    .context("nftables apply failed; the previous ruleset (if any) stays in force")
-            })?;
-            for n in &r.notes {
-                eprintln!("note: {n}");
-            }
-            let ebpf = sgfw::ebpf::EbpfBackend::default();
-            let replaced = ebpf.is_applied();
-            if replaced {
-                ebpf.teardown().map_err(|e| {
-                    anyhow::Error::new(e).context("removing the eBPF dataplane it replaces")
-                })?;
-            }
-            Ok(format!(
-                "; {} bytes of ruleset in one nft transaction{}",
-                r.ruleset_bytes,
-                if r.sysctls_set.is_empty() {
-                    String::new()
-                } else {
-                    format!(", set {}", r.sysctls_set.join(", "))
-                },
-            ) + if replaced {
-                "; the eBPF dataplane it replaces was removed"
-            } else {
-                ""
-            })
-        }
-        EnforcementMode::Disabled => Ok("; enforcement disabled (metadata only)".into()),
+    let opts = sgfw::ebpf::ApplyOptions {
+        conntrack_max,
+        emit_accepts: false,
+    };
+    let applied = Enforcer::with_mode(mode)
+        .with_options(opts)
+        .apply(flat)
+        .map_err(|e| {
+            anyhow::Error::new(e).context(format!(
+                "{mode} apply failed; the previous policy (if any) stays in force"
+            ))
+        })?;
+    for n in &applied.notes {
+        eprintln!("note: {n}");
     }
+    Ok(applied.summary())
 }
 
-/// Removes sgfw's nft table if present; true when there was one.
-pub fn teardown_nft() -> Result<bool, Failure> {
-    let nft = NftBackend::new(&RealHost);
-    if sgfw::nft::probe_nftables(&RealHost).is_err() {
-        return Ok(false);
-    }
-    let was = nft.is_applied().unwrap_or(false);
-    if was {
-        nft.teardown()
-            .map_err(|e| anyhow::Error::new(e).context("removing table inet sgfw"))?;
-    }
-    Ok(was)
+/// Removes every backend's traces under the host-wide lock; the modes that
+/// were applied.
+pub fn teardown_all() -> Result<Vec<EnforcementMode>, Failure> {
+    let _lock = sgfw::hostlock::HostLock::acquire().map_err(|e| Failure::Runtime(e.into()))?;
+    Enforcer::with_mode(EnforcementMode::Disabled)
+        .teardown_all_locked()
+        .map_err(|e| Failure::Runtime(anyhow::Error::new(e).context("removing sgfw")))
 }

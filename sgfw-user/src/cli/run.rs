@@ -15,7 +15,6 @@ use std::time::{Duration, SystemTime};
 
 use clap::Args;
 use sgfw::backend::{EnforcementMode, Enforcer};
-use sgfw::ebpf::EbpfBackend;
 use sgfw::watch::{LinkEvent, LinkEvents, WatchError};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -138,9 +137,7 @@ async fn daemon(a: &RunArgs) -> Result<ExitCode, Failure> {
         tracing::info!("stopping; enforcement stays in place (--keep)");
     } else {
         tracing::info!("stopping; tearing down");
-        let _lock = sgfw::hostlock::HostLock::acquire().map_err(|e| Failure::Runtime(e.into()))?;
-        EbpfBackend::default().teardown()?;
-        super::teardown_nft()?;
+        super::teardown_all()?;
     }
     Ok(ExitCode::SUCCESS)
 }

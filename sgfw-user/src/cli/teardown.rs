@@ -3,9 +3,8 @@
 
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::Args;
-use sgfw::ebpf::EbpfBackend;
+use sgfw::backend::EnforcementMode;
 
 use super::Failure;
 
@@ -20,19 +19,19 @@ pub struct TeardownArgs {}
 pub fn run(_a: &TeardownArgs) -> Result<ExitCode, Failure> {
     // Under the host-wide lock: an apply racing this teardown finishes
     // before it or starts after it.
-    let _lock = sgfw::hostlock::HostLock::acquire().context("taking the host lock")?;
-    let be = EbpfBackend::default();
-    let was = be.is_applied();
-    be.teardown().context("removing the eBPF dataplane")?;
-    let nft = super::teardown_nft()?;
+    let was = super::teardown_all()?;
     println!(
         "sgfw removed ({}{})",
-        if was {
+        if was.contains(&EnforcementMode::Ebpf) {
             "eBPF programs, links and maps"
         } else {
             "no eBPF dataplane"
         },
-        if nft { ", nft table inet sgfw" } else { "" }
+        if was.contains(&EnforcementMode::Nftables) {
+            ", nft table inet sgfw"
+        } else {
+            ""
+        }
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -776,6 +776,39 @@ fn map_fd(map: &Map) -> Result<std::os::fd::OwnedFd, EbpfError> {
         .map_err(|e| prog_err("duplicating a map fd".into(), e))
 }
 
+/// The dataplane's decision events ([`sgfw_common::Event`]), read from the
+/// pinned ring buffer, with the state that names their instances and rules.
+pub struct EventStream {
+    ring: aya::maps::RingBuf<MapData>,
+    state: State,
+}
+
+impl std::fmt::Debug for EventStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventStream")
+            .field("generation", &self.state.generation)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EventStream {
+    /// The next event waiting, if any (never blocks).
+    pub fn next_event(&mut self) -> Option<sgfw_common::Event> {
+        loop {
+            let item = self.ring.next()?;
+            let n = size_of::<sgfw_common::Event>().min(item.len());
+            if let Ok(ev) = bytemuck::try_pod_read_unaligned::<sgfw_common::Event>(&item[..n]) {
+                return Some(ev);
+            }
+        }
+    }
+
+    /// The state of the policy the events were judged by.
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+}
+
 impl EbpfBackend {
     /// The state of the policy in force, if any.
     pub fn state(&self) -> Result<Option<State>, EbpfError> {
@@ -785,6 +818,26 @@ impl EbpfBackend {
     /// Whether sgfw's pins exist.
     pub fn is_applied(&self) -> bool {
         map_pin(&self.pin_root, mn::CONFIG).exists()
+    }
+
+    /// Opens the pinned event ring for reading.
+    ///
+    /// # Errors
+    ///
+    /// [`EbpfError::NotApplied`] without pins, else the open's error.
+    pub fn events(&self) -> Result<EventStream, EbpfError> {
+        let path = map_pin(&self.pin_root, mn::EVENTS);
+        if !path.exists() {
+            return Err(EbpfError::NotApplied);
+        }
+        let data = MapData::from_pin(&path)
+            .map_err(|e| prog_err(format!("opening {}", path.display()), e))?;
+        let ring = aya::maps::RingBuf::try_from(Map::RingBuf(data))
+            .map_err(|e| prog_err("opening the event ring".into(), e))?;
+        Ok(EventStream {
+            ring,
+            state: self.state()?.unwrap_or_default(),
+        })
     }
 
     /// Opens the pinned maps.

@@ -19,6 +19,12 @@ use std::str::FromStr;
 
 use serde::Serialize;
 
+mod dataplane;
+pub use dataplane::{
+    Applied, Backend, Counters, Disabled, InstanceStatus, Status, SubnetStatus, applied_mode,
+    apply_switching, backend_for,
+};
+
 /// The environment variable through which the library opts in to enforcement.
 pub const ENFORCEMENT_ENV: &str = "SGFW_ENFORCEMENT";
 
@@ -207,6 +213,14 @@ pub enum EnforceError {
     /// The host-wide lock could not be taken.
     #[error("host lock")]
     Lock(#[from] crate::hostlock::HostLockError),
+    /// The backend cannot do this.
+    #[error("{what}: {why}")]
+    Unsupported {
+        /// What was asked.
+        what: &'static str,
+        /// Why not, and what to use instead.
+        why: String,
+    },
 }
 
 /// What an embedding AWS emulator holds: the chosen mode and the backend
@@ -228,6 +242,7 @@ pub enum EnforceError {
 pub struct Enforcer {
     mode: EnforcementMode,
     ebpf: crate::ebpf::EbpfBackend,
+    opts: crate::ebpf::ApplyOptions,
 }
 
 impl Enforcer {
@@ -236,6 +251,7 @@ impl Enforcer {
         Enforcer {
             mode,
             ebpf: crate::ebpf::EbpfBackend::default(),
+            opts: crate::ebpf::ApplyOptions::default(),
         }
     }
 
@@ -279,34 +295,36 @@ impl Enforcer {
         self.mode
     }
 
+    /// Options for the next applies (conntrack capacity, accept events).
+    pub fn with_options(mut self, opts: crate::ebpf::ApplyOptions) -> Enforcer {
+        self.opts = opts;
+        self
+    }
+
+    /// The backend in force, as a [`Backend`].
+    pub fn backend(&self) -> Box<dyn Backend> {
+        match self.mode {
+            EnforcementMode::Ebpf => Box::new(self.ebpf.clone()),
+            m => backend_for(m),
+        }
+    }
+
     /// Enforces `model` (atomically; on error the previous policy stays),
-    /// then removes the other backend if it was enforcing (a switch), all
-    /// under the host-wide lock ([`crate::hostlock`]).
+    /// then removes the other backend if it was enforcing (a switch,
+    /// [`apply_switching`]), all under the host-wide lock ([`crate::hostlock`]).
     ///
     /// # Errors
     ///
     /// The backend's error, with its cause chain.
-    pub fn apply(&self, model: &crate::flat::FlatModel) -> Result<(), EnforceError> {
-        let host = crate::sys::RealHost;
+    pub fn apply(&self, model: &crate::flat::FlatModel) -> Result<Applied, EnforceError> {
         let _lock = crate::hostlock::HostLock::acquire()?;
-        match self.mode {
-            EnforcementMode::Ebpf => {
-                self.ebpf
-                    .apply(model, &host, &crate::ebpf::ApplyOptions::default())?;
-                let nft = crate::nft::NftBackend::new(&host);
-                if crate::nft::probe_nftables(&host).is_ok() && nft.is_applied().unwrap_or(false) {
-                    nft.teardown()?;
-                }
-            }
-            EnforcementMode::Nftables => {
-                crate::nft::NftBackend::new(&host).apply(model)?;
-                if self.ebpf.is_applied() {
-                    self.ebpf.teardown()?;
-                }
-            }
-            EnforcementMode::Disabled => {}
+        let target = self.backend();
+        if self.mode == EnforcementMode::Disabled {
+            return target.enforce(model, &self.opts);
         }
-        Ok(())
+        let nft = crate::nft::NftBackend::new(&crate::sys::RealHost);
+        let others: [&dyn Backend; 2] = [&self.ebpf, &nft];
+        apply_switching(target.as_ref(), &others, model, &self.opts)
     }
 
     /// Attaches the eBPF classifiers to bridge ports that appeared since the
@@ -317,10 +335,7 @@ impl Enforcer {
     ///
     /// The eBPF backend's error.
     pub fn attach_new_ports(&self) -> Result<Vec<String>, EnforceError> {
-        match self.mode {
-            EnforcementMode::Ebpf => Ok(self.ebpf.attach_ports(&crate::sys::RealHost)?),
-            _ => Ok(Vec::new()),
-        }
+        self.backend().attach()
     }
 
     /// Removes every trace of the backend in force.
@@ -330,14 +345,26 @@ impl Enforcer {
     /// The backend's error.
     pub fn teardown(&self) -> Result<(), EnforceError> {
         let _lock = crate::hostlock::HostLock::acquire()?;
-        match self.mode {
-            EnforcementMode::Ebpf => self.ebpf.teardown()?,
-            EnforcementMode::Nftables => {
-                crate::nft::NftBackend::new(&crate::sys::RealHost).teardown()?
+        self.backend().remove()
+    }
+
+    /// Removes every trace of every backend (`sgfw teardown`); the modes
+    /// that were applied. The caller holds the host lock.
+    ///
+    /// # Errors
+    ///
+    /// The first backend error.
+    pub fn teardown_all_locked(&self) -> Result<Vec<EnforcementMode>, EnforceError> {
+        let nft = crate::nft::NftBackend::new(&crate::sys::RealHost);
+        let all: [&dyn Backend; 2] = [&self.ebpf, &nft];
+        let mut was = Vec::new();
+        for b in all {
+            if b.applied() {
+                b.remove()?;
+                was.push(b.mode());
             }
-            EnforcementMode::Disabled => {}
         }
-        Ok(())
+        Ok(was)
     }
 }
 
