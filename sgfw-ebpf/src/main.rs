@@ -53,13 +53,15 @@ use aya_ebpf::{
 };
 use sgfw_common::{
     AddrInfo, AddrKey, BROADCAST_OWNER, Config, Direction, MARK_IDENTITY_MASK, MARK_IDENTITY_SHIFT,
-    PortCountKey, Reason, STAMP_HOST, STAMP_NONE, STAMP_PORT, SUBNET_HAS_DNS_V4, SUBNET_HAS_DNS_V6,
-    SubnetPolicy, identity_stamp,
+    Reason, STAMP_HOST, STAMP_NONE, STAMP_PORT, SUBNET_HAS_DNS_V4, SUBNET_HAS_DNS_V6, SubnetPolicy,
+    identity_stamp,
     limits::{AF_INET, AF_INET6},
     passthrough as pt, slotted, stamp_identity,
 };
 
-use crate::maps::{ADDRS, CONFIG, IDENTITIES, INSTANCES, PORT_COUNTS, PORTS, SCRATCH, SUBNETS};
+#[cfg(feature = "test-programs")]
+use crate::maps::PORT_COUNTS;
+use crate::maps::{ADDRS, CONFIG, IDENTITIES, INSTANCES, PORTS, SCRATCH, SUBNETS};
 use crate::parse::{Addr, FRAG_FIRST, Frame, IPPROTO_ICMPV6, IPPROTO_UDP, Pkt};
 use crate::verdict::{Decision, finish};
 
@@ -75,16 +77,19 @@ pub fn sgfw_to_instance(ctx: TcContext) -> i32 {
     classify(&ctx, Direction::Ingress)
 }
 
+#[cfg(feature = "test-programs")]
 #[classifier]
 pub fn sgfw_port_count_ingress(ctx: TcContext) -> i32 {
     port_count(&ctx, Direction::Ingress)
 }
 
+#[cfg(feature = "test-programs")]
 #[classifier]
 pub fn sgfw_port_count_egress(ctx: TcContext) -> i32 {
     port_count(&ctx, Direction::Egress)
 }
 
+#[cfg(feature = "test-programs")]
 /// The floor for benchmarks: one array read, then pass.
 #[classifier]
 pub fn sgfw_noop(_ctx: TcContext) -> i32 {
@@ -100,11 +105,12 @@ fn ifindex(ctx: &TcContext) -> u32 {
     unsafe { (*ctx.skb.skb).ifindex }
 }
 
+#[cfg(feature = "test-programs")]
 #[inline(always)]
 fn port_count(ctx: &TcContext, dir: Direction) -> i32 {
     // TC ingress of the port is the instance's egress and vice versa; the
     // key records the TC hook's own direction as `Direction` of the port.
-    let key = PortCountKey {
+    let key = sgfw_common::PortCountKey {
         ifindex: ifindex(ctx),
         direction: dir as u32,
     };

@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use sgfw_common::{
     AddrInfo, AddrKey, CidrKeyV4, CidrKeyV6, Config, CtEntry, CtKey, FragEntry, FragKey,
-    InstancePolicy, NaclBits, NaclMeta, PortCountKey, PortKey, SubnetPolicy,
+    InstancePolicy, NaclBits, NaclMeta, PortKey, SubnetPolicy,
 };
 
 #[map(name = "SGFW_ADDRS")]
@@ -63,8 +63,10 @@ pub static SCRATCH: PerCpuArray<crate::parse::Pkt> = PerCpuArray::with_max_entri
 #[map(name = "SGFW_EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 
+#[cfg(feature = "test-programs")]
 #[map(name = "SGFW_PORT_COUNTS")]
-pub static PORT_COUNTS: PerCpuHashMap<PortCountKey, u64> = PerCpuHashMap::with_max_entries(4096, 0);
+pub static PORT_COUNTS: PerCpuHashMap<sgfw_common::PortCountKey, u64> =
+    PerCpuHashMap::with_max_entries(4096, 0);
 
 /// The verdict of each fragmented datagram's first fragment, per hook; LRU,
 /// each record stands for `FRAGMENT_TIMEOUT_NS`.

@@ -107,7 +107,7 @@ fn port_counter_counts_exact_packets_per_port_and_direction() {
     .unwrap();
 
     let caps = std::collections::BTreeMap::new();
-    let mut ebpf = sgfw::ebpf::load_object(&caps).unwrap();
+    let mut ebpf = sgfw::ebpf::testrun::load_test_object(&caps).unwrap();
     // Links are owned by the programs: dropping `ebpf` detaches them.
     for port in [&x.port, &y.port] {
         for (name, kind) in [

@@ -81,6 +81,7 @@ fn main() -> Result<()> {
             run(Command::new("cargo")
                 .current_dir(&root)
                 .env("SGFW_BPF_OBJECT", bpf_object(&root))
+                .env("SGFW_BPF_TEST_OBJECT", bpf_test_object(&root))
                 .env("SGFW_DIFF_PACKETS", "1000000")
                 .env("SGFW_DIFF_PER_MODEL", "5000")
                 .args([
@@ -129,6 +130,13 @@ pub fn bpf_object(root: &Path) -> PathBuf {
     root.join("target/bpf/bpfel-unknown-none/release/sgfw")
 }
 
+/// The test object: the production programs plus the benchmark floor
+/// (`sgfw_noop`) and the port-count programs (feature `test-programs`).
+/// Never loaded by an apply; the lab and the benchmarks load it.
+pub fn bpf_test_object(root: &Path) -> PathBuf {
+    root.join("target/bpf/sgfw-test.o")
+}
+
 /// Runs a command, echoing it, failing with its name when it fails.
 pub fn run(cmd: &mut Command) -> Result<()> {
     eprintln!("xtask: $ {}", show(cmd));
@@ -152,7 +160,23 @@ fn show(cmd: &Command) -> String {
 
 fn build_ebpf(root: &Path) -> Result<()> {
     let t = Instant::now();
-    eprintln!("xtask: building the BPF object (nightly, bpfel-unknown-none)");
+    eprintln!("xtask: building the BPF objects (nightly, bpfel-unknown-none)");
+    // The test object first, then the production one, in one target dir:
+    // `core` is built once, only sgfw-ebpf is rebuilt for the feature.
+    cargo_bpf(root, &["--features", "test-programs"])?;
+    std::fs::copy(bpf_object(root), bpf_test_object(root))
+        .with_context(|| format!("copying to {}", bpf_test_object(root).display()))?;
+    cargo_bpf(root, &[])?;
+    eprintln!(
+        "xtask: BPF objects at {} and {} ({:.1}s)",
+        bpf_object(root).display(),
+        bpf_test_object(root).display(),
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn cargo_bpf(root: &Path, extra: &[&str]) -> Result<()> {
     run(Command::new("cargo")
         .current_dir(root)
         .env_remove("RUSTC")
@@ -175,15 +199,10 @@ fn build_ebpf(root: &Path) -> Result<()> {
             "bpfel-unknown-none",
             "-Z",
             "build-std=core",
-            "--target-dir",
         ])
-        .arg(root.join("target/bpf")))?;
-    eprintln!(
-        "xtask: BPF object at {} ({:.1}s)",
-        bpf_object(root).display(),
-        t.elapsed().as_secs_f64()
-    );
-    Ok(())
+        .args(extra)
+        .arg("--target-dir")
+        .arg(root.join("target/bpf")))
 }
 
 fn build(root: &Path) -> Result<()> {
@@ -191,6 +210,7 @@ fn build(root: &Path) -> Result<()> {
     run(Command::new("cargo")
         .current_dir(root)
         .env("SGFW_BPF_OBJECT", bpf_object(root))
+        .env("SGFW_BPF_TEST_OBJECT", bpf_test_object(root))
         .args(["build", "--release", "-p", "sgfw-user", "--bin", "sgfw"]))?;
     eprintln!(
         "xtask: built {}",
@@ -216,6 +236,7 @@ fn lean_library(root: &Path) -> Result<()> {
     run(Command::new("cargo")
         .current_dir(root)
         .env("SGFW_BPF_OBJECT", bpf_object(root))
+        .env("SGFW_BPF_TEST_OBJECT", bpf_test_object(root))
         .args([
             "clippy",
             "-p",
@@ -277,6 +298,7 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
     run(Command::new("cargo")
         .current_dir(root)
         .env("SGFW_BPF_OBJECT", bpf_object(root))
+        .env("SGFW_BPF_TEST_OBJECT", bpf_test_object(root))
         .args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
     lean_library(root)?;
     // Property tests: at least 10,000 cases each unless the caller says otherwise.
@@ -285,10 +307,12 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
     run(Command::new("cargo")
         .current_dir(root)
         .env("SGFW_BPF_OBJECT", bpf_object(root))
+        .env("SGFW_BPF_TEST_OBJECT", bpf_test_object(root))
         .args(["build", "--release", "-p", "sgfw-user", "--bin", "sgfw"]))?;
     let mut cmd = Command::new("cargo");
     cmd.current_dir(root)
         .env("SGFW_BPF_OBJECT", bpf_object(root))
+        .env("SGFW_BPF_TEST_OBJECT", bpf_test_object(root))
         .env("SGFW_BIN", root.join("target/release/sgfw"))
         .env("SGFW_PYTHON", python)
         .env("PROPTEST_CASES", cases)

@@ -517,7 +517,10 @@ mod tests {
         let a = apply_switching(&new, &others, &model(), &ApplyOptions::default()).unwrap();
         assert_eq!(*log.borrow(), ["enforce ebpf", "remove nftables"]);
         assert_eq!(a.replaced, [EnforcementMode::Nftables]);
-        assert!(a.summary().contains("nftables ruleset it replaces was removed"));
+        assert!(
+            a.summary()
+                .contains("nftables ruleset it replaces was removed")
+        );
     }
 
     #[test]

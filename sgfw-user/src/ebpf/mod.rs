@@ -610,7 +610,6 @@ pub const ALL_MAPS: &[&str] = &[
     mn::CONFIG,
     mn::COUNTERS,
     mn::EVENTS,
-    mn::PORT_COUNTS,
     mn::FRAGS,
     mn::IDENTITIES,
     mn::EVENT_RATE,
@@ -688,7 +687,30 @@ pub fn classifier<'a>(
 
 /// Loads the embedded object with the given map sizes (not attached, not pinned).
 pub fn load_object(caps: &BTreeMap<&'static str, u32>) -> Result<Ebpf, EbpfError> {
-    if BPF_OBJECT.is_empty() {
+    load_programs(BPF_OBJECT, caps, PRODUCTION_PROGRAMS)
+}
+
+/// The programs of the production object, each loaded (verified) by every
+/// first apply. The test object adds the benchmark floor and the port-count
+/// programs (`testrun::load_test_object`, with the `lab` feature).
+pub const PRODUCTION_PROGRAMS: &[&str] = &[
+    pn::FROM_INSTANCE,
+    pn::TO_INSTANCE,
+    pn::BRIDGE_UP,
+    pn::BRIDGE_DOWN,
+];
+
+/// Loads `object` with map capacities `caps` and verifies `programs`.
+///
+/// # Errors
+///
+/// [`EbpfError::NotBuilt`] for an empty object, else the load's error.
+pub fn load_programs(
+    object: &[u8],
+    caps: &BTreeMap<&'static str, u32>,
+    programs: &[&str],
+) -> Result<Ebpf, EbpfError> {
+    if object.is_empty() {
         return Err(EbpfError::NotBuilt);
     }
     let mut loader = EbpfLoader::new();
@@ -696,17 +718,9 @@ pub fn load_object(caps: &BTreeMap<&'static str, u32>) -> Result<Ebpf, EbpfError
         loader.map_max_entries(name, *n);
     }
     let mut ebpf = loader
-        .load(BPF_OBJECT)
+        .load(object)
         .map_err(|e| EbpfError::Load(Box::new(e)))?;
-    for name in [
-        pn::FROM_INSTANCE,
-        pn::TO_INSTANCE,
-        pn::BRIDGE_UP,
-        pn::BRIDGE_DOWN,
-        pn::PORT_COUNT_INGRESS,
-        pn::PORT_COUNT_EGRESS,
-        pn::NOOP,
-    ] {
+    for &name in programs {
         classifier(&mut ebpf, name)?
             .load()
             .map_err(|e| prog_err(format!("loading program {name}"), e))?;
@@ -1429,6 +1443,44 @@ impl EbpfBackend {
 mod tests {
     use super::*;
     use crate::sys::FakeMaps;
+
+    fn names(object: &[u8], name: &str) -> bool {
+        object.windows(name.len()).any(|w| w == name.as_bytes())
+    }
+
+    /// The production object holds the production programs only; the test
+    /// programs (benchmark floor, port counts) and their map are in the test
+    /// object. An empty object (not built) is a failure under CI.
+    #[test]
+    fn the_production_object_has_no_test_programs() {
+        if BPF_OBJECT.is_empty() {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI=true but no BPF object is embedded"
+            );
+            return;
+        }
+        for p in PRODUCTION_PROGRAMS {
+            assert!(names(BPF_OBJECT, p), "{p} missing");
+        }
+        for p in [
+            pn::NOOP,
+            pn::PORT_COUNT_INGRESS,
+            pn::PORT_COUNT_EGRESS,
+            mn::PORT_COUNTS,
+        ] {
+            assert!(!names(BPF_OBJECT, p), "{p} is in the production object");
+        }
+        #[cfg(feature = "lab")]
+        if !testrun::BPF_TEST_OBJECT.is_empty() {
+            for p in testrun::TEST_PROGRAMS {
+                assert!(
+                    names(testrun::BPF_TEST_OBJECT, p),
+                    "{p} missing from the test object"
+                );
+            }
+        }
+    }
 
     fn flat(json: &str) -> FlatModel {
         let m = crate::model::Model::from_json(json).unwrap();

@@ -5,6 +5,7 @@
 //! Ethernet frame. The differential test and the benchmarks drive the
 //! dataplane through it; it never touches the host's interfaces.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use aya::Ebpf;
@@ -16,6 +17,32 @@ use super::{EbpfError, config_for, kernel_maps_of, load_object, prog_err, write_
 use crate::flat::FlatModel;
 use crate::packet::{L4, Packet, Wire};
 use crate::sys::{KernelMaps, MapOps};
+
+/// The test object (`cargo xtask build`: the production programs plus the
+/// benchmark floor `sgfw_noop` and the port-count programs), embedded with
+/// the `lab` feature. Never loaded by an apply.
+pub static BPF_TEST_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sgfw-test.bpf.o"));
+
+/// Every program of the test object.
+pub const TEST_PROGRAMS: &[&str] = &[
+    pn::FROM_INSTANCE,
+    pn::TO_INSTANCE,
+    pn::BRIDGE_UP,
+    pn::BRIDGE_DOWN,
+    pn::PORT_COUNT_INGRESS,
+    pn::PORT_COUNT_EGRESS,
+    pn::NOOP,
+];
+
+/// Loads the test object and verifies all its programs.
+///
+/// # Errors
+///
+/// [`EbpfError::NotBuilt`] when it was not embedded, else the load's error.
+pub fn load_test_object(caps: &BTreeMap<&'static str, u32>) -> Result<Ebpf, EbpfError> {
+    super::load_programs(BPF_TEST_OBJECT, caps, TEST_PROGRAMS)
+}
 
 /// `TC_ACT_OK`.
 pub const TC_ACT_OK: u32 = 0;
@@ -32,6 +59,8 @@ pub struct TestDataplane {
     config: Config,
     /// Instance index in the model → ifindex of its (test) port.
     port_ifindex: Vec<u32>,
+    /// The test object, for the benchmark floor.
+    floor: Option<Ebpf>,
 }
 
 impl std::fmt::Debug for TestDataplane {
@@ -65,6 +94,7 @@ impl TestDataplane {
             generation: 0,
             config,
             port_ifindex: Vec::new(),
+            floor: None,
         };
         dp.apply(model)?;
         Ok(dp)
@@ -161,32 +191,12 @@ impl TestDataplane {
         ifindex: u32,
         mark: u32,
     ) -> Result<(u32, u64, u32), EbpfError> {
-        let prog = super::classifier(&mut self.ebpf, program)?;
-        // `struct __sk_buff` up to and including `ifindex` (offset 40), with
-        // `mark` at offset 8; the kernel zero-fills the rest.
-        let mut ctx = [0u8; 44];
-        ctx[8..12].copy_from_slice(&mark.to_ne_bytes());
-        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
-        // The kernel writes the whole `__sk_buff` back (ENOSPC if shorter).
-        let mut out = [0u8; 512];
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(frame);
-        opts.ctx_in = Some(&ctx);
-        opts.ctx_out = Some(&mut out);
-        opts.repeat = repeat;
-        let r = prog
-            .test_run(opts)
-            .map_err(|e| prog_err(format!("BPF_PROG_TEST_RUN of {program}"), e))?;
-        let mark_out = u32::from_ne_bytes([out[8], out[9], out[10], out[11]]);
-        Ok((r.return_value, r.duration.as_nanos() as u64, mark_out))
+        test_run(&mut self.ebpf, program, frame, repeat, ifindex, mark)
     }
 
-    /// The hook program for a direction.
+    /// The hook program for a direction ([`Direction::program`]).
     pub fn program(dir: Direction) -> &'static str {
-        match dir {
-            Direction::Egress => pn::FROM_INSTANCE,
-            Direction::Ingress => pn::TO_INSTANCE,
-        }
+        dir.program()
     }
 
     /// What the dataplane does to a packet on the wire: the sender's hook at
@@ -243,10 +253,46 @@ impl TestDataplane {
         &mut self.maps
     }
 
-    /// Runs the no-op floor program.
+    /// Runs the no-op floor program (of the test object, loaded on first use).
     pub fn run_noop(&mut self, frame: &[u8], repeat: u32) -> Result<u64, EbpfError> {
-        Ok(self.run_frame(pn::NOOP, frame, repeat)?.1)
+        if self.floor.is_none() {
+            self.floor = Some(load_test_object(&BTreeMap::new())?);
+        }
+        let Some(floor) = self.floor.as_mut() else {
+            return Err(EbpfError::NotBuilt);
+        };
+        Ok(test_run(floor, pn::NOOP, frame, repeat, 0, 0)?.1)
     }
+}
+
+/// One BPF_PROG_TEST_RUN of `program` of `ebpf` on `frame`, as if at the
+/// port `ifindex` with `skb->mark` = `mark`: (verdict, ns per run, mark left).
+fn test_run(
+    ebpf: &mut Ebpf,
+    program: &str,
+    frame: &[u8],
+    repeat: u32,
+    ifindex: u32,
+    mark: u32,
+) -> Result<(u32, u64, u32), EbpfError> {
+    let prog = super::classifier(ebpf, program)?;
+    // `struct __sk_buff` up to and including `ifindex` (offset 40), with
+    // `mark` at offset 8; the kernel zero-fills the rest.
+    let mut ctx = [0u8; 44];
+    ctx[8..12].copy_from_slice(&mark.to_ne_bytes());
+    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+    // The kernel writes the whole `__sk_buff` back (ENOSPC if shorter).
+    let mut out = [0u8; 512];
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(frame);
+    opts.ctx_in = Some(&ctx);
+    opts.ctx_out = Some(&mut out);
+    opts.repeat = repeat;
+    let r = prog
+        .test_run(opts)
+        .map_err(|e| prog_err(format!("BPF_PROG_TEST_RUN of {program}"), e))?;
+    let mark_out = u32::from_ne_bytes([out[8], out[9], out[10], out[11]]);
+    Ok((r.return_value, r.duration.as_nanos() as u64, mark_out))
 }
 
 fn csum_fold(mut sum: u32) -> u16 {
