@@ -1,0 +1,351 @@
+//! The atomic update protocol: every generation is written into the
+//! inactive half of the slotted maps and under fresh content-addressed ids,
+//! switched in by one `CONFIG` write, and the old half and retired ids are
+//! deleted by the next apply (docs/semantics.md, "Atomic updates"). It owns
+//! the map writes of an apply and the capacities they need; it must never
+//! write into the half in force, and it restores the previous contents on
+//! any failure before the switch.
+
+use super::*;
+
+pub(super) fn lpm_bytes<K: bytemuck::Pod>(prefix_len: u32, key: &K) -> Vec<u8> {
+    let mut v = prefix_len.to_ne_bytes().to_vec();
+    v.extend_from_slice(bytemuck::bytes_of(key));
+    v
+}
+
+/// The map contents an apply writes, as (map, key bytes, value bytes).
+pub(super) fn lpm_rows<'a, K: bytemuck::Pod, V: bytemuck::Pod>(
+    map: &'static str,
+    rows: &'a [LpmEntry<K, V>],
+    keep: impl Fn(&K) -> bool + 'a,
+) -> impl Iterator<Item = (&'static str, Vec<u8>, Vec<u8>)> + 'a {
+    rows.iter().filter(move |e| keep(&e.key)).map(move |e| {
+        (
+            map,
+            lpm_bytes(e.prefix_len, &e.key),
+            bytemuck::bytes_of(&e.value).to_vec(),
+        )
+    })
+}
+
+/// Key size of each id-carrying map, with where the id sits in the key.
+pub(super) const GENERATIONAL: &[(&str, usize, usize)] = &[
+    // (map, key size incl. prefixlen, offset of the big-endian id)
+    (mn::SG_CIDR_V4, 4 + size_of::<CidrKeyV4>(), 4),
+    (mn::SG_CIDR_V6, 4 + size_of::<CidrKeyV6>(), 4),
+    (mn::SG_PORTS, 4 + size_of::<PortKey>(), 4),
+    (mn::NACL_CIDR_V4, 4 + size_of::<CidrKeyV4>(), 4),
+    (mn::NACL_CIDR_V6, 4 + size_of::<CidrKeyV6>(), 4),
+    (mn::NACL_PORTS, 4 + size_of::<PortKey>(), 4),
+];
+
+/// The `CONFIG` element for a model and generation.
+pub fn config_for(model: &FlatModel, generation: u32, flags: u32) -> Config {
+    let t = model.timeouts;
+    let ns = |s: u32| u64::from(s) * 1_000_000_000;
+    Config {
+        time_override_ns: 0,
+        tcp_established_ns: ns(t.tcp_established),
+        tcp_new_ns: ns(t.tcp_new),
+        tcp_closing_ns: ns(t.tcp_closing),
+        udp_ns: ns(t.udp),
+        udp_stream_ns: ns(t.udp_stream),
+        icmp_ns: ns(t.icmp),
+        other_ns: ns(t.other),
+        flags,
+        events_per_sec: 1000,
+        generation,
+        slot: 0,
+    }
+}
+
+/// One map's contents: key bytes → value bytes.
+pub(super) type Snapshot = BTreeMap<Vec<u8>, Vec<u8>>;
+
+/// The maps with two halves ([`sgfw_common::Config::slot`]): (map, key
+/// size, value size).
+pub(super) const SLOTTED: [(&str, usize, usize); 4] = [
+    (mn::IDENTITIES, 4, size_of::<AddrKey>()),
+    (
+        mn::ADDRS,
+        size_of::<AddrKey>(),
+        size_of::<sgfw_common::AddrInfo>(),
+    ),
+    (mn::INSTANCES, 4, size_of::<InstancePolicy>()),
+    (mn::SUBNETS, 4, size_of::<SubnetPolicy>()),
+];
+
+/// The half a key of a [`SLOTTED`] map is in.
+pub(super) fn slot_of(map: &str, key: &[u8]) -> u32 {
+    if map == mn::ADDRS {
+        u32::from(key.get(1).copied().unwrap_or(0) & 1)
+    } else {
+        let b = [
+            key.first().copied().unwrap_or(0),
+            key.get(1).copied().unwrap_or(0),
+            key.get(2).copied().unwrap_or(0),
+            key.get(3).copied().unwrap_or(0),
+        ];
+        u32::from_ne_bytes(b) >> 31
+    }
+}
+
+/// Empties one half of every [`SLOTTED`] map.
+pub(super) fn clear_slot(maps: &mut dyn MapOps, slot: u32) -> Result<(), SysError> {
+    for (map, ks, _) in SLOTTED {
+        for k in maps.keys(map, ks)? {
+            if slot_of(map, &k) == slot {
+                maps.delete(map, &k)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The half of the maps in force (0 before the first apply).
+pub(crate) fn slot_in_force(maps: &mut dyn MapOps) -> Result<u32, SysError> {
+    Ok(maps
+        .lookup(mn::CONFIG, &0u32.to_ne_bytes(), size_of::<Config>())?
+        .and_then(|v| bytemuck::try_pod_read_unaligned::<Config>(&v).ok())
+        .map_or(0, |c| c.slot & 1))
+}
+
+/// Writes a compiled generation into the maps with the switch protocol
+/// described in the module docs: everything the datapath reads per
+/// instance, subnet and address goes into the half of the maps not in
+/// force, then one write of `CONFIG` (generation and half) switches all of
+/// it at once, then the old half and the retired ids are removed. `ports`
+/// is ifindex → instance index for bound ports. On an error before the
+/// switch, the maps are as they were (best effort for the restore itself)
+/// and the error is returned; a kill at any point leaves either the old
+/// policy or the new one in force, whole.
+pub fn write_generation(
+    maps: &mut dyn MapOps,
+    c: &Compiled,
+    ports: &[(u32, u32)],
+    config: &Config,
+) -> Result<(), SysError> {
+    let new = slot_in_force(maps)? ^ 1;
+    // Port bindings are not halved (instance indices are stable): keep them
+    // to restore on failure.
+    let mut old_ports: Snapshot = BTreeMap::new();
+    for k in maps.keys(mn::PORTS, 4)? {
+        if let Some(v) = maps.lookup(mn::PORTS, &k, 4)? {
+            old_ports.insert(k, v);
+        }
+    }
+    let mut config = *config;
+    config.slot = new;
+    // The half about to be written held the generation before last, the only
+    // one that still named the ids the last apply retired: both go now.
+    let result = clear_slot(maps, new)
+        .and_then(|()| delete_ids(maps, &c.retire_now, &c.retire_now_kinds))
+        .and_then(|()| write_and_switch(maps, c, ports, &config, new));
+    if let Err(e) = result {
+        // Roll back: the half in force was never touched.
+        let _ = clear_slot(maps, new);
+        if let Ok(keys) = maps.keys(mn::PORTS, 4) {
+            for k in keys {
+                if !old_ports.contains_key(&k) {
+                    let _ = maps.delete(mn::PORTS, &k);
+                }
+            }
+        }
+        for (k, v) in &old_ports {
+            let _ = maps.update(mn::PORTS, k, v);
+        }
+        // The new objects were never referenced: drop them again.
+        let _ = delete_ids(maps, &c.fresh, &c.fresh_kinds);
+        return Err(e);
+    }
+    // The new generation is in force. The old half, and the ids only it
+    // names, stay until the next apply: a packet whose hook read `CONFIG`
+    // just before the switch, or whose stamp names the old half, still finds
+    // them (deleting them at once lost replies under 1,000 applies).
+    let keep: BTreeSet<Vec<u8>> = ports
+        .iter()
+        .map(|(i, _)| i.to_ne_bytes().to_vec())
+        .collect();
+    for k in maps.keys(mn::PORTS, 4)? {
+        if !keep.contains(&k) {
+            maps.delete(mn::PORTS, &k)?;
+        }
+    }
+    Ok(())
+}
+
+/// Deletes every entry of these ids (one pass over the id-keyed maps; none
+/// when there is nothing to delete).
+pub(super) fn delete_ids(
+    maps: &mut dyn MapOps,
+    ids: &BTreeSet<u32>,
+    kinds: &BTreeSet<char>,
+) -> Result<(), SysError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    // Only the maps that objects of these kinds have entries in.
+    let holds = |map: &str| match map {
+        mn::SG_CIDR_V4 | mn::SG_CIDR_V6 => kinds.contains(&'p'),
+        mn::SG_PORTS => kinds.contains(&'s'),
+        _ => kinds.contains(&'n'),
+    };
+    for (map, ks, off) in GENERATIONAL.iter().filter(|g| holds(g.0)) {
+        for k in maps.keys(map, *ks)? {
+            let id = u32::from_be_bytes([k[*off], k[off + 1], k[off + 2], k[off + 3]]);
+            if ids.contains(&id) {
+                maps.delete(map, &k)?;
+            }
+        }
+    }
+    if kinds.contains(&'n') {
+        for id in ids {
+            maps.delete(mn::NACL_META, &id.to_ne_bytes())?;
+        }
+    }
+    Ok(())
+}
+
+/// Deletes every entry of the id-keyed maps whose id `book` does not use:
+/// what an apply that did not finish may have left, whole or in part.
+pub(super) fn sweep_ids(maps: &mut dyn MapOps, book: &IdBook) -> Result<(), SysError> {
+    let live: BTreeSet<u32> = book.ids.values().copied().collect();
+    for (map, ks, off) in GENERATIONAL {
+        for k in maps.keys(map, *ks)? {
+            let id = u32::from_be_bytes([k[*off], k[off + 1], k[off + 2], k[off + 3]]);
+            if !live.contains(&id) {
+                maps.delete(map, &k)?;
+            }
+        }
+    }
+    for k in maps.keys(mn::NACL_META, 4)? {
+        let id = u32::from_ne_bytes([k[0], k[1], k[2], k[3]]);
+        if !live.contains(&id) {
+            maps.delete(mn::NACL_META, &k)?;
+        }
+    }
+    Ok(())
+}
+
+/// The id inside an LPM key's data (big-endian, first 4 bytes).
+pub(super) fn key_id(table: [u8; 4]) -> u32 {
+    u32::from_be_bytes(table)
+}
+
+pub(super) fn write_and_switch(
+    maps: &mut dyn MapOps,
+    c: &Compiled,
+    ports: &[(u32, u32)],
+    config: &Config,
+    slot: u32,
+) -> Result<(), SysError> {
+    // 1. The new objects' lookup structures, beside the ones in force
+    //    (objects the maps already hold keep their ids and are not touched).
+    let fresh = |id: u32| c.fresh.contains(&id);
+    let rows = lpm_rows(mn::SG_CIDR_V4, &c.sg_cidr_v4, |k| fresh(key_id(k.table)))
+        .chain(lpm_rows(mn::SG_CIDR_V6, &c.sg_cidr_v6, |k| {
+            fresh(key_id(k.table))
+        }))
+        .chain(lpm_rows(mn::SG_PORTS, &c.sg_ports, |k| {
+            fresh(key_id(k.set))
+        }))
+        .chain(lpm_rows(mn::NACL_CIDR_V4, &c.nacl_cidr_v4, |k| {
+            fresh(key_id(k.table))
+        }))
+        .chain(lpm_rows(mn::NACL_CIDR_V6, &c.nacl_cidr_v6, |k| {
+            fresh(key_id(k.table))
+        }))
+        .chain(lpm_rows(mn::NACL_PORTS, &c.nacl_ports, |k| {
+            fresh(key_id(k.set))
+        }));
+    for (map, k, v) in rows {
+        maps.update(map, &k, &v)?;
+    }
+    for (id, meta) in c.nacl_meta.iter().filter(|(id, _)| fresh(*id)) {
+        maps.update(
+            mn::NACL_META,
+            &id.to_ne_bytes(),
+            bytemuck::bytes_of::<NaclMeta>(meta),
+        )?;
+    }
+    // 2. The half not in force: subnets, instances, identities, addresses.
+    let key = |i: u32| sgfw_common::slotted(i, slot).to_ne_bytes();
+    let in_slot = |k: &AddrKey| AddrKey {
+        slot: slot as u8,
+        ..*k
+    };
+    for (idx, sp) in &c.subnets {
+        maps.update(mn::SUBNETS, &key(*idx), bytemuck::bytes_of(sp))?;
+    }
+    for (idx, ip) in &c.instances {
+        maps.update(mn::INSTANCES, &key(*idx), bytemuck::bytes_of(ip))?;
+    }
+    for (id, k) in &c.identities {
+        maps.update(mn::IDENTITIES, &key(*id), bytemuck::bytes_of(&in_slot(k)))?;
+    }
+    for (k, v) in &c.addrs {
+        maps.update(
+            mn::ADDRS,
+            bytemuck::bytes_of(&in_slot(k)),
+            bytemuck::bytes_of(v),
+        )?;
+    }
+    // Bindings of bound ports (instance indices are the same in both halves).
+    for (ifx, inst) in ports {
+        maps.update(mn::PORTS, &ifx.to_ne_bytes(), &inst.to_ne_bytes())?;
+    }
+    // 3. The switch: one array write makes the new half, and a new
+    //    generation (every conntrack fast-path cache is re-validated), in
+    //    force for every hook at once.
+    maps.update(mn::CONFIG, &0u32.to_ne_bytes(), bytemuck::bytes_of(config))?;
+    Ok(())
+}
+
+/// Map capacities for a first load: generous, since LPM tries allocate on
+/// demand and two generations coexist during a switch.
+pub(super) fn capacities(c: &Compiled, conntrack_max: u32) -> BTreeMap<&'static str, u32> {
+    let cap = |n: usize, min: u32| -> u32 {
+        u32::try_from(n.saturating_mul(4).saturating_add(1024))
+            .unwrap_or(u32::MAX)
+            .max(min)
+    };
+    let mut m = BTreeMap::new();
+    m.insert(mn::ADDRS, cap(c.addrs.len(), 4096));
+    m.insert(mn::IDENTITIES, 65_536);
+    m.insert(mn::INSTANCES, cap(c.instances.len(), 4096));
+    m.insert(mn::SUBNETS, cap(c.subnets.len(), 1024));
+    m.insert(mn::PORTS, cap(c.instances.len(), 4096));
+    m.insert(mn::SG_CIDR_V4, cap(c.sg_cidr_v4.len(), 65_536));
+    m.insert(mn::SG_CIDR_V6, cap(c.sg_cidr_v6.len(), 65_536));
+    m.insert(mn::SG_PORTS, cap(c.sg_ports.len(), 262_144));
+    m.insert(mn::NACL_CIDR_V4, cap(c.nacl_cidr_v4.len(), 16_384));
+    m.insert(mn::NACL_CIDR_V6, cap(c.nacl_cidr_v6.len(), 16_384));
+    m.insert(mn::NACL_PORTS, cap(c.nacl_ports.len(), 65_536));
+    m.insert(mn::NACL_META, cap(c.nacl_meta.len(), 4096));
+    m.insert(mn::CONNTRACK, conntrack_max);
+    // Fragmented datagrams in flight per hook: bounded, LRU, 30 s each.
+    m.insert(mn::FRAGS, 16_384);
+    m.insert(
+        mn::COUNTERS,
+        (cap(c.instances.len(), 4096) + 1) * Reason::COUNT as u32,
+    );
+    m
+}
+
+/// Entries each map needs while both generations coexist.
+pub(super) fn needed(c: &Compiled, old: &BTreeMap<String, usize>) -> Vec<(&'static str, usize)> {
+    let o = |m: &str| old.get(m).copied().unwrap_or(0);
+    vec![
+        (mn::ADDRS, c.addrs.len() + o(mn::ADDRS)),
+        (mn::INSTANCES, c.instances.len() + o(mn::INSTANCES)),
+        (mn::SUBNETS, c.subnets.len() + o(mn::SUBNETS)),
+        (mn::SG_CIDR_V4, c.sg_cidr_v4.len() + o(mn::SG_CIDR_V4)),
+        (mn::SG_CIDR_V6, c.sg_cidr_v6.len() + o(mn::SG_CIDR_V6)),
+        (mn::SG_PORTS, c.sg_ports.len() + o(mn::SG_PORTS)),
+        (mn::NACL_CIDR_V4, c.nacl_cidr_v4.len() + o(mn::NACL_CIDR_V4)),
+        (mn::NACL_CIDR_V6, c.nacl_cidr_v6.len() + o(mn::NACL_CIDR_V6)),
+        (mn::NACL_PORTS, c.nacl_ports.len() + o(mn::NACL_PORTS)),
+        (mn::NACL_META, c.nacl_meta.len() + o(mn::NACL_META)),
+    ]
+}
