@@ -71,6 +71,34 @@ impl Family {
         }
     }
 
+    /// The family of a map key's tag (anything but the IPv4 tag is IPv6,
+    /// as the BPF programs read it).
+    pub const fn from_tag(tag: u8) -> Family {
+        if tag == sgfw_common::limits::AF_INET {
+            Family::V4
+        } else {
+            Family::V6
+        }
+    }
+
+    /// A map key's address: (tag, 16 bytes, IPv4 in the first four).
+    pub fn key_of(addr: &IpAddr) -> (u8, [u8; 16]) {
+        let mut b = [0u8; 16];
+        match addr {
+            IpAddr::V4(a) => b[..4].copy_from_slice(&a.octets()),
+            IpAddr::V6(a) => b = a.octets(),
+        }
+        (Family::of_addr(addr).tag(), b)
+    }
+
+    /// The address a map key's (tag, bytes) spell ([`Family::key_of`] reversed).
+    pub fn addr_of_key(tag: u8, b: &[u8; 16]) -> IpAddr {
+        match Family::from_tag(tag) {
+            Family::V4 => IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3])),
+            Family::V6 => IpAddr::V6(std::net::Ipv6Addr::from(*b)),
+        }
+    }
+
     /// `IPv4` / `IPv6`, as messages write it.
     pub const fn name(self) -> &'static str {
         match self {

@@ -2,14 +2,14 @@
 //! AWS VPC Flow Logs version-2 field order, plus the deciding stage and rule.
 
 use std::io::Write as _;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Args;
 use serde::Serialize;
 use sgfw::ebpf::EbpfBackend;
-use sgfw_common::{CONFIG_EMIT_ACCEPTS, Event, Reason, limits::AF_INET};
+use sgfw_common::{CONFIG_EMIT_ACCEPTS, Event, Reason};
 
 use super::Failure;
 
@@ -78,11 +78,7 @@ pub struct FlowRecord {
 }
 
 fn addr(family: u8, b: &[u8; 16]) -> IpAddr {
-    if family == AF_INET {
-        IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
-    } else {
-        IpAddr::V6(Ipv6Addr::from(*b))
-    }
+    sgfw::policy::Family::addr_of_key(family, b)
 }
 
 fn clock(id: libc::clockid_t) -> u64 {

@@ -8,7 +8,6 @@ use std::process::ExitCode;
 
 use clap::{Args, ValueEnum};
 use sgfw::ebpf::compile::{Indices, compile};
-use sgfw_common::limits::AF_INET;
 
 use super::{Failure, load_model};
 
@@ -118,11 +117,7 @@ pub fn ebpf_dump(flat: &sgfw::flat::FlatModel) -> Result<String, Failure> {
     }
     let _ = writeln!(o, "\n[SGFW_ADDRS] address -> instance, subnet");
     for (k, v) in &c.addrs {
-        let a = if k.family == AF_INET {
-            Ipv4Addr::new(k.addr[0], k.addr[1], k.addr[2], k.addr[3]).to_string()
-        } else {
-            Ipv6Addr::from(k.addr).to_string()
-        };
+        let a = sgfw::policy::Family::addr_of_key(k.family, &k.addr);
         let _ = writeln!(o, "{a} -> {} {}", v.instance, v.subnet);
     }
     let _ = writeln!(o, "\n[SGFW_SG_CIDR_V4] policy, remote prefix -> port set");

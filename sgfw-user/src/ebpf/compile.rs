@@ -30,8 +30,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use sgfw_common::{
     AddrInfo, AddrKey, BROADCAST_OWNER, CidrKeyV4, CidrKeyV6, InstancePolicy, NaclBits, NaclMeta,
-    PortKey, SUBNET_HAS_DNS_V4, SUBNET_HAS_DNS_V6, SubnetPolicy,
-    limits::{self, AF_INET, AF_INET6},
+    PortKey, SUBNET_HAS_DNS_V4, SUBNET_HAS_DNS_V6, SubnetPolicy, limits,
 };
 
 use crate::flat::{
@@ -341,17 +340,7 @@ fn cidr_v6(table: u32, net: &ipnet::Ipv6Net) -> LpmEntry<CidrKeyV6, ()> {
 
 /// The [`AddrKey`] of an address.
 pub fn addr_key(a: &IpAddr) -> AddrKey {
-    let mut addr = [0u8; 16];
-    let family = match a {
-        IpAddr::V4(v4) => {
-            addr[..4].copy_from_slice(&v4.octets());
-            AF_INET
-        }
-        IpAddr::V6(v6) => {
-            addr = v6.octets();
-            AF_INET6
-        }
-    };
+    let (family, addr) = crate::policy::Family::key_of(a);
     AddrKey {
         family,
         slot: 0,
