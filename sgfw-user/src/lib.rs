@@ -35,6 +35,7 @@ pub mod ebpf;
 pub mod eval;
 pub mod flat;
 pub mod hostlock;
+pub mod import;
 #[cfg(feature = "lab")]
 pub mod lab;
 pub mod model;

@@ -77,6 +77,11 @@ pub trait Host {
     fn ifindex(&self, name: &str) -> Result<Option<u32>, SysError>;
     /// Runs `nft` with `args`, feeding `stdin`; returns its stdout.
     fn nft(&self, args: &[&str], stdin: Option<&str>) -> Result<String, SysError>;
+    /// The host's bridges and their addresses (for `sgfw import`'s bridge
+    /// discovery). The default implementation knows none.
+    fn bridge_addresses(&self) -> Result<Vec<(String, Vec<ipnet::IpNet>)>, SysError> {
+        Ok(Vec::new())
+    }
     /// Reads a sysctl by its path under `/proc/sys` (e.g.
     /// `net/bridge/bridge-nf-call-iptables`), trimmed; `None` when it does not
     /// exist (for that one: `br_netfilter` is not loaded).
@@ -155,6 +160,61 @@ fn read_trim(path: &Path) -> Result<String, SysError> {
 }
 
 impl Host for RealHost {
+    fn bridge_addresses(&self) -> Result<Vec<(String, Vec<ipnet::IpNet>)>, SysError> {
+        let dir = Path::new("/sys/class/net");
+        let entries = std::fs::read_dir(dir).map_err(|source| SysError::File {
+            what: "listing",
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let mut bridges: Vec<String> = entries
+            .flatten()
+            .filter(|e| e.path().join("bridge").exists())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        bridges.sort();
+        let out = Command::new("ip")
+            .args(["-j", "addr", "show"])
+            .output()
+            .map_err(|source| SysError::Spawn {
+                program: "ip".into(),
+                source,
+            })?;
+        if !out.status.success() {
+            return Err(SysError::Command {
+                program: "ip -j addr show".into(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        let links: serde_json::Value =
+            serde_json::from_slice(&out.stdout).map_err(|_| SysError::Command {
+                program: "ip -j addr show".into(),
+                stderr: "output is not JSON".into(),
+            })?;
+        let mut res = Vec::new();
+        for b in bridges {
+            let addrs = links
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|l| l.get("ifname").and_then(|n| n.as_str()) == Some(b.as_str()))
+                .flat_map(|l| {
+                    l.get("addr_info")
+                        .and_then(|a| a.as_array())
+                        .cloned()
+                        .unwrap_or_default()
+                })
+                .filter_map(|a| {
+                    let ip: std::net::IpAddr = a.get("local")?.as_str()?.parse().ok()?;
+                    let len = u8::try_from(a.get("prefixlen")?.as_u64()?).ok()?;
+                    ipnet::IpNet::new(ip, len).ok()
+                })
+                .collect();
+            res.push((b, addrs));
+        }
+        Ok(res)
+    }
+
     fn bridge_ports(&self, bridge: &str) -> Result<Vec<Port>, SysError> {
         let dir = Path::new("/sys/class/net").join(bridge).join("brif");
         let entries = match std::fs::read_dir(&dir) {

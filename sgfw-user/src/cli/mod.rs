@@ -9,6 +9,7 @@ pub mod bench;
 pub mod demo;
 pub mod explain;
 pub mod flows;
+pub mod import;
 pub mod render;
 pub mod run;
 pub mod status;
@@ -70,6 +71,8 @@ pub struct Cli {
 pub enum Cmd {
     /// Check a model; exit 0 when valid (warnings on stderr), 2 with every error when not.
     Validate(validate::ValidateArgs),
+    /// Build a model from AWS CLI JSON (describe-subnets, describe-instances, ...).
+    Import(import::ImportArgs),
     /// The verdict for the first packet of a new flow, stage by stage.
     Explain(explain::ExplainArgs),
     /// Validate, compile and enforce a model; exits with enforcement in place.
@@ -141,6 +144,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
         Cmd::Explain(a) => Ok(explain::run(&a)?),
         Cmd::Apply(a) => apply::run(&a),
         Cmd::Teardown(a) => teardown::run(&a),
+        Cmd::Import(a) => import::run(&a),
         Cmd::Status(a) => status::run(&a),
         Cmd::Flows(a) => flows::run(&a),
         Cmd::Render(a) => render::run(&a),
