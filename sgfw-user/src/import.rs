@@ -54,6 +54,9 @@ pub enum ImportError {
         /// Its IPv4 CIDR.
         cidr: String,
     },
+    /// The document is not JSON, or not a model.
+    #[error("not a model or an AWS CLI document")]
+    Model(#[source] crate::model::ModelError),
     /// Two documents give the same object differently.
     #[error("{kind} {id} is given twice, differently")]
     Conflict {
@@ -129,6 +132,26 @@ pub fn is_aws_document(doc: &Value) -> bool {
         || items("Instances")
             .iter()
             .any(|i| i.get("NetworkInterfaces").is_some())
+}
+
+/// One document as a model file holds it: a model, or (when
+/// [`is_aws_document`] says so) an AWS CLI document, imported with `opts`.
+///
+/// # Errors
+///
+/// [`ImportError::Model`] for text that is neither, else the import's error.
+pub fn load_document(text: &str, opts: &ImportOptions) -> Result<Imported, ImportError> {
+    let doc: Value = serde_json::from_str(text)
+        .map_err(|e| ImportError::Model(crate::model::ModelError::Json(e)))?;
+    if is_aws_document(&doc) {
+        return import(&[doc], opts);
+    }
+    let model = serde_json::from_value(doc)
+        .map_err(|e| ImportError::Model(crate::model::ModelError::Json(e)))?;
+    Ok(Imported {
+        model,
+        warnings: Vec::new(),
+    })
 }
 
 /// Imports `docs` (each a parsed AWS CLI document, or one merged document).

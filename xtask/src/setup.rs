@@ -245,8 +245,13 @@ fn ensure_debian_packages() -> Result<()> {
         .args(&missing))
 }
 
-/// scapy's version for the crafted-packet test (tests/crafted/craft.py).
-const SCAPY_VERSION: &str = "2.6.1";
+/// What the tests' Python environment holds: scapy for the crafted-packet
+/// test, moto's EC2 server and boto3 for the EC2 import test
+/// (tests/tests/moto.rs), pinned.
+const PYTHON_PACKAGES: &[&str] = &["scapy==2.6.1", "moto[server]==5.2.5", "boto3==1.44.8"];
+
+/// The modules that show the environment is complete.
+const PYTHON_MODULES: &str = "scapy.all, moto.server, boto3";
 
 fn python_imports(python: &Path, modules: &str) -> bool {
     Command::new(python)
@@ -257,7 +262,8 @@ fn python_imports(python: &Path, modules: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// A Python with scapy for the crafted-packet test: a virtual environment
+/// A Python with scapy, moto and boto3 for the crafted-packet and EC2 import
+/// tests: a virtual environment
 /// under `~/.cache/sgfw/venv`, made with `python3 -m venv` (Debian's
 /// `python3-venv` installed first when the base interpreter lacks it) and
 /// scapy from PyPI. Returns the environment's interpreter, which `test`
@@ -266,7 +272,7 @@ pub fn ensure_scapy() -> Result<PathBuf> {
     let home = std::env::var_os("HOME").context("HOME is not set")?;
     let venv = Path::new(&home).join(".cache/sgfw/venv");
     let python = venv.join("bin/python3");
-    if python_imports(&python, "scapy.all") {
+    if python_imports(&python, PYTHON_MODULES) {
         return Ok(python);
     }
     // Debian's interpreter first (what a fresh machine has), else PATH's.
@@ -291,7 +297,8 @@ pub fn ensure_scapy() -> Result<PathBuf> {
         }
     };
     eprintln!(
-        "xtask: making a Python environment with scapy {SCAPY_VERSION} at {}",
+        "xtask: making a Python environment with {} at {}",
+        PYTHON_PACKAGES.join(" "),
         venv.display()
     );
     // A broken or half-made environment is made anew.
@@ -299,17 +306,19 @@ pub fn ensure_scapy() -> Result<PathBuf> {
         std::fs::remove_dir_all(&venv).with_context(|| format!("removing {}", venv.display()))?;
     }
     run(Command::new(&base).arg("-m").arg("venv").arg(&venv))?;
-    run(Command::new(&python).args([
-        "-m",
-        "pip",
-        "install",
-        "--quiet",
-        "--disable-pip-version-check",
-        &format!("scapy=={SCAPY_VERSION}"),
-    ]))?;
-    if !python_imports(&python, "scapy.all") {
+    run(Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .args(PYTHON_PACKAGES))?;
+    if !python_imports(&python, PYTHON_MODULES) {
         bail!(
-            "scapy was installed in {} but does not import",
+            "{} were installed in {} but do not import",
+            PYTHON_PACKAGES.join(" "),
             venv.display()
         );
     }

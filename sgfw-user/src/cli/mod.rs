@@ -118,12 +118,28 @@ pub fn init_tracing(verbose: bool, quiet: bool) {
 /// Loads (`-` = stdin), validates and flattens a model. Warnings go to
 /// stderr; any error is bad input.
 pub fn load_model(path: &Path) -> Result<(sgfw::validate::ValidModel, FlatModel), Failure> {
-    let model = if path.as_os_str() == "-" {
-        sgfw::model::load_reader(std::io::stdin().lock(), path)
+    let text = if path.as_os_str() == "-" {
+        let mut t = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin().lock(), &mut t)
+            .map_err(|e| Failure::BadInput(anyhow::anyhow!("reading standard input: {e}")))?;
+        t
     } else {
-        sgfw::model::load_path(path)
+        std::fs::read_to_string(path)
+            .map_err(|e| Failure::BadInput(anyhow::anyhow!("reading {}: {e}", path.display())))?
+    };
+    // A model, or an unambiguous AWS CLI document (a Reservations[] one,
+    // say) imported as `sgfw import` would, bridges discovered.
+    let opts = sgfw::import::ImportOptions {
+        host_bridges: sgfw::sys::Host::bridge_addresses(&RealHost).unwrap_or_default(),
+        ..Default::default()
+    };
+    let imported = sgfw::import::load_document(&text, &opts).map_err(|e| {
+        Failure::BadInput(anyhow::Error::new(e).context(format!("{}", path.display())))
+    })?;
+    for w in &imported.warnings {
+        eprintln!("warning: {w}");
     }
-    .map_err(|e| Failure::BadInput(e.into()))?;
+    let model = imported.model;
     let (valid, warnings) = sgfw::validate::validate(&model).map_err(|e| {
         Failure::BadInput(anyhow::anyhow!(
             "{} is not a valid model:\n{e}",

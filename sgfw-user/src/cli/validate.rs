@@ -36,8 +36,36 @@ pub fn run(args: &ValidateArgs) -> io::Result<ExitCode> {
 ///
 /// Only when `out` or `err` cannot be written.
 pub fn run_to(args: &ValidateArgs, out: &mut dyn Write, err: &mut dyn Write) -> io::Result<u8> {
-    let model = match sgfw::model::load_path(&args.file) {
-        Ok(m) => m,
+    // The same loader as every other subcommand: a model, or an
+    // unambiguous AWS CLI document imported as `sgfw import` would.
+    let text = if args.file.as_os_str() == "-" {
+        let mut t = String::new();
+        io::Read::read_to_string(&mut io::stdin().lock(), &mut t).map(|_| t)
+    } else {
+        std::fs::read_to_string(&args.file)
+    };
+    let text = match text {
+        Ok(t) => t,
+        Err(e) => {
+            writeln!(
+                err,
+                "cannot read the model file {}: {e}",
+                args.file.display()
+            )?;
+            return Ok(2);
+        }
+    };
+    let opts = sgfw::import::ImportOptions {
+        host_bridges: sgfw::sys::Host::bridge_addresses(&sgfw::sys::RealHost).unwrap_or_default(),
+        ..Default::default()
+    };
+    let model = match sgfw::import::load_document(&text, &opts) {
+        Ok(m) => {
+            for w in &m.warnings {
+                writeln!(err, "warning: {w}")?;
+            }
+            m.model
+        }
         Err(e) => {
             writeln!(err, "{}", error_chain(&e))?;
             return Ok(2);
