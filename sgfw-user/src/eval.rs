@@ -2003,6 +2003,41 @@ mod tests {
         );
     }
 
+    /// `explain --json` names the Reachability Analyzer code of the stage
+    /// that denied: the NACL's, a security group's, the source check's.
+    #[test]
+    fn explanation_codes_name_the_deciding_check() {
+        let json = FIXTURE.replace(
+            r#"{"RuleNumber": 100, "Protocol": "-1", "RuleAction": "allow", "Egress": true, "CidrBlock": "0.0.0.0/0"}"#,
+            r#"{"RuleNumber": 90, "Protocol": "6", "RuleAction": "deny", "Egress": true, "CidrBlock": "10.0.2.0/24", "PortRange": {"From": 5432, "To": 5432}},
+               {"RuleNumber": 100, "Protocol": "-1", "RuleAction": "allow", "Egress": true, "CidrBlock": "0.0.0.0/0"}"#,
+        );
+        let mut m = flat_of(&json);
+        let code = |m: &FlatModel, p: &Packet| explanation_code(&explain_new_flow(m, p));
+        assert_eq!(
+            code(&m, &syn(WEB1, DB, 5432)),
+            Some("SUBNET_ACL_RESTRICTION")
+        );
+        assert_eq!(code(&m, &syn(WEB1, DB, 22)), Some("ENI_SG_RULES_MISMATCH"));
+        assert_eq!(code(&m, &syn(OUT, WEB1, 443)), None, "allowed");
+        // web1's bound port sends web2's address.
+        let port = m.instances.iter().position(|i| i.id == "i-web1").unwrap();
+        m.instances[port].interface = Some("veth-web1".into());
+        let w = Wire {
+            packet: syn(WEB2, DB, 5432),
+            from: Some(port),
+            unattached: false,
+            to: None,
+            vlan: false,
+            fragment: None,
+        };
+        let v = evaluate_wire(&m, &mut Conntrack::default(), &w, 0);
+        assert_eq!(
+            explanation_code(&v),
+            Some("ENI_SOURCE_DEST_CHECK_RESTRICTION")
+        );
+    }
+
     /// `sgfw explain` output: first line ALLOW/DENY, then one line per stage with the rule that decided.
     #[test]
     fn explain_text_and_json() {
@@ -2019,7 +2054,8 @@ mod tests {
         );
         assert_eq!(
             explain_json(&m, &p, &v),
-            serde_json::json!({"verdict": "deny", "passthrough": null, "blocked": null, "stages": [
+            serde_json::json!({"verdict": "deny", "passthrough": null, "blocked": null,
+                "explanation_code": "ENI_SG_RULES_MISMATCH", "stages": [
                 {"stage": "sg-egress", "verdict": "allow", "rule": "sg-web/egress[0]"},
                 {"stage": "nacl-out", "verdict": "allow", "rule": "acl-a rule 100"},
                 {"stage": "nacl-in", "verdict": "allow", "rule": "implicit-default rule 100"},
@@ -2029,6 +2065,10 @@ mod tests {
         let v = explain_new_flow(&m, &dhcp);
         assert_eq!(explain_text(&m, &dhcp, &v), "ALLOW\npassthrough dhcp\n");
         assert_eq!(explain_json(&m, &dhcp, &v)["passthrough"], "dhcp");
+        assert_eq!(
+            explain_json(&m, &dhcp, &v)["explanation_code"],
+            serde_json::Value::Null
+        );
         let outside = syn(OUT, "198.51.100.1", 80);
         let v = explain_new_flow(&m, &outside);
         assert_eq!(

@@ -384,13 +384,23 @@ fn moto_describe_output_imports_to_the_model_written_by_hand() {
                 "--json",
             ]);
             let v: Value = serde_json::from_slice(&o.stdout).unwrap();
-            (
-                v["allowed"].clone(),
-                v["blocked"].clone(),
-                v["stages"].as_array().map(Vec::len),
-            )
+            let stages: Vec<(Value, Value)> = v["stages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| (s["stage"].clone(), s["verdict"].clone()))
+                .collect();
+            (v["verdict"].clone(), v["explanation_code"].clone(), stages)
         };
-        assert_eq!(ask(&imported_path), ask(&hand_path), "{s} -> {d}:{port}");
+        let (imported, by_hand) = (ask(&imported_path), ask(&hand_path));
+        assert_eq!(imported, by_hand, "{s} -> {d}:{port}");
+        assert!(imported.0.is_string(), "{imported:?}");
+        // web1 is let in by the referenced group; web2 is stopped by rule 90.
+        let want = if s == "10.30.1.10" { "allow" } else { "deny" };
+        assert_eq!(imported.0, want, "{s} -> {d}:{port}");
+        if want == "deny" {
+            assert_eq!(imported.1, "SUBNET_ACL_RESTRICTION");
+        }
     }
 
     // A describe-instances document is read as what it is, never as an

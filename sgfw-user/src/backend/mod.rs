@@ -86,10 +86,11 @@ impl FromStr for BackendChoice {
     /// whitespace ignored.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.trim().to_ascii_lowercase().as_str() {
-            "auto" => Ok(BackendChoice::Auto),
+            // `1` and `true` meant "enforce" in the seed emulator's variable.
+            "auto" | "1" | "true" => Ok(BackendChoice::Auto),
             "ebpf" => Ok(BackendChoice::Ebpf),
             "nftables" => Ok(BackendChoice::Nftables),
-            "off" => Ok(BackendChoice::Off),
+            "off" | "0" | "false" => Ok(BackendChoice::Off),
             _ => Err(ParseChoiceError(s.to_string())),
         }
     }
@@ -182,7 +183,7 @@ pub fn select_for_library(env: Option<&str>, probes: &Probes) -> (EnforcementMod
             return (
                 EnforcementMode::Disabled,
                 Some(format!(
-                    "sgfw: {ENFORCEMENT_ENV}={raw:?} is not one of auto, ebpf, nftables, off; enforcement is disabled (the model is metadata only): set {ENFORCEMENT_ENV} to one of those values"
+                    "sgfw: {ENFORCEMENT_ENV}={raw:?} is not one of auto (or 1, true), ebpf, nftables, off (or 0, false); enforcement is disabled (the model is metadata only): set {ENFORCEMENT_ENV} to one of those values"
                 )),
             );
         }
@@ -372,6 +373,19 @@ impl Enforcer {
 mod tests {
     use super::*;
 
+    #[test]
+    fn one_and_true_mean_auto_zero_and_false_mean_off() {
+        for v in ["1", "true", "TRUE", " auto "] {
+            assert_eq!(v.parse::<BackendChoice>(), Ok(BackendChoice::Auto), "{v}");
+        }
+        for v in ["0", "false", "off"] {
+            assert_eq!(v.parse::<BackendChoice>(), Ok(BackendChoice::Off), "{v}");
+        }
+        assert!("yes please".parse::<BackendChoice>().is_err());
+        let (mode, warning) = select_for_library(Some("true"), &probes(false, true));
+        assert_eq!((mode, warning), (EnforcementMode::Nftables, None));
+    }
+
     fn probes(ebpf: bool, nft: bool) -> Probes {
         Probes {
             ebpf: if ebpf {
@@ -515,7 +529,8 @@ mod tests {
         assert_eq!(mode, EnforcementMode::Disabled);
         let w = w.unwrap();
         assert!(
-            w.contains("\"iptables\"") && w.contains("auto, ebpf, nftables, off"),
+            w.contains("\"iptables\"")
+                && w.contains("auto (or 1, true), ebpf, nftables, off (or 0, false)"),
             "{w}"
         );
     }

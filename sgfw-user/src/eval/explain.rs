@@ -65,5 +65,31 @@ pub fn explain_json(model: &FlatModel, pkt: &Packet, verdict: &Verdict) -> serde
         "stages": stages,
         "passthrough": verdict.passthrough.map(PassthroughClass::name),
         "blocked": verdict.blocked.map(Blocked::name),
+        "explanation_code": explanation_code(verdict),
+    })
+}
+
+/// The AWS Reachability Analyzer explanation code of what decided a denied
+/// verdict: `ENI_SG_RULES_MISMATCH` for a security-group stage,
+/// `SUBNET_ACL_RESTRICTION` for a NACL stage,
+/// `ENI_SOURCE_DEST_CHECK_RESTRICTION` for the source or destination check;
+/// `None` when allowed, or for a drop the Analyzer has no code for (VLAN
+/// tags, broadcast and multicast, orphan fragments, ports not attached yet).
+pub fn explanation_code(verdict: &Verdict) -> Option<&'static str> {
+    if verdict.allowed {
+        return None;
+    }
+    match verdict.blocked {
+        Some(Blocked::SourceCheck | Blocked::NotForInstance) => {
+            return Some("ENI_SOURCE_DEST_CHECK_RESTRICTION");
+        }
+        Some(_) => return None,
+        None => {}
+    }
+    let denied = verdict.stages.iter().find(|s| !s.allowed)?;
+    Some(if denied.stage.is_nacl() {
+        "SUBNET_ACL_RESTRICTION"
+    } else {
+        "ENI_SG_RULES_MISMATCH"
     })
 }
