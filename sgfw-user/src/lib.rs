@@ -33,6 +33,8 @@
 pub mod backend;
 pub mod ebpf;
 pub mod eval;
+#[cfg(feature = "k8s")]
+pub mod export;
 pub mod flat;
 pub mod hostlock;
 pub mod import;

@@ -8,6 +8,7 @@ pub mod apply;
 pub mod bench;
 pub mod demo;
 pub mod explain;
+pub mod export;
 pub mod flows;
 pub mod import;
 pub mod render;
@@ -73,6 +74,8 @@ pub enum Cmd {
     Validate(validate::ValidateArgs),
     /// Build a model from AWS CLI JSON (describe-subnets, describe-instances, ...).
     Import(import::ImportArgs),
+    /// Export the model (Kubernetes NetworkPolicy and AdminNetworkPolicy).
+    Export(export::ExportArgs),
     /// The verdict for the first packet of a new flow, stage by stage.
     Explain(explain::ExplainArgs),
     /// Validate, compile and enforce a model; exits with enforcement in place.
@@ -161,6 +164,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
         Cmd::Apply(a) => apply::run(&a),
         Cmd::Teardown(a) => teardown::run(&a),
         Cmd::Import(a) => import::run(&a),
+        Cmd::Export(a) => export::run(&a),
         Cmd::Status(a) => status::run(&a),
         Cmd::Flows(a) => flows::run(&a),
         Cmd::Render(a) => render::run(&a),
