@@ -108,13 +108,14 @@ struct Collected {
 }
 
 /// Whether `doc` is, unambiguously, an AWS CLI document rather than a model:
-/// it has `Reservations`, `Vpcs`, `SecurityGroupRules` or `PrefixLists`, or a
+/// it has `Reservations`, `Vpcs` or `SecurityGroupRules` (a model's
+/// `PrefixLists` key is shared with `describe-managed-prefix-lists`), or a
 /// `Subnets`/`Instances` item in EC2's shape (no `Bridge`, or `NetworkInterfaces`).
 pub fn is_aws_document(doc: &Value) -> bool {
     let Some(o) = doc.as_object() else {
         return false;
     };
-    if ["Reservations", "Vpcs", "SecurityGroupRules", "PrefixLists"]
+    if ["Reservations", "Vpcs", "SecurityGroupRules"]
         .iter()
         .any(|k| o.contains_key(*k))
     {
@@ -608,8 +609,45 @@ fn instance(
             .and_then(Value::as_i64)
             .unwrap_or(0)
     });
+    let from_interfaces = i.contains_key("NetworkInterfaces");
     let mut out = Vec::new();
     for (n, (ep, e)) in enis.into_iter().enumerate() {
+        if from_interfaces {
+            check_keys(
+                e,
+                &ep,
+                &[
+                    "NetworkInterfaceId",
+                    "SubnetId",
+                    "PrivateIpAddress",
+                    "PrivateIpAddresses",
+                    "Ipv6Addresses",
+                    "Groups",
+                    "SourceDestCheck",
+                    "ConnectionTrackingConfiguration",
+                    "Ipv4Prefixes",
+                    "Ipv6Prefixes",
+                    "Attachment",
+                ],
+                &[
+                    "Association",
+                    "MacAddress",
+                    "PrivateDnsName",
+                    "PublicDnsName",
+                    "PublicIpAddress",
+                    "Status",
+                    "InterfaceType",
+                    "Operator",
+                    "RequesterManaged",
+                    "RequesterId",
+                    "EnaSrdSpecification",
+                    "Ipv6Native",
+                    "AvailabilityZone",
+                    "TagSet",
+                ],
+                warnings,
+            )?;
+        }
         let name = if n == 0 {
             id.clone()
         } else {
@@ -668,6 +706,13 @@ fn instance(
             .get("ConnectionTrackingConfiguration")
             .map(|c| {
                 let o = obj(c, &ct_path)?;
+                check_keys(
+                    o,
+                    &ct_path,
+                    &["TcpEstablishedTimeout", "UdpStreamTimeout", "UdpTimeout"],
+                    &[],
+                    warnings,
+                )?;
                 let t = |k: &str| o.get(k).and_then(Value::as_i64);
                 Ok::<_, ImportError>(ConnectionTracking {
                     tcp_established_timeout: t("TcpEstablishedTimeout"),
@@ -946,4 +991,151 @@ fn prefix_lists(c: &Collected, warnings: &mut Vec<String>) -> Result<Vec<PrefixL
         }
     }
     Ok(out.into_values().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    //! The detection and the translation on small documents; the round
+    //! trip through a real EC2 implementation is tests/tests/moto.rs.
+    use std::path::Path;
+
+    use super::*;
+
+    /// No model file is taken for an AWS document: every example and
+    /// golden model loads as the model it is.
+    #[test]
+    fn models_are_never_taken_for_aws_documents() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut n = 0;
+        for dir in [root.join("../examples"), root.join("tests/golden/nft")] {
+            for e in std::fs::read_dir(dir).unwrap().flatten() {
+                if e.path().extension().is_none_or(|x| x != "json") {
+                    continue;
+                }
+                let text = std::fs::read_to_string(e.path()).unwrap();
+                let doc: Value = serde_json::from_str(&text).unwrap();
+                assert!(!is_aws_document(&doc), "{}", e.path().display());
+                let via = load_document(&text, &ImportOptions::default()).unwrap();
+                assert_eq!(via.model, crate::model::Model::from_json(&text).unwrap());
+                n += 1;
+            }
+        }
+        assert!(n >= 5);
+    }
+
+    const INSTANCES: &str = r#"{"Reservations": [{"Instances": [{
+        "InstanceId": "i-1", "State": {"Name": "running"}, "VpcId": "vpc-1",
+        "NetworkInterfaces": [
+          {"NetworkInterfaceId": "eni-2", "SubnetId": "subnet-1", "Attachment": {"DeviceIndex": 1},
+           "PrivateIpAddresses": [{"PrivateIpAddress": "10.0.1.6", "Primary": true}],
+           "Groups": [{"GroupId": "sg-b"}], "SourceDestCheck": true},
+          {"NetworkInterfaceId": "eni-1", "SubnetId": "subnet-1", "Attachment": {"DeviceIndex": 0},
+           "PrivateIpAddresses": [{"PrivateIpAddress": "10.0.1.5", "Primary": true},
+                                  {"PrivateIpAddress": "10.0.1.7", "Primary": false}],
+           "Ipv6Addresses": [{"Ipv6Address": "fd00:1::5"}],
+           "Groups": [{"GroupId": "sg-a"}], "SourceDestCheck": true,
+           "ConnectionTrackingConfiguration": {"TcpEstablishedTimeout": 3600}}]}]}]}"#;
+    const SUBNETS: &str = r#"{"Subnets": [{"SubnetId": "subnet-1", "VpcId": "vpc-1", "CidrBlock": "10.0.1.0/24",
+        "Tags": [{"Key": "Name", "Value": "a"}],
+        "Ipv6CidrBlockAssociationSet": [{"Ipv6CidrBlock": "fd00:1::/64", "Ipv6CidrBlockState": {"State": "associated"}}]}]}"#;
+
+    fn docs(texts: &[&str]) -> Vec<Value> {
+        texts
+            .iter()
+            .map(|t| serde_json::from_str(t).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn interfaces_become_instances_in_device_order() {
+        let opts = ImportOptions {
+            host_bridges: vec![("br-x".into(), vec!["10.0.1.1/24".parse().unwrap()])],
+            ..ImportOptions::default()
+        };
+        let got = import(&docs(&[SUBNETS, INSTANCES]), &opts).unwrap();
+        let m = &got.model;
+        assert_eq!(m.subnets[0].bridge, "br-x", "discovered by address");
+        assert_eq!(m.subnets[0].ipv6_cidr_block.as_deref(), Some("fd00:1::/64"));
+        let ids: Vec<&str> = m.instances.iter().map(|i| i.instance_id.as_str()).collect();
+        assert_eq!(ids, ["i-1", "i-1.eni-2"]);
+        assert_eq!(m.instances[0].private_ip_address, "10.0.1.5");
+        assert_eq!(m.instances[0].secondary_private_ip_addresses, ["10.0.1.7"]);
+        assert_eq!(m.instances[0].ipv6_addresses, ["fd00:1::5"]);
+        assert_eq!(m.instances[1].security_group_ids, ["sg-b"]);
+        assert_eq!(
+            m.connection_tracking
+                .as_ref()
+                .and_then(|c| c.tcp_established_timeout),
+            Some(3600)
+        );
+        assert!(
+            got.warnings.iter().any(|w| w.starts_with("Subnets[].Tags")),
+            "{:?}",
+            got.warnings
+        );
+    }
+
+    #[test]
+    fn what_cannot_be_enforced_is_an_error_naming_it() {
+        let no_bridge = import(&docs(&[SUBNETS]), &ImportOptions::default()).unwrap_err();
+        assert!(no_bridge.to_string().contains("subnet-1"), "{no_bridge}");
+        let opts = ImportOptions {
+            bridges: BTreeMap::from([("subnet-1".into(), "br-a".into())]),
+            ..ImportOptions::default()
+        };
+        for (from, to, field) in [
+            (
+                r#""SourceDestCheck": true,
+           "ConnectionTracking"#,
+                r#""SourceDestCheck": false,
+           "ConnectionTracking"#,
+                "SourceDestCheck",
+            ),
+            (
+                r#""Attachment": {"DeviceIndex": 1},"#,
+                r#""Attachment": {"DeviceIndex": 1}, "Ipv4Prefixes": [{"Ipv4Prefix": "10.0.1.16/28"}],"#,
+                "Ipv4Prefixes",
+            ),
+            (
+                r#""TcpEstablishedTimeout": 3600"#,
+                r#""TcpEstablishedTimeout": 3600}, "x": {"#,
+                "x",
+            ),
+        ] {
+            let text = INSTANCES.replace(from, to);
+            assert_ne!(text, INSTANCES, "{field}");
+            let mut d = docs(&[SUBNETS]);
+            match serde_json::from_str::<Value>(&text) {
+                Ok(v) => d.push(v),
+                Err(_) => continue,
+            }
+            let e = import(&d, &opts).unwrap_err().to_string();
+            assert!(e.contains(field), "{field}: {e}");
+        }
+        let sg = r#"{"SecurityGroups": [{"GroupId": "sg-a", "IpPermissions": [{"IpProtocol": "-1",
+            "UserIdGroupPairs": [{"GroupId": "sg-peer", "VpcPeeringConnectionId": "pcx-1"}]}]}]}"#;
+        let e = import(&docs(&[sg]), &opts).unwrap_err().to_string();
+        assert!(
+            e.contains("VpcPeeringConnectionId") && e.contains("pcx-1"),
+            "{e}"
+        );
+        let unknown = r#"{"SecurityGroups": [{"GroupId": "sg-a", "Frobnicate": true}]}"#;
+        let e = import(&docs(&[unknown]), &opts).unwrap_err().to_string();
+        assert!(e.contains("Frobnicate"), "{e}");
+    }
+
+    #[test]
+    fn security_group_rules_become_permissions() {
+        let rules = r#"{"SecurityGroupRules": [
+          {"SecurityGroupRuleId": "sgr-2", "GroupId": "sg-a", "IsEgress": false, "IpProtocol": "tcp",
+           "FromPort": 22, "ToPort": 22, "ReferencedGroupInfo": {"GroupId": "sg-b"}},
+          {"SecurityGroupRuleId": "sgr-1", "GroupId": "sg-a", "IsEgress": true, "IpProtocol": "-1",
+           "FromPort": -1, "ToPort": -1, "CidrIpv6": "::/0"}]}"#;
+        let m = import(&docs(&[rules]), &ImportOptions::default())
+            .unwrap()
+            .model;
+        let g = &m.security_groups[0];
+        assert_eq!(g.ip_permissions[0].user_id_group_pairs[0].group_id, "sg-b");
+        assert_eq!(g.ip_permissions_egress[0].ipv6_ranges[0].cidr_ipv6, "::/0");
+    }
 }
