@@ -1016,7 +1016,7 @@ mod tests {
                 let doc: Value = serde_json::from_str(&text).unwrap();
                 assert!(!is_aws_document(&doc), "{}", e.path().display());
                 let via = load_document(&text, &ImportOptions::default()).unwrap();
-                assert_eq!(via.model, crate::model::Model::from_json(&text).unwrap());
+                assert_eq!(via.model, Model::from_json(&text).unwrap());
                 n += 1;
             }
         }
