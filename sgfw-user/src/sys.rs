@@ -602,3 +602,109 @@ pub fn ensure_bpffs() -> Result<(), SysError> {
     }
     Ok(())
 }
+
+/// Whether the container daemon the environment points at shares this
+/// host's network namespace, so that enforcing here filters its containers.
+/// `Err(why)` for a daemon that runs elsewhere: `DOCKER_HOST` or
+/// `CONTAINER_HOST` naming a remote (`tcp://`, `ssh://`) or a Docker Desktop
+/// or podman machine socket, or daemons running only in other network
+/// namespaces. No daemon at all is `Ok` (namespaces and veths made by hand).
+pub fn container_daemon_netns() -> Result<(), String> {
+    let env: Vec<(&str, String)> = ["DOCKER_HOST", "CONTAINER_HOST"]
+        .into_iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| (k, v)))
+        .collect();
+    daemon_verdict(&env, &daemon_namespaces())
+}
+
+/// (daemon process name, whether it is in this process's network namespace)
+/// for every dockerd, podman and containerd running.
+fn daemon_namespaces() -> Vec<(String, bool)> {
+    let own = std::fs::read_link("/proc/self/ns/net").ok();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in dir.flatten() {
+        let p = e.path();
+        let Ok(comm) = std::fs::read_to_string(p.join("comm")) else {
+            continue;
+        };
+        let comm = comm.trim();
+        if !matches!(comm, "dockerd" | "containerd" | "podman") {
+            continue;
+        }
+        let ns = std::fs::read_link(p.join("ns/net")).ok();
+        out.push((comm.to_string(), ns.is_some() && ns == own));
+    }
+    out
+}
+
+/// The decision of [`container_daemon_netns`], on its inputs.
+fn daemon_verdict(env: &[(&str, String)], daemons: &[(String, bool)]) -> Result<(), String> {
+    for (k, v) in env {
+        let remote = !(v.starts_with("unix://") || v.starts_with('/'));
+        let vm = [".docker/desktop", "podman-machine", "podman/machine"]
+            .iter()
+            .any(|m| v.contains(m));
+        if remote || vm {
+            return Err(format!(
+                "{k}={v}: the container daemon runs on another machine or in a VM (Docker Desktop, podman machine), whose network this host cannot filter"
+            ));
+        }
+    }
+    if !daemons.is_empty() && daemons.iter().all(|(_, same)| !same) {
+        let names: Vec<&str> = daemons.iter().map(|(n, _)| n.as_str()).collect();
+        return Err(format!(
+            "the container daemon ({}) runs in another network namespace than this process, so its bridges are not this host's",
+            names.join(", ")
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod daemon_tests {
+    use super::daemon_verdict;
+
+    #[test]
+    fn a_daemon_elsewhere_is_named() {
+        assert!(
+            daemon_verdict(&[], &[]).is_ok(),
+            "no daemon: namespaces by hand"
+        );
+        assert!(
+            daemon_verdict(
+                &[("DOCKER_HOST", "unix:///run/docker.sock".into())],
+                &[("dockerd".into(), true)]
+            )
+            .is_ok()
+        );
+        for v in [
+            "tcp://10.0.0.5:2375",
+            "ssh://me@vm",
+            "unix:///home/me/.docker/desktop/docker.sock",
+        ] {
+            let e = daemon_verdict(&[("DOCKER_HOST", v.into())], &[]).unwrap_err();
+            assert!(e.contains(v), "{e}");
+        }
+        let e = daemon_verdict(
+            &[(
+                "CONTAINER_HOST",
+                "unix:///run/user/1000/podman/podman-machine-default-api.sock".into(),
+            )],
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.contains("CONTAINER_HOST"), "{e}");
+        let e = daemon_verdict(&[], &[("dockerd".into(), false)]).unwrap_err();
+        assert!(e.contains("dockerd"), "{e}");
+        assert!(
+            daemon_verdict(
+                &[],
+                &[("dockerd".into(), false), ("containerd".into(), true)]
+            )
+            .is_ok()
+        );
+    }
+}

@@ -104,6 +104,10 @@ pub struct Probes {
     pub ebpf: Result<(), String>,
     /// Can `nft` run with the needed rights ([`crate::nft::probe_nftables`]).
     pub nftables: Result<(), String>,
+    /// Does the container daemon share this host's network namespace
+    /// ([`crate::sys::container_daemon_netns`]); the library enforces nothing
+    /// when it does not (Docker Desktop, podman machine).
+    pub containers: Result<(), String>,
 }
 
 /// Why the CLI cannot enforce what was asked.
@@ -190,6 +194,14 @@ pub fn select_for_library(env: Option<&str>, probes: &Probes) -> (EnforcementMod
     };
     if choice == BackendChoice::Off {
         return (EnforcementMode::Disabled, None);
+    }
+    if let Err(why) = &probes.containers {
+        return (
+            EnforcementMode::Disabled,
+            Some(format!(
+                "sgfw: {ENFORCEMENT_ENV}={choice}, but {why}; enforcement is disabled (the model is metadata only)"
+            )),
+        );
     }
     match select(choice, probes) {
         Ok((mode, _)) => (mode, None),
@@ -286,6 +298,11 @@ impl Enforcer {
                 crate::nft::probe_nftables(&host)
             } else {
                 Err("not requested".into())
+            },
+            containers: if choice.is_some_and(|c| c != BackendChoice::Off) {
+                crate::sys::container_daemon_netns()
+            } else {
+                Ok(())
             },
         };
         Enforcer::from_env_and_probes(env.as_deref(), &probes)
@@ -386,6 +403,21 @@ mod tests {
         assert_eq!((mode, warning), (EnforcementMode::Nftables, None));
     }
 
+    /// A daemon in a VM (Docker Desktop, podman machine): its containers'
+    /// traffic never crosses this host, so the library enforces nothing and
+    /// says why, once.
+    #[test]
+    fn a_container_daemon_elsewhere_disables_with_one_warning() {
+        let mut p = probes(true, true);
+        p.containers =
+            Err("DOCKER_HOST=tcp://vm:2375: the container daemon runs on another machine".into());
+        let (e, w) = Enforcer::from_env_and_probes(Some("auto"), &p);
+        assert_eq!(e.mode(), EnforcementMode::Disabled);
+        assert!(w.is_some_and(|w| w.contains("DOCKER_HOST=tcp://vm:2375")));
+        let (_, none) = select_for_library(Some("off"), &p);
+        assert_eq!(none, None, "off stays silent");
+    }
+
     fn probes(ebpf: bool, nft: bool) -> Probes {
         Probes {
             ebpf: if ebpf {
@@ -398,6 +430,7 @@ mod tests {
             } else {
                 Err("br_netfilter is not loaded; modprobe br_netfilter".into())
             },
+            containers: Ok(()),
         }
     }
 
