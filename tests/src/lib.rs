@@ -42,3 +42,36 @@ impl Drop for TeardownOnDrop {
         let _ = sgfw(&["teardown"]);
     }
 }
+
+/// The tests' Python that imports `modules` (e.g. `"scapy.all"`):
+/// `SGFW_PYTHON` (set by `cargo xtask test`), else xtask's environment
+/// under `~/.cache/sgfw/venv`, else `python3`. `None` is a skip, and a
+/// panic under `CI=true` (a skip there is a failure); `test` names the caller.
+#[expect(clippy::panic, reason = "under CI a missing tool fails the test")]
+pub fn python_with(modules: &str, test: &str) -> Option<std::path::PathBuf> {
+    use std::path::{Path, PathBuf};
+    let candidates = std::env::var_os("SGFW_PYTHON")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain(std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/sgfw/venv/bin/python3")))
+        .chain([PathBuf::from("python3")]);
+    for p in candidates {
+        let ok = std::process::Command::new(&p)
+            .args(["-c", &format!("import {modules}")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return Some(p);
+        }
+    }
+    let msg = format!(
+        "{test}: no Python that imports {modules} (cargo xtask test makes one; or set SGFW_PYTHON)"
+    );
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{msg} — under CI=true a skip is a failure");
+    }
+    eprintln!("{msg}; skipped");
+    None
+}

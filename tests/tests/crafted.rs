@@ -78,32 +78,9 @@ fn text(o: &Output) -> String {
     )
 }
 
-/// The interpreter with scapy: `SGFW_PYTHON` (set by `cargo xtask test`),
-/// else xtask's environment, else `python3`; None when scapy does not
-/// import (a skip, or a failure under CI=true).
+/// The interpreter the test drives ([`sgfw_tests::python_with`]).
 fn python() -> Option<PathBuf> {
-    let candidates = std::env::var_os("SGFW_PYTHON")
-        .map(PathBuf::from)
-        .into_iter()
-        .chain(std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/sgfw/venv/bin/python3")))
-        .chain([PathBuf::from("python3")]);
-    for p in candidates {
-        let ok = Command::new(&p)
-            .args(["-c", "import scapy.all"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if ok {
-            return Some(p);
-        }
-    }
-    let msg = "crafted: no Python with scapy (cargo xtask test makes one; or set SGFW_PYTHON)";
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{msg} — under CI=true a skip is a failure");
-    }
-    eprintln!("{msg}; skipped");
-    None
+    sgfw_tests::python_with("scapy.all", "crafted")
 }
 
 /// The running craft.py.

@@ -24,31 +24,9 @@ use sgfw::eval::explain_new_flow;
 use sgfw::flat::FlatModel;
 use sgfw::packet::{Packet, TcpFlags};
 
-/// The interpreter with moto and boto3, or None (a skip; a failure under CI).
+/// The interpreter the test drives ([`sgfw_tests::python_with`]).
 fn python() -> Option<PathBuf> {
-    let candidates = std::env::var_os("SGFW_PYTHON")
-        .map(PathBuf::from)
-        .into_iter()
-        .chain(
-            std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/sgfw/venv/bin/python3")),
-        );
-    for p in candidates {
-        let ok = Command::new(&p)
-            .args(["-c", "import moto.server, boto3"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if ok {
-            return Some(p);
-        }
-    }
-    let msg = "moto: no Python with moto[server] and boto3 (cargo xtask test makes one; or set SGFW_PYTHON)";
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{msg} — under CI=true a skip is a failure");
-    }
-    eprintln!("{msg}; skipped");
-    None
+    sgfw_tests::python_with("moto.server, boto3", "moto")
 }
 
 /// A directory of its own under the temporary directory, removed on drop.

@@ -422,7 +422,7 @@ mod tests {
         assert_eq!(code, 0);
         assert_eq!(
             out,
-            r#"{"blocked":null,"passthrough":null,"stages":[{"rule":"acl-default rule 100","stage":"nacl-in","verdict":"allow"},{"rule":"sg-web/ingress[0]","stage":"sg-ingress","verdict":"allow"}],"verdict":"allow"}"#
+            r#"{"blocked":null,"explanation_code":null,"passthrough":null,"stages":[{"rule":"acl-default rule 100","stage":"nacl-in","verdict":"allow"},{"rule":"sg-web/ingress[0]","stage":"sg-ingress","verdict":"allow"}],"verdict":"allow"}"#
                 .to_owned()
                 + "\n"
         );

@@ -180,7 +180,9 @@ mod tests {
         let (code, _, err) = run_file("{");
         assert_eq!(code, 2);
         assert!(
-            err.starts_with("the model is not valid model JSON: EOF while parsing"),
+            err.starts_with(
+                "not a model or an AWS CLI document: the model is not valid model JSON: EOF while parsing"
+            ),
             "{err}"
         );
         let (mut out, mut err) = (Vec::new(), Vec::new());
