@@ -523,27 +523,7 @@ mod tests {
     #[test]
     fn golden_exports() {
         let bless = std::env::var("SGFW_BLESS").is_ok_and(|v| v == "1");
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let mut cases = Vec::new();
-        for (dir, prefix) in [
-            (root.join("../examples"), "example-"),
-            (root.join("tests/golden/nft"), ""),
-        ] {
-            let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
-                .unwrap()
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| p.extension().is_some_and(|x| x == "json"))
-                .collect();
-            paths.sort();
-            for p in paths {
-                let stem = p.file_stem().unwrap().to_string_lossy().into_owned();
-                cases.push((
-                    format!("{prefix}{stem}"),
-                    std::fs::read_to_string(&p).unwrap(),
-                ));
-            }
-        }
+        let cases = crate::testutil::golden_models();
         assert!(cases.len() >= 5);
         std::fs::create_dir_all(golden_dir()).unwrap();
         let mut failed = Vec::new();

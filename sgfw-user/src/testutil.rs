@@ -326,3 +326,34 @@ pub(crate) fn arb_packet() -> impl Strategy<Value = Packet> {
         }
     })
 }
+
+/// (golden name, model JSON) of every `examples/*.json` (named
+/// `example-<stem>`) and every hand-made `tests/golden/nft/*.json`: the
+/// models the golden tests of every renderer and exporter run on.
+pub(crate) fn golden_models() -> Vec<(String, String)> {
+    use std::path::{Path, PathBuf};
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut cases = Vec::new();
+    for (dir, prefix) in [
+        (root.join("../examples"), "example-"),
+        (root.join("tests/golden/nft"), ""),
+    ] {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        let mut paths: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .collect();
+        paths.sort();
+        for p in paths {
+            let stem = p.file_stem().unwrap().to_string_lossy().into_owned();
+            cases.push((
+                format!("{prefix}{stem}"),
+                std::fs::read_to_string(&p).unwrap(),
+            ));
+        }
+    }
+    cases
+}

@@ -827,30 +827,9 @@ fn golden_model(name: &str) -> String {
     std::fs::read_to_string(golden_dir().join(format!("{name}.json"))).unwrap()
 }
 
-/// (golden name, model JSON): every `examples/*.json` and every
-/// hand-made `tests/golden/nft/*.json`.
+/// The golden models ([`crate::testutil::golden_models`]).
 fn golden_cases() -> Vec<(String, String)> {
-    let mut cases = Vec::new();
-    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
-    for (dir, prefix) in [(examples, "example-"), (golden_dir(), "")] {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        let mut paths: Vec<PathBuf> = entries
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|x| x == "json"))
-            .collect();
-        paths.sort();
-        for p in paths {
-            let stem = p.file_stem().unwrap().to_string_lossy().into_owned();
-            cases.push((
-                format!("{prefix}{stem}"),
-                std::fs::read_to_string(&p).unwrap(),
-            ));
-        }
-    }
-    cases
+    crate::testutil::golden_models()
 }
 
 /// Compares each rendering with `tests/golden/nft/<name>.nft`;
