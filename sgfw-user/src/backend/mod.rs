@@ -378,9 +378,15 @@ impl Enforcer {
         let mut was = Vec::new();
         for b in all {
             if b.applied() {
-                b.remove()?;
                 was.push(b.mode());
             }
+        }
+        // The eBPF teardown runs even when nothing is applied: it is
+        // idempotent and also removes what a crashed apply left (links,
+        // pins, the bridge fence table) without the pins that mark it applied.
+        self.ebpf.remove()?;
+        if nft.probe().is_ok() && was.contains(&EnforcementMode::Nftables) {
+            Backend::remove(&nft)?;
         }
         Ok(was)
     }
