@@ -112,6 +112,29 @@ fn scenario(python: &Path, moto: &Moto, out: &Path, args: &[&str]) {
     );
 }
 
+/// moto running, the scenario created in it and dumped into a fresh
+/// directory, and the ids it made.
+fn created(py: &Path) -> (Moto, TempDir, Value) {
+    let moto = Moto::start(py);
+    let dir = TempDir::new();
+    scenario(py, &moto, dir.path(), &["create"]);
+    let ids = serde_json::from_str(&std::fs::read_to_string(dir.path().join("ids.json")).unwrap())
+        .unwrap();
+    (moto, dir, ids)
+}
+
+/// `--vpc` and a `--bridge` per subnet, as the import needs them.
+fn placement(ids: &Value) -> Vec<String> {
+    vec![
+        "--vpc".into(),
+        ids["vpc"].as_str().unwrap().into(),
+        "--bridge".into(),
+        format!("{}=br-a", ids["subnet_a"].as_str().unwrap()),
+        "--bridge".into(),
+        format!("{}=br-b", ids["subnet_b"].as_str().unwrap()),
+    ]
+}
+
 /// The same VPC, written by hand in the model format: what the scenario
 /// created, as EC2 (moto) keeps it — a new group's default egress rule
 /// allows all IPv4 and (the VPC has an IPv6 block) all IPv6; the default
@@ -195,16 +218,8 @@ fn import(dir: &Path, ids: &Value) -> PathBuf {
     let pl = ids["pl"].as_str().unwrap();
     args.push(dir.join(format!("entries-{pl}.json")).display().to_string());
     let out = dir.join("imported.json");
-    args.extend([
-        "--vpc".into(),
-        ids["vpc"].as_str().unwrap().into(),
-        "--bridge".into(),
-        format!("{}=br-a", ids["subnet_a"].as_str().unwrap()),
-        "--bridge".into(),
-        format!("{}=br-b", ids["subnet_b"].as_str().unwrap()),
-        "-o".into(),
-        out.display().to_string(),
-    ]);
+    args.extend(placement(ids));
+    args.extend(["-o".into(), out.display().to_string()]);
     let o = sgfw_tests::sgfw(&args);
     assert!(
         o.status.success(),
@@ -262,12 +277,7 @@ fn packets(ids: &Value) -> Vec<Packet> {
 #[test]
 fn moto_describe_output_imports_to_the_model_written_by_hand() {
     let Some(py) = python() else { return };
-    let moto = Moto::start(&py);
-    let dir = TempDir::new();
-    scenario(&py, &moto, dir.path(), &["create"]);
-    let ids: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("ids.json")).unwrap())
-            .unwrap();
+    let (_moto, dir, ids) = created(&py);
     let imported_path = import(dir.path(), &ids);
     let imported = flat_of(&std::fs::read_to_string(&imported_path).unwrap());
     let hand_text = hand_model(&ids);
@@ -396,12 +406,7 @@ fn moto_describe_output_imports_to_the_model_written_by_hand() {
 #[test]
 fn what_cannot_be_expressed_is_refused_by_name() {
     let Some(py) = python() else { return };
-    let moto = Moto::start(&py);
-    let dir = TempDir::new();
-    scenario(&py, &moto, dir.path(), &["create"]);
-    let ids: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("ids.json")).unwrap())
-            .unwrap();
+    let (_moto, dir, ids) = created(&py);
     // An instance that routes for others (source/dest check off).
     let path = dir.path().join("instances.json");
     let mut doc: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
@@ -413,17 +418,13 @@ fn what_cannot_be_expressed_is_refused_by_name() {
         }
     }
     std::fs::write(&path, doc.to_string()).unwrap();
-    let o = sgfw_tests::sgfw(&[
-        "import",
-        &dir.path().join("subnets.json").display().to_string(),
-        &path.display().to_string(),
-        "--vpc",
-        ids["vpc"].as_str().unwrap(),
-        "--bridge",
-        &format!("{}=br-a", ids["subnet_a"].as_str().unwrap()),
-        "--bridge",
-        &format!("{}=br-b", ids["subnet_b"].as_str().unwrap()),
-    ]);
+    let mut args = vec![
+        "import".to_string(),
+        dir.path().join("subnets.json").display().to_string(),
+        path.display().to_string(),
+    ];
+    args.extend(placement(&ids));
+    let o = sgfw_tests::sgfw(&args);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(
