@@ -328,7 +328,9 @@ impl World {
 /// Retries a check that may take the daemon a moment (attaching a port);
 /// true as soon as it holds.
 fn eventually(mut f: impl FnMut() -> bool) -> bool {
-    for _ in 0..5 {
+    // About 6 s when each try is refused at once: a restarted container's
+    // listener may take that long to come up on a loaded machine.
+    for _ in 0..20 {
         if f() {
             return true;
         }
