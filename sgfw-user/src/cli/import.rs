@@ -49,23 +49,16 @@ fn parse_bridge(s: &str) -> Result<(String, String), String> {
 pub fn run(a: &ImportArgs) -> Result<ExitCode, Failure> {
     let mut docs = Vec::new();
     for f in &a.files {
-        let text = if f.as_os_str() == "-" {
-            let mut s = String::new();
-            std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
-                .map_err(|e| Failure::BadInput(anyhow::anyhow!("reading standard input: {e}")))?;
-            s
-        } else {
-            std::fs::read_to_string(f)
-                .map_err(|e| Failure::BadInput(anyhow::anyhow!("reading {}: {e}", f.display())))?
-        };
+        let text =
+            super::read_input(f).map_err(|e| Failure::BadInput(super::input_error(f, &e)))?;
         let doc: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| Failure::BadInput(anyhow::anyhow!("{}: not JSON: {e}", f.display())))?;
         docs.push(doc);
     }
     let opts = ImportOptions {
         bridges: a.bridges.iter().cloned().collect(),
-        host_bridges: sgfw::sys::Host::bridge_addresses(&sgfw::sys::RealHost).unwrap_or_default(),
         vpc: a.vpc.clone(),
+        ..super::import_options()
     };
     let imported = import(&docs, &opts).map_err(|e| Failure::BadInput(e.into()))?;
     for w in &imported.warnings {

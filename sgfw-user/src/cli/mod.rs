@@ -118,25 +118,41 @@ pub fn init_tracing(verbose: bool, quiet: bool) {
         .try_init();
 }
 
+/// A model or AWS document's text: the file, or standard input for `-`.
+pub fn read_input(path: &Path) -> std::io::Result<String> {
+    if path.as_os_str() == "-" {
+        let mut t = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin().lock(), &mut t)?;
+        Ok(t)
+    } else {
+        std::fs::read_to_string(path)
+    }
+}
+
+/// What [`read_input`]'s failure says: `reading standard input: …` or `reading PATH: …`.
+pub fn input_error(path: &Path, e: &std::io::Error) -> anyhow::Error {
+    if path.as_os_str() == "-" {
+        anyhow::anyhow!("reading standard input: {e}")
+    } else {
+        anyhow::anyhow!("reading {}: {e}", path.display())
+    }
+}
+
+/// How the subcommands import an AWS document: bridges discovered on this host.
+pub fn import_options() -> sgfw::import::ImportOptions {
+    sgfw::import::ImportOptions {
+        host_bridges: sgfw::sys::Host::bridge_addresses(&RealHost).unwrap_or_default(),
+        ..Default::default()
+    }
+}
+
 /// Loads (`-` = stdin), validates and flattens a model. Warnings go to
 /// stderr; any error is bad input.
 pub fn load_model(path: &Path) -> Result<(sgfw::validate::ValidModel, FlatModel), Failure> {
-    let text = if path.as_os_str() == "-" {
-        let mut t = String::new();
-        std::io::Read::read_to_string(&mut std::io::stdin().lock(), &mut t)
-            .map_err(|e| Failure::BadInput(anyhow::anyhow!("reading standard input: {e}")))?;
-        t
-    } else {
-        std::fs::read_to_string(path)
-            .map_err(|e| Failure::BadInput(anyhow::anyhow!("reading {}: {e}", path.display())))?
-    };
+    let text = read_input(path).map_err(|e| Failure::BadInput(input_error(path, &e)))?;
     // A model, or an unambiguous AWS CLI document (a Reservations[] one,
     // say) imported as `sgfw import` would, bridges discovered.
-    let opts = sgfw::import::ImportOptions {
-        host_bridges: sgfw::sys::Host::bridge_addresses(&RealHost).unwrap_or_default(),
-        ..Default::default()
-    };
-    let imported = sgfw::import::load_document(&text, &opts).map_err(|e| {
+    let imported = sgfw::import::load_document(&text, &import_options()).map_err(|e| {
         Failure::BadInput(anyhow::Error::new(e).context(format!("{}", path.display())))
     })?;
     for w in &imported.warnings {

@@ -38,12 +38,7 @@ pub fn run(args: &ValidateArgs) -> io::Result<ExitCode> {
 pub fn run_to(args: &ValidateArgs, out: &mut dyn Write, err: &mut dyn Write) -> io::Result<u8> {
     // The same loader as every other subcommand: a model, or an
     // unambiguous AWS CLI document imported as `sgfw import` would.
-    let text = if args.file.as_os_str() == "-" {
-        let mut t = String::new();
-        io::Read::read_to_string(&mut io::stdin().lock(), &mut t).map(|_| t)
-    } else {
-        std::fs::read_to_string(&args.file)
-    };
+    let text = super::read_input(&args.file);
     let text = match text {
         Ok(t) => t,
         Err(e) => {
@@ -55,11 +50,7 @@ pub fn run_to(args: &ValidateArgs, out: &mut dyn Write, err: &mut dyn Write) -> 
             return Ok(2);
         }
     };
-    let opts = sgfw::import::ImportOptions {
-        host_bridges: sgfw::sys::Host::bridge_addresses(&sgfw::sys::RealHost).unwrap_or_default(),
-        ..Default::default()
-    };
-    let model = match sgfw::import::load_document(&text, &opts) {
+    let model = match sgfw::import::load_document(&text, &super::import_options()) {
         Ok(m) => {
             for w in &m.warnings {
                 writeln!(err, "warning: {w}")?;
