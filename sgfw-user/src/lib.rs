@@ -32,6 +32,8 @@
 
 pub mod backend;
 pub mod ebpf;
+#[cfg(feature = "ec2")]
+pub mod ec2;
 pub mod eval;
 #[cfg(feature = "k8s")]
 pub mod export;

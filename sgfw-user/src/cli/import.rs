@@ -38,7 +38,7 @@ pub struct ImportArgs {
     pub output: Option<PathBuf>,
 }
 
-fn parse_bridge(s: &str) -> Result<(String, String), String> {
+pub(super) fn parse_bridge(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((a, b)) if !a.is_empty() && !b.is_empty() => Ok((a.to_string(), b.to_string())),
         _ => Err(format!("--bridge {s:?}: expected SUBNET=BRIDGE")),

@@ -4,6 +4,12 @@
 //! re-binds instances whose interface appears later, and tears everything
 //! down on SIGINT/SIGTERM unless `--keep`.
 //!
+//! With `--ec2-endpoint URL` the model is not a file but the VPC an EC2 API
+//! endpoint describes ([`sgfw::ec2`]): polled every `--poll-interval`,
+//! imported as `sgfw import` would, and re-applied when the model it gives
+//! differs from the one in force. A poll that fails, or gives a VPC that
+//! cannot be enforced, is reported and the running policy stays.
+//!
 //! Ports, bridges and instance interfaces are followed through the kernel's
 //! link events ([`sgfw::watch`]): each batch of netlink `RTM_NEWLINK` /
 //! `RTM_DELLINK` messages attaches what is new (and binds a re-created
@@ -15,6 +21,8 @@ use std::time::{Duration, SystemTime};
 
 use clap::Args;
 use sgfw::backend::{EnforcementMode, Enforcer};
+use sgfw::flat::FlatModel;
+use sgfw::model::Model;
 use sgfw::watch::{LinkEvent, LinkEvents, WatchError};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -27,8 +35,23 @@ use super::{BackendArg, Failure, load_model};
 #[command(after_help = "Example:\n  RUST_LOG=info sgfw run -f vpc.json --backend ebpf")]
 pub struct RunArgs {
     /// The model (EC2 JSON).
-    #[arg(short = 'f', long = "file")]
-    pub file: PathBuf,
+    #[arg(short = 'f', long = "file", required_unless_present = "ec2_endpoint", conflicts_with = "ec2_endpoint")]
+    pub file: Option<PathBuf>,
+    /// Follow the VPC this EC2 API endpoint describes instead of a file
+    /// (moto, LocalStack, fakecloud; `aws` for AWS itself). Credentials
+    /// and region come from the usual AWS environment.
+    #[arg(long, value_name = "URL")]
+    pub ec2_endpoint: Option<String>,
+    /// The VPC to follow (needed when the endpoint holds several).
+    #[arg(long, requires = "ec2_endpoint")]
+    pub vpc: Option<String>,
+    /// Put subnet SUBNET on host bridge BRIDGE (repeatable; else the host
+    /// bridge with an address in the subnet).
+    #[arg(long = "bridge", value_name = "SUBNET=BRIDGE", value_parser = super::import::parse_bridge, requires = "ec2_endpoint")]
+    pub bridges: Vec<(String, String)>,
+    /// Seconds between two polls of the endpoint.
+    #[arg(long, default_value_t = 2.0, value_name = "SECONDS", requires = "ec2_endpoint")]
+    pub poll_interval: f64,
     /// Which dataplane enforces it.
     #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
     pub backend: BackendArg,
@@ -52,15 +75,72 @@ pub fn run(a: &RunArgs) -> Result<ExitCode, Failure> {
     rt.block_on(daemon(a))
 }
 
+/// Where the model comes from.
+enum Source {
+    /// A file, re-read when its mtime changes.
+    File(PathBuf),
+    /// An EC2 endpoint, polled; `last` is the model in force.
+    Ec2 {
+        src: sgfw::ec2::Ec2Source,
+        opts: sgfw::import::ImportOptions,
+        last: Model,
+        every: Duration,
+        due: tokio::time::Instant,
+    },
+}
+
 async fn daemon(a: &RunArgs) -> Result<ExitCode, Failure> {
-    let (_, flat) = load_model(&a.file)?;
     let mode = super::choose(a.backend)?;
+    let (mut source, flat, what) = match (&a.file, &a.ec2_endpoint) {
+        (Some(f), _) => {
+            let (_, flat) = load_model(f)?;
+            (Source::File(f.clone()), flat, f.display().to_string())
+        }
+        (None, Some(url)) => {
+            if !(a.poll_interval.is_finite() && a.poll_interval >= 0.05) {
+                return Err(Failure::BadInput(anyhow::anyhow!(
+                    "--poll-interval {}: must be at least 0.05 seconds",
+                    a.poll_interval
+                )));
+            }
+            let endpoint = (url != "aws").then_some(url.as_str());
+            let src = sgfw::ec2::Ec2Source::connect(endpoint, a.vpc.clone()).await;
+            let opts = sgfw::import::ImportOptions {
+                bridges: a.bridges.iter().cloned().collect(),
+                vpc: a.vpc.clone(),
+                ..super::import_options()
+            };
+            let imported = src
+                .snapshot(&opts)
+                .await
+                .map_err(|e| Failure::BadInput(e.into()))?;
+            for w in &imported.warnings {
+                eprintln!("warning: {w}");
+            }
+            let flat = flatten(&imported.model, url)?;
+            let every = Duration::from_secs_f64(a.poll_interval);
+            let source = Source::Ec2 {
+                src,
+                opts,
+                last: imported.model,
+                every,
+                due: tokio::time::Instant::now() + every,
+            };
+            (source, flat, url.clone())
+        }
+        (None, None) => {
+            return Err(Failure::BadInput(anyhow::anyhow!(
+                "give a model with -f or an endpoint with --ec2-endpoint"
+            )));
+        }
+    };
     let summary = super::apply_with(mode, &flat, a.conntrack_max)?;
-    tracing::info!(
-        "applied {} with the {mode} backend{summary}",
-        a.file.display()
-    );
-    let mut seen = mtime(&a.file);
+    tracing::info!("applied {what} with the {mode} backend{summary}");
+    let file = match &source {
+        Source::File(f) => Some(f.clone()),
+        Source::Ec2 { .. } => None,
+    };
+    let mut seen = file.as_deref().and_then(mtime);
     let mut pending: Option<(SystemTime, u8)> = None;
     // Subscribed before the first catch-up attach, so no port is missed.
     let mut links = match mode {
@@ -104,15 +184,25 @@ async fn daemon(a: &RunArgs) -> Result<ExitCode, Failure> {
         if mode == EnforcementMode::Ebpf && links.is_none() {
             attach_round(&enforcer);
         }
+        if let Source::Ec2 { src, opts, last, every, due } = &mut source {
+            if tokio::time::Instant::now() >= *due {
+                poll(src, opts, last, mode, a.conntrack_max).await;
+                *due = tokio::time::Instant::now() + *every;
+            }
+            continue;
+        }
+        let Some(file) = file.as_deref() else {
+            continue;
+        };
         // Model file: re-apply once its mtime has been stable for one tick.
-        let now = mtime(&a.file);
+        let now = mtime(file);
         if now != seen {
             match pending {
                 Some((t, n)) if Some(t) == now => {
                     if n >= 1 {
                         seen = now;
                         pending = None;
-                        match load_model(&a.file) {
+                        match load_model(file) {
                             Ok((_, f)) => match super::apply_with(mode, &f, a.conntrack_max) {
                                 Ok(s) => tracing::info!("model changed: re-applied{s}"),
                                 Err(e) => tracing::error!(
@@ -140,6 +230,56 @@ async fn daemon(a: &RunArgs) -> Result<ExitCode, Failure> {
         super::teardown_all()?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One poll of the endpoint: re-applies when the VPC changed; a failure is
+/// logged and the policy in force stays.
+async fn poll(
+    src: &sgfw::ec2::Ec2Source,
+    opts: &sgfw::import::ImportOptions,
+    last: &mut Model,
+    mode: EnforcementMode,
+    conntrack_max: u32,
+) {
+    let imported = match src.snapshot(opts).await {
+        Ok(i) => i,
+        Err(e) => {
+            tracing::error!(
+                "polling the EC2 endpoint failed, the previous policy stays: {}",
+                super::chain(&anyhow::Error::new(e))
+            );
+            return;
+        }
+    };
+    if imported.model == *last {
+        return;
+    }
+    for w in &imported.warnings {
+        tracing::warn!("{w}");
+    }
+    let applied = flatten(&imported.model, "the endpoint's VPC")
+        .and_then(|f| super::apply_with(mode, &f, conntrack_max));
+    match applied {
+        Ok(s) => {
+            tracing::info!("the VPC changed: re-applied{s}");
+            *last = imported.model;
+        }
+        // `last` stays: the same change is tried again at the next poll.
+        Err(e) => tracing::error!(
+            "the VPC changed but cannot be applied, the previous policy stays: {}",
+            describe(&e)
+        ),
+    }
+}
+
+/// Validates and flattens a model read from `what`; warnings to stderr.
+fn flatten(model: &Model, what: &str) -> Result<FlatModel, Failure> {
+    let (valid, warnings) = sgfw::validate::validate(model)
+        .map_err(|e| Failure::BadInput(anyhow::anyhow!("{what} is not a valid model:\n{e}")))?;
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
+    Ok(valid.flatten())
 }
 
 /// The next link event, or never when there is no subscription.
