@@ -351,7 +351,11 @@ fn instance_json(i: &Instance) -> Value {
             }
             if let Some(ct) = e.connection_tracking_configuration() {
                 let mut co = Map::new();
-                put(&mut co, "TcpEstablishedTimeout", ct.tcp_established_timeout());
+                put(
+                    &mut co,
+                    "TcpEstablishedTimeout",
+                    ct.tcp_established_timeout(),
+                );
                 put(&mut co, "UdpStreamTimeout", ct.udp_stream_timeout());
                 put(&mut co, "UdpTimeout", ct.udp_timeout());
                 eo.insert("ConnectionTrackingConfiguration".into(), Value::Object(co));
@@ -412,7 +416,11 @@ fn permission_json(p: &IpPermission) -> Value {
             put(&mut go, "VpcId", g.vpc_id());
             put(&mut go, "Description", g.description());
             // Refused by the importer: a group across a peering.
-            put(&mut go, "VpcPeeringConnectionId", g.vpc_peering_connection_id());
+            put(
+                &mut go,
+                "VpcPeeringConnectionId",
+                g.vpc_peering_connection_id(),
+            );
             put(&mut go, "PeeringStatus", g.peering_status());
             Value::Object(go)
         })
@@ -458,7 +466,11 @@ fn nacl_json(n: &NetworkAcl) -> Value {
         .iter()
         .map(|a| {
             let mut ao = Map::new();
-            put(&mut ao, "NetworkAclAssociationId", a.network_acl_association_id());
+            put(
+                &mut ao,
+                "NetworkAclAssociationId",
+                a.network_acl_association_id(),
+            );
             put(&mut ao, "NetworkAclId", a.network_acl_id());
             put(&mut ao, "SubnetId", a.subnet_id());
             Value::Object(ao)

@@ -5,6 +5,9 @@ usage: scenario.py ENDPOINT OUTDIR create   -> OUTDIR/{vpcs,subnets,...}.json, i
        scenario.py ENDPOINT OUTDIR authorize GROUP PORT   (tcp from 0.0.0.0/0)
        scenario.py ENDPOINT OUTDIR revoke GROUP PORT
        scenario.py ENDPOINT OUTDIR dump
+       scenario.py ENDPOINT OUTDIR create-live VPC_CIDR CIDR_A CIDR_B IP_WEB IP_DB
+           -> ids.json: a VPC for the lab's addresses (the live check): web1 in
+              subnet a, db1 in subnet b, db's group lets web's in on 5432
 """
 import json
 import sys
@@ -152,6 +155,29 @@ if cmd == "create":
     with open(f"{out}/ids.json", "w") as f:
         json.dump(ids, f, indent=1)
     dump()
+elif cmd == "create-live":
+    vpc_cidr, cidr_a, cidr_b, ip_web, ip_db = sys.argv[4:9]
+    vpc_id = ec2.create_vpc(CidrBlock=vpc_cidr)["Vpc"]["VpcId"]
+    sa = ec2.create_subnet(VpcId=vpc_id, CidrBlock=cidr_a)["Subnet"]["SubnetId"]
+    sb = ec2.create_subnet(VpcId=vpc_id, CidrBlock=cidr_b)["Subnet"]["SubnetId"]
+    web = ec2.create_security_group(GroupName="web", Description="web", VpcId=vpc_id)["GroupId"]
+    db = ec2.create_security_group(GroupName="db", Description="db", VpcId=vpc_id)["GroupId"]
+    ec2.authorize_security_group_ingress(
+        GroupId=db,
+        IpPermissions=[
+            {"IpProtocol": "tcp", "FromPort": 5432, "ToPort": 5432, "UserIdGroupPairs": [{"GroupId": web}]},
+        ],
+    )
+    ami = ec2.describe_images()["Images"][0]["ImageId"]
+    ids = {"vpc": vpc_id, "subnet_a": sa, "subnet_b": sb, "web": web, "db": db}
+    for name, subnet, ip, group in [("web1", sa, ip_web, web), ("db1", sb, ip_db, db)]:
+        r = ec2.run_instances(
+            ImageId=ami, MinCount=1, MaxCount=1, InstanceType="t3.micro",
+            NetworkInterfaces=[{"DeviceIndex": 0, "SubnetId": subnet, "PrivateIpAddress": ip, "Groups": [group]}],
+        )
+        ids[name] = r["Instances"][0]["InstanceId"]
+    with open(f"{out}/ids.json", "w") as f:
+        json.dump(ids, f, indent=1)
 elif cmd in ("authorize", "revoke"):
     group, port = sys.argv[4], int(sys.argv[5])
     perm = [{"IpProtocol": "tcp", "FromPort": port, "ToPort": port, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}]

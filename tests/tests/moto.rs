@@ -433,3 +433,179 @@ fn what_cannot_be_expressed_is_refused_by_name() {
     );
     assert!(o.stdout.is_empty(), "nothing written");
 }
+
+fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(secs) {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out after {secs}s waiting for: {what}");
+}
+
+/// The live source on both backends: `sgfw run --ec2-endpoint` follows a
+/// VPC built in moto for the lab's addresses; an AuthorizeSecurityGroupIngress
+/// through boto3 opens a port within seconds, the RevokeSecurityGroupIngress
+/// closes it again, and an endpoint that goes away leaves the policy in
+/// force (neither opened nor emptied).
+#[test]
+fn a_live_endpoint_is_followed_authorize_and_revoke_take_effect() {
+    if !sgfw_tests::require_root("moto_live") {
+        return;
+    }
+    let Some(py) = python() else { return };
+    for backend in ["ebpf", "nftables"] {
+        live(&py, backend);
+    }
+}
+
+fn live(py: &Path, backend: &str) {
+    use sgfw_tests::testbed::{InstanceSpec, SubnetSpec, TestBed};
+    let spec = |name: &str| SubnetSpec {
+        name: name.into(),
+        ipv6: false,
+    };
+    let inst = |name: &str, subnet| InstanceSpec {
+        name: name.into(),
+        subnet,
+    };
+    let mut bed =
+        TestBed::new(&[spec("a"), spec("b")], &[inst("web1", 0), inst("db1", 1)]).unwrap();
+    bed.serve("db1", &[5432, 8080], &[]).unwrap();
+    let (a, b) = (bed.subnets[0].clone(), bed.subnets[1].clone());
+    let (web1, db1) = (bed.instance("web1").v4, bed.instance("db1").v4);
+    let vpc_cidr = format!(
+        "{}/16",
+        a.cidr_v4.split('.').take(2).collect::<Vec<_>>().join(".") + ".0.0"
+    );
+
+    let moto = Moto::start(py);
+    let dir = TempDir::new();
+    scenario(
+        py,
+        &moto,
+        dir.path(),
+        &[
+            "create-live",
+            &vpc_cidr,
+            &a.cidr_v4,
+            &b.cidr_v4,
+            &web1.to_string(),
+            &db1.to_string(),
+        ],
+    );
+    let ids: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("ids.json")).unwrap())
+            .unwrap();
+    let id = |k: &str| ids[k].as_str().unwrap().to_string();
+
+    let _guard = sgfw_tests::TeardownOnDrop;
+    let mut daemon = Command::new(sgfw_tests::sgfw_bin())
+        .args([
+            "run",
+            "--ec2-endpoint",
+            &moto.endpoint,
+            "--vpc",
+            &id("vpc"),
+            "--bridge",
+            &format!("{}={}", id("subnet_a"), a.bridge),
+            "--bridge",
+            &format!("{}={}", id("subnet_b"), b.bridge),
+            "--backend",
+            backend,
+            "--poll-interval",
+            "0.5",
+        ])
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(dir.path().join("run.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let db1 = IpAddr::V4(db1);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // Enforced once the daemon's first apply is in: 8080 denied (db's
+        // group has no rule for it), 5432 allowed (the referenced group).
+        wait_for(&format!("{backend}: the first apply"), 20, || {
+            assert!(
+                daemon.try_wait().unwrap().is_none(),
+                "{backend}: daemon exited"
+            );
+            !bed.tcp("web1", db1, 8080)
+        });
+        assert!(
+            bed.tcp("web1", db1, 5432),
+            "{backend}: web1 -> db1:5432 (referenced group)"
+        );
+        scenario(py, &moto, dir.path(), &["authorize", &id("db"), "8080"]);
+        wait_for(
+            &format!("{backend}: 8080 after AuthorizeSecurityGroupIngress"),
+            15,
+            || bed.tcp("web1", db1, 8080),
+        );
+        scenario(py, &moto, dir.path(), &["revoke", &id("db"), "8080"]);
+        wait_for(
+            &format!("{backend}: 8080 closed after RevokeSecurityGroupIngress"),
+            15,
+            || !bed.tcp("web1", db1, 8080),
+        );
+        assert!(bed.tcp("web1", db1, 5432), "{backend}: 5432 stays open");
+        assert!(
+            daemon.try_wait().unwrap().is_none(),
+            "{backend}: daemon exited"
+        );
+    }));
+    // The endpoint goes away: polls fail, the policy in force stays.
+    drop(moto);
+    let after = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        if result.is_err() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(
+            bed.tcp("web1", db1, 5432),
+            "{backend}: endpoint gone, allowed flow must stay"
+        );
+        assert!(
+            !bed.tcp("web1", db1, 8080),
+            "{backend}: endpoint gone, denied flow must stay denied"
+        );
+        assert!(
+            daemon.try_wait().unwrap().is_none(),
+            "{backend}: the daemon must survive a failing endpoint"
+        );
+    }));
+    // SIGTERM: the daemon tears down and exits 0.
+    let _ = Command::new("kill")
+        .args(["-TERM", &daemon.id().to_string()])
+        .status();
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = daemon.try_wait().unwrap() {
+            break Some(s);
+        }
+        if t.elapsed() > Duration::from_secs(10) {
+            let _ = daemon.kill();
+            let _ = daemon.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    for r in [result, after] {
+        if let Err(e) = r {
+            let log = std::fs::read_to_string(dir.path().join("run.log")).unwrap_or_default();
+            eprintln!("sgfw run's log:\n{log}");
+            std::panic::resume_unwind(e);
+        }
+    }
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{backend}: exit {status:?}"
+    );
+}

@@ -228,6 +228,8 @@ const NOT_IN_LEAN_LIBRARY: &[&str] = &[
     "tracing-subscriber",
     "tokio",
     "anyhow",
+    "aws-sdk-ec2",
+    "aws-config",
 ];
 
 /// The lean library: `sgfw-user --lib --no-default-features` passes clippy

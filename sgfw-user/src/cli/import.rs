@@ -25,8 +25,17 @@ use super::Failure;
 )]
 pub struct ImportArgs {
     /// The documents (`-` reads one from standard input).
-    #[arg(required = true, value_name = "JSON")]
+    #[arg(
+        required_unless_present = "ec2_endpoint",
+        conflicts_with = "ec2_endpoint",
+        value_name = "JSON"
+    )]
     pub files: Vec<PathBuf>,
+    /// Read the VPC from this EC2 API endpoint instead (`aws`: AWS itself),
+    /// as `sgfw run --ec2-endpoint` would; credentials and region from the
+    /// usual AWS environment.
+    #[arg(long, value_name = "URL")]
+    pub ec2_endpoint: Option<String>,
     /// Put subnet SUBNET on host bridge BRIDGE (repeatable).
     #[arg(long = "bridge", value_name = "SUBNET=BRIDGE", value_parser = parse_bridge)]
     pub bridges: Vec<(String, String)>,
@@ -48,6 +57,9 @@ pub(super) fn parse_bridge(s: &str) -> Result<(String, String), String> {
 /// Runs `sgfw import`.
 pub fn run(a: &ImportArgs) -> Result<ExitCode, Failure> {
     let mut docs = Vec::new();
+    if let Some(url) = &a.ec2_endpoint {
+        docs.push(super::run::describe_endpoint(url, a.vpc.clone())?);
+    }
     for f in &a.files {
         let text =
             super::read_input(f).map_err(|e| Failure::BadInput(super::input_error(f, &e)))?;

@@ -35,7 +35,12 @@ use super::{BackendArg, Failure, load_model};
 #[command(after_help = "Example:\n  RUST_LOG=info sgfw run -f vpc.json --backend ebpf")]
 pub struct RunArgs {
     /// The model (EC2 JSON).
-    #[arg(short = 'f', long = "file", required_unless_present = "ec2_endpoint", conflicts_with = "ec2_endpoint")]
+    #[arg(
+        short = 'f',
+        long = "file",
+        required_unless_present = "ec2_endpoint",
+        conflicts_with = "ec2_endpoint"
+    )]
     pub file: Option<PathBuf>,
     /// Follow the VPC this EC2 API endpoint describes instead of a file
     /// (moto, LocalStack, fakecloud; `aws` for AWS itself). Credentials
@@ -50,7 +55,12 @@ pub struct RunArgs {
     #[arg(long = "bridge", value_name = "SUBNET=BRIDGE", value_parser = super::import::parse_bridge, requires = "ec2_endpoint")]
     pub bridges: Vec<(String, String)>,
     /// Seconds between two polls of the endpoint.
-    #[arg(long, default_value_t = 2.0, value_name = "SECONDS", requires = "ec2_endpoint")]
+    #[arg(
+        long,
+        default_value_t = 2.0,
+        value_name = "SECONDS",
+        requires = "ec2_endpoint"
+    )]
     pub poll_interval: f64,
     /// Which dataplane enforces it.
     #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
@@ -83,9 +93,11 @@ enum Source {
     Ec2 {
         src: sgfw::ec2::Ec2Source,
         opts: sgfw::import::ImportOptions,
-        last: Model,
+        last: Box<Model>,
         every: Duration,
         due: tokio::time::Instant,
+        /// The last poll failed (its error was logged once).
+        failing: bool,
     },
 }
 
@@ -122,9 +134,10 @@ async fn daemon(a: &RunArgs) -> Result<ExitCode, Failure> {
             let source = Source::Ec2 {
                 src,
                 opts,
-                last: imported.model,
+                last: Box::new(imported.model),
                 every,
                 due: tokio::time::Instant::now() + every,
+                failing: false,
             };
             (source, flat, url.clone())
         }
@@ -184,9 +197,17 @@ async fn daemon(a: &RunArgs) -> Result<ExitCode, Failure> {
         if mode == EnforcementMode::Ebpf && links.is_none() {
             attach_round(&enforcer);
         }
-        if let Source::Ec2 { src, opts, last, every, due } = &mut source {
+        if let Source::Ec2 {
+            src,
+            opts,
+            last,
+            every,
+            due,
+            failing,
+        } = &mut source
+        {
             if tokio::time::Instant::now() >= *due {
-                poll(src, opts, last, mode, a.conntrack_max).await;
+                poll(src, opts, last, failing, mode, a.conntrack_max).await;
                 *due = tokio::time::Instant::now() + *every;
             }
             continue;
@@ -233,24 +254,33 @@ async fn daemon(a: &RunArgs) -> Result<ExitCode, Failure> {
 }
 
 /// One poll of the endpoint: re-applies when the VPC changed; a failure is
-/// logged and the policy in force stays.
+/// logged (once per run of failures) and the policy in force stays.
 async fn poll(
     src: &sgfw::ec2::Ec2Source,
     opts: &sgfw::import::ImportOptions,
     last: &mut Model,
+    failing: &mut bool,
     mode: EnforcementMode,
     conntrack_max: u32,
 ) {
     let imported = match src.snapshot(opts).await {
         Ok(i) => i,
         Err(e) => {
-            tracing::error!(
-                "polling the EC2 endpoint failed, the previous policy stays: {}",
-                super::chain(&anyhow::Error::new(e))
-            );
+            let e = super::chain(&anyhow::Error::new(e));
+            if *failing {
+                tracing::debug!("polling the EC2 endpoint failed again: {e}");
+            } else {
+                tracing::error!(
+                    "polling the EC2 endpoint failed, the previous policy stays (logged once until a poll succeeds): {e}"
+                );
+            }
+            *failing = true;
             return;
         }
     };
+    if std::mem::take(failing) {
+        tracing::info!("the EC2 endpoint answers again");
+    }
     if imported.model == *last {
         return;
     }
@@ -270,6 +300,19 @@ async fn poll(
             describe(&e)
         ),
     }
+}
+
+/// What `url` (`aws`: the SDK's default endpoint) describes, as one AWS CLI
+/// document (`sgfw import --ec2-endpoint`).
+pub fn describe_endpoint(url: &str, vpc: Option<String>) -> Result<serde_json::Value, Failure> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let endpoint = (url != "aws").then_some(url);
+        let src = sgfw::ec2::Ec2Source::connect(endpoint, vpc).await;
+        src.describe().await.map_err(|e| Failure::Runtime(e.into()))
+    })
 }
 
 /// Validates and flattens a model read from `what`; warnings to stderr.
