@@ -514,3 +514,118 @@ fn prefix_list_json(p: &ManagedPrefixList) -> Value {
     put(&mut o, "AddressFamily", p.address_family());
     Value::Object(o)
 }
+
+#[cfg(test)]
+mod tests {
+    //! The translation keeps what the importer refuses or reads; the round
+    //! trip through moto's server is tests/tests/moto.rs.
+    #![expect(clippy::unwrap_used, reason = "test code")]
+
+    use aws_sdk_ec2::types::{
+        ConnectionTrackingSpecificationResponse, GroupIdentifier, InstanceIpv4Prefix,
+        InstanceNetworkInterface, InstancePrivateIpAddress, InstanceState, InstanceStateName,
+        UserIdGroupPair,
+    };
+    use serde_json::json;
+
+    use super::*;
+
+    fn doc(instance: Value, groups: Vec<Value>) -> Value {
+        json!({
+            "Subnets": [{"SubnetId": "subnet-1", "VpcId": "vpc-1", "CidrBlock": "10.0.1.0/24"}],
+            "Reservations": [{"Instances": [instance]}],
+            "SecurityGroups": groups,
+        })
+    }
+
+    fn eni() -> aws_sdk_ec2::types::builders::InstanceNetworkInterfaceBuilder {
+        InstanceNetworkInterface::builder()
+            .network_interface_id("eni-1")
+            .subnet_id("subnet-1")
+            .source_dest_check(true)
+            .private_ip_addresses(
+                InstancePrivateIpAddress::builder()
+                    .private_ip_address("10.0.1.5")
+                    .primary(true)
+                    .build(),
+            )
+            .groups(GroupIdentifier::builder().group_id("sg-a").build())
+    }
+
+    fn instance(e: InstanceNetworkInterface) -> Value {
+        instance_json(
+            &Instance::builder()
+                .instance_id("i-1")
+                .vpc_id("vpc-1")
+                .state(
+                    InstanceState::builder()
+                        .name(InstanceStateName::Running)
+                        .build(),
+                )
+                .network_interfaces(e)
+                .build(),
+        )
+    }
+
+    fn opts() -> ImportOptions {
+        ImportOptions {
+            bridges: [("subnet-1".to_string(), "br-a".to_string())].into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_instance_translates_to_what_import_reads() {
+        let ct = ConnectionTrackingSpecificationResponse::builder()
+            .tcp_established_timeout(3600)
+            .build();
+        let i = instance(eni().connection_tracking_configuration(ct).build());
+        let got = crate::import::import(&[doc(i, vec![])], &opts()).unwrap();
+        let m = &got.model;
+        assert_eq!(m.instances.len(), 1);
+        assert_eq!(m.instances[0].private_ip_address, "10.0.1.5");
+        assert_eq!(m.instances[0].security_group_ids, vec!["sg-a".to_string()]);
+        let ct = m.connection_tracking.as_ref().unwrap();
+        assert_eq!(ct.tcp_established_timeout, Some(3600));
+    }
+
+    #[test]
+    fn what_import_refuses_is_carried_over_never_dropped() {
+        let refused = [
+            (eni().source_dest_check(false).build(), "SourceDestCheck"),
+            (
+                eni()
+                    .ipv4_prefixes(
+                        InstanceIpv4Prefix::builder()
+                            .ipv4_prefix("10.0.1.16/28")
+                            .build(),
+                    )
+                    .build(),
+                "Ipv4Prefixes",
+            ),
+        ];
+        for (e, field) in refused {
+            let err = crate::import::import(&[doc(instance(e), vec![])], &opts()).unwrap_err();
+            assert!(err.to_string().contains(field), "{field}: {err}");
+        }
+        // A group referenced across a peering connection.
+        let g = SecurityGroup::builder()
+            .group_id("sg-a")
+            .vpc_id("vpc-1")
+            .ip_permissions(
+                IpPermission::builder()
+                    .ip_protocol("-1")
+                    .user_id_group_pairs(
+                        UserIdGroupPair::builder()
+                            .group_id("sg-peer")
+                            .vpc_peering_connection_id("pcx-1")
+                            .build(),
+                    )
+                    .build(),
+            )
+            .build();
+        let d = doc(instance(eni().build()), vec![group_json(&g)]);
+        let err = crate::import::import(&[d], &opts()).unwrap_err();
+        assert!(err.to_string().contains("VpcPeeringConnectionId"), "{err}");
+    }
+}
