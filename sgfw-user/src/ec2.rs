@@ -519,7 +519,6 @@ fn prefix_list_json(p: &ManagedPrefixList) -> Value {
 mod tests {
     //! The translation keeps what the importer refuses or reads; the round
     //! trip through moto's server is tests/tests/moto.rs.
-    #![expect(clippy::unwrap_used, reason = "test code")]
 
     use aws_sdk_ec2::types::{
         ConnectionTrackingSpecificationResponse, GroupIdentifier, InstanceIpv4Prefix,
@@ -530,7 +529,7 @@ mod tests {
 
     use super::*;
 
-    fn doc(instance: Value, groups: Vec<Value>) -> Value {
+    fn doc(instance: &Value, groups: &[Value]) -> Value {
         json!({
             "Subnets": [{"SubnetId": "subnet-1", "VpcId": "vpc-1", "CidrBlock": "10.0.1.0/24"}],
             "Reservations": [{"Instances": [instance]}],
@@ -580,7 +579,7 @@ mod tests {
             .tcp_established_timeout(3600)
             .build();
         let i = instance(eni().connection_tracking_configuration(ct).build());
-        let got = crate::import::import(&[doc(i, vec![])], &opts()).unwrap();
+        let got = crate::import::import(&[doc(&i, &[])], &opts()).unwrap();
         let m = &got.model;
         assert_eq!(m.instances.len(), 1);
         assert_eq!(m.instances[0].private_ip_address, "10.0.1.5");
@@ -605,7 +604,7 @@ mod tests {
             ),
         ];
         for (e, field) in refused {
-            let err = crate::import::import(&[doc(instance(e), vec![])], &opts()).unwrap_err();
+            let err = crate::import::import(&[doc(&instance(e), &[])], &opts()).unwrap_err();
             assert!(err.to_string().contains(field), "{field}: {err}");
         }
         // A group referenced across a peering connection.
@@ -624,7 +623,7 @@ mod tests {
                     .build(),
             )
             .build();
-        let d = doc(instance(eni().build()), vec![group_json(&g)]);
+        let d = doc(&instance(eni().build()), &[group_json(&g)]);
         let err = crate::import::import(&[d], &opts()).unwrap_err();
         assert!(err.to_string().contains("VpcPeeringConnectionId"), "{err}");
     }
