@@ -83,6 +83,13 @@ pub mod program_names {
     /// TC egress on a subnet's bridge device (what the host hands to the
     /// bridge): stamps [`crate::STAMP_HOST`] on a frame with no stamp.
     pub const BRIDGE_DOWN: &str = "sgfw_bridge_down";
+    /// XDP on an instance port (the `xdp` dataplane): judges what the
+    /// instance sends as [`FROM_INSTANCE`] does, without side effects, and
+    /// drops what that leg denies before the host builds an skb for it.
+    /// What it passes still goes through [`FROM_INSTANCE`].
+    pub const XDP_FROM_INSTANCE: &str = "sgfw_xdp_from_instance";
+    /// XDP: does one array read and passes (the XDP benchmark floor).
+    pub const XDP_NOOP: &str = "sgfw_xdp_noop";
 }
 
 /// Capacity limits the BPF programs are built for. User space checks a model

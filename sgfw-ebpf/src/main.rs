@@ -47,9 +47,12 @@ mod sg;
 mod verdict;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    macros::classifier,
-    programs::TcContext,
+    bindings::{
+        TC_ACT_OK, TC_ACT_SHOT,
+        xdp_action::{XDP_DROP, XDP_PASS},
+    },
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
 };
 use sgfw_common::{
     AddrInfo, AddrKey, BROADCAST_OWNER, Config, Direction, MARK_IDENTITY_MASK, MARK_IDENTITY_SHIFT,
@@ -75,6 +78,65 @@ pub fn sgfw_from_instance(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn sgfw_to_instance(ctx: TcContext) -> i32 {
     classify(&ctx, Direction::Ingress)
+}
+
+/// XDP on an instance port, in front of `sgfw_from_instance` (the `xdp`
+/// dataplane): drops what the instance sends that its leg denies, before
+/// the host allocates an skb for it.
+///
+/// It is a pre-filter, never the authority: it judges with the same
+/// [`try_classify`] on the same maps but commits nothing (no conntrack entry
+/// created or refreshed, no fragment record, no count or event for what it
+/// passes), so everything it passes is judged again, committed, stamped and
+/// counted by `sgfw_from_instance`. It can therefore only drop what that
+/// hook would drop (both read the generation in force; a packet judged
+/// across a switch may see the old one). Drops are counted and reported
+/// here, once. Later fragments pass: their verdict is the first fragment's
+/// record, which only the TC hook writes. A VLAN tag the kernel moved out
+/// of the frame is invisible here and dropped at TC.
+#[xdp]
+pub fn sgfw_xdp_from_instance(ctx: XdpContext) -> u32 {
+    try_xdp_from_instance(&ctx)
+}
+
+#[cfg(feature = "test-programs")]
+/// The XDP floor for benchmarks: one array read, then pass.
+#[xdp]
+pub fn sgfw_xdp_noop(_ctx: XdpContext) -> u32 {
+    match CONFIG.get(0) {
+        Some(_) => XDP_PASS,
+        None => XDP_DROP,
+    }
+}
+
+#[inline(always)]
+fn try_xdp_from_instance(ctx: &XdpContext) -> u32 {
+    let Some(cfg) = CONFIG.get(0) else {
+        return XDP_DROP;
+    };
+    let now = conntrack::now(cfg);
+    let ifx = ctx.ingress_ifindex() as u32;
+    let len = (ctx.data_end() - ctx.data()) as u32;
+    let Some(p) = SCRATCH.get_ptr_mut(0) else {
+        return XDP_DROP;
+    };
+    // SAFETY: this CPU's scratch slot; the program is not re-entered on the
+    // same CPU while it runs, and the TC hook that runs later on the same
+    // CPU parses afresh.
+    let p = unsafe { &mut *p };
+    let (d, parsed) = match parse::parse(ctx, p) {
+        Err(reason) => (decision(reason, 0), None),
+        Ok(Frame::Arp | Frame::LaterFragment) => return XDP_PASS,
+        Ok(Frame::Ip) => (
+            try_classify::<false>(p, Direction::Egress, ifx, cfg, now, 0),
+            Some(&*p),
+        ),
+    };
+    if !d.reason.is_drop() {
+        return XDP_PASS;
+    }
+    finish(&d, parsed, Direction::Egress, ifx, len, cfg, now);
+    XDP_DROP
 }
 
 #[cfg(feature = "test-programs")]
@@ -221,7 +283,7 @@ fn judge(
             (decision(reason, 0), Some(p))
         }
         Ok(Frame::Ip) => {
-            let d = try_classify(p, dir, ifx, cfg, now, peer_identity);
+            let d = try_classify::<true>(p, dir, ifx, cfg, now, peer_identity);
             if p.frag == FRAG_FIRST {
                 conntrack::frag_record(p, dir, ifx, !d.reason.is_drop(), now);
             }
@@ -526,8 +588,10 @@ fn nacl_stage(table: u32, p: &Pkt, remote: &Addr, deny: Reason, instance: u32) -
     }
 }
 
+/// One leg's decision for a parsed IP packet. With `COMMIT` false (the XDP
+/// pre-filter) it changes no map: the same decision, no side effects.
 #[inline(always)]
-fn try_classify(
+fn try_classify<const COMMIT: bool>(
     p: &Pkt,
     dir: Direction,
     ifx: u32,
@@ -552,7 +616,9 @@ fn try_classify(
             || peer_identity != 0
             || !conntrack::peer_is_instance(e);
         if identity_ok && conntrack::cache_valid(e, p, dir, ifx, cfg) {
-            conntrack::touch(e, dir, p, now);
+            if COMMIT {
+                conntrack::touch(e, dir, p, now);
+            }
             // SAFETY: see conntrack::lookup_live.
             let (instance, identity) = unsafe { ((*e).instance, (*e).local_identity) };
             let mut d = decision(Reason::AllowTracked, instance);
@@ -734,14 +800,16 @@ fn try_classify(
     // 7. Commit: the whole leg allowed the packet.
     let mut d = match outcome {
         SgOutcome::Tracked(e) => {
-            conntrack::touch(e, dir, p, now);
-            conntrack::cache_pass(e, p, dir, ifx, cfg);
+            if COMMIT {
+                conntrack::touch(e, dir, p, now);
+                conntrack::cache_pass(e, p, dir, ifx, cfg);
+            }
             decision(Reason::AllowTracked, li.instance)
         }
         SgOutcome::Related => decision(Reason::AllowRelated, li.instance),
         SgOutcome::Rule(rule) => {
             // ICMP errors are never tracked.
-            if !p.is_icmp_error {
+            if COMMIT && !p.is_icmp_error {
                 conntrack::create(
                     &key,
                     p,

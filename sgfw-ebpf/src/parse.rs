@@ -5,7 +5,7 @@
 //! 16-bit "port" that rules match on, conntrack ports, TCP flags, and for ICMP
 //! errors the quoted inner flow. It never looks at a map.
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::programs::{TcContext, XdpContext};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -43,10 +43,41 @@ const MAX_EXT_HEADERS: usize = 6;
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_RST: u8 = 0x04;
 
+/// The frame under a hook's context: TC's `__sk_buff` or XDP's `xdp_md`.
+/// The parser reads only through [`at`], so both hooks parse the same way.
+pub trait PacketCtx {
+    /// Start of the frame's linear data.
+    fn data(&self) -> usize;
+    /// One past its end.
+    fn data_end(&self) -> usize;
+}
+
+impl PacketCtx for TcContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        TcContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        TcContext::data_end(self)
+    }
+}
+
+impl PacketCtx for XdpContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        XdpContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        XdpContext::data_end(self)
+    }
+}
+
 /// The one bounds-checked accessor: a pointer to a `T` at `off` bytes into the
 /// frame, or `DropMalformed` when the frame is too short.
 #[inline(always)]
-pub fn at<T>(ctx: &TcContext, off: usize) -> Result<*const T, Reason> {
+pub fn at<T, C: PacketCtx>(ctx: &C, off: usize) -> Result<*const T, Reason> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + off + size_of::<T>() > end {
@@ -56,8 +87,8 @@ pub fn at<T>(ctx: &TcContext, off: usize) -> Result<*const T, Reason> {
 }
 
 #[inline(always)]
-fn read<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, Reason> {
-    let p = at::<T>(ctx, off)?;
+fn read<T: Copy, C: PacketCtx>(ctx: &C, off: usize) -> Result<T, Reason> {
+    let p = at::<T, C>(ctx, off)?;
     // SAFETY: `at` checked that size_of::<T>() bytes at `p` are in the frame;
     // read_unaligned because headers are not aligned.
     Ok(unsafe { p.read_unaligned() })
@@ -162,8 +193,8 @@ impl Pkt {
 /// bounds-checked (the verifier tracks a checked range per pointer, so
 /// fields must be read through the pointer the check was made on).
 #[inline(always)]
-fn hdr<'a, T>(ctx: &'a TcContext, off: usize) -> Result<&'a T, Reason> {
-    let p = at::<T>(ctx, off)?;
+fn hdr<'a, T, C: PacketCtx>(ctx: &'a C, off: usize) -> Result<&'a T, Reason> {
+    let p = at::<T, C>(ctx, off)?;
     // SAFETY: `at` checked that the whole `T` is inside the frame; the
     // network-types headers have alignment 1.
     Ok(unsafe { &*p })
@@ -247,8 +278,8 @@ fn icmp_is_error(family: u8, t: u8) -> bool {
 /// Parses the frame into `p` (a per-CPU scratch slot: the BPF stack is too
 /// small for a packet and its quoted inner flow). Every field is rewritten.
 #[inline(always)]
-pub fn parse(ctx: &TcContext, p: &mut Pkt) -> Result<Frame, Reason> {
-    let ethertype = u16::from_be_bytes(read::<[u8; 2]>(ctx, 12)?);
+pub fn parse<C: PacketCtx>(ctx: &C, p: &mut Pkt) -> Result<Frame, Reason> {
+    let ethertype = u16::from_be_bytes(read::<[u8; 2], C>(ctx, 12)?);
     *p = Pkt::ZERO;
     let l4_off = match ethertype {
         ETH_P_ARP => return Ok(Frame::Arp),
@@ -375,7 +406,12 @@ pub fn parse(ctx: &TcContext, p: &mut Pkt) -> Result<Frame, Reason> {
 /// to no flow). IPv6 extension headers in the quote are not walked: such a
 /// quote relates to no flow and the error is judged by the rules alone.
 #[inline(always)]
-fn parse_inner(ctx: &TcContext, off: usize, family: u8, inner: &mut Inner) -> Result<(), Reason> {
+fn parse_inner<C: PacketCtx>(
+    ctx: &C,
+    off: usize,
+    family: u8,
+    inner: &mut Inner,
+) -> Result<(), Reason> {
     let l4 = if family == AF_INET {
         let ip: &Ipv4Hdr = hdr(ctx, off)?;
         let ihl = ((ip.vihl & 0x0f) as usize) * 4;

@@ -15,7 +15,7 @@
 //! (default 2,000). The long run (1,000,000 packets over 200 models) is
 //! `cargo xtask test-long`.
 
-use sgfw::ebpf::testrun::{TestDataplane, private_ports};
+use sgfw::ebpf::testrun::{TestDataplane, XdpTally, private_ports};
 use sgfw::eval::{Conntrack, evaluate_wire};
 use sgfw::packet::Wire;
 use sgfw::validate::validate;
@@ -25,7 +25,12 @@ use sgfw_tests::random::{self, Rng};
 /// blocked before any stage, later fragments delivered).
 type Tally = [usize; 6];
 
-fn run_seed(seed: u64, packets: usize, tally: &mut Tally) -> Result<(), String> {
+fn run_seed(
+    seed: u64,
+    packets: usize,
+    tally: &mut Tally,
+    xdp: Option<&mut XdpTally>,
+) -> Result<(), String> {
     let mut rng = Rng::new(seed);
     let model = random::model(&mut rng);
     let (valid, _) =
@@ -36,6 +41,7 @@ fn run_seed(seed: u64, packets: usize, tally: &mut Tally) -> Result<(), String> 
     let ports = private_ports(flat.instances.len()).map_err(|e| format!("ports: {e:?}"))?;
     dp.set_ports(&flat, &ports)
         .map_err(|e| format!("seed {seed}: ports: {e:?}"))?;
+    dp.set_xdp(xdp.is_some());
     let mut pending: Vec<Wire> = Vec::new();
     let mut next_id: u32 = 1;
     let mut ct = Conntrack::new();
@@ -140,6 +146,18 @@ fn run_seed(seed: u64, packets: usize, tally: &mut Tally) -> Result<(), String> 
             history.remove(0);
         }
     }
+    if let Some(x) = xdp {
+        let t = dp.xdp_tally();
+        x.judged += t.judged;
+        x.dropped += t.dropped;
+        x.missed += t.missed;
+        if t.missed != 0 {
+            return Err(format!(
+                "seed {seed}: the XDP pre-filter passed {} frame(s) that the TC sender's hook then dropped\n  replay: SGFW_DIFF_SEED={seed}",
+                t.missed
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -149,14 +167,30 @@ fn bpf_classifier_agrees_with_reference_evaluator() {
         return;
     }
     // Each run unshares its network namespace for its ports: a thread of its own.
-    let h = std::thread::spawn(run_all);
+    let h = std::thread::spawn(|| run_all(false));
+    if let Err(e) = h.join() {
+        std::panic::resume_unwind(e);
+    }
+}
+
+/// The `xdp` dataplane: `sgfw_xdp_from_instance` in front of the TC
+/// sender's hook. Delivery must still agree with the evaluator packet by
+/// packet, and the pre-filter must drop every denial of the sending leg
+/// itself (a frame it passes that TC then drops is a failure), so it is
+/// held to the same semantics, not just shadowed by TC.
+#[test]
+fn xdp_prefilter_agrees_with_reference_evaluator() {
+    if !sgfw_tests::require_root("differential (xdp)") {
+        return;
+    }
+    let h = std::thread::spawn(|| run_all(true));
     if let Err(e) = h.join() {
         std::panic::resume_unwind(e);
     }
 }
 
 #[expect(clippy::panic, reason = "the body of a test, on its own thread")]
-fn run_all() {
+fn run_all(xdp: bool) {
     let total: usize = std::env::var("SGFW_DIFF_PACKETS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -165,7 +199,8 @@ fn run_all() {
         .ok()
         .and_then(|v| v.parse().ok())
     {
-        if let Err(e) = run_seed(seed, total.min(20_000), &mut [0; 6]) {
+        let mut x = XdpTally::default();
+        if let Err(e) = run_seed(seed, total.min(20_000), &mut [0; 6], xdp.then_some(&mut x)) {
             panic!("{e}");
         }
         return;
@@ -176,8 +211,9 @@ fn run_all() {
         .unwrap_or(2_000);
     let mut failures = Vec::new();
     let mut tally = [0; 6];
+    let mut x = XdpTally::default();
     for seed in 1..=(total / per_model) as u64 {
-        if let Err(e) = run_seed(seed, per_model, &mut tally) {
+        if let Err(e) = run_seed(seed, per_model, &mut tally, xdp.then_some(&mut x)) {
             failures.push(e);
             if failures.len() >= 3 {
                 break;
@@ -195,6 +231,16 @@ fn run_all() {
         tally[4],
         tally[5]
     );
+    if xdp {
+        eprintln!(
+            "differential (xdp): the pre-filter judged {} frames at senders' ports and dropped {}; {} missed",
+            x.judged, x.dropped, x.missed
+        );
+        assert!(
+            x.dropped > total / 100,
+            "the XDP pre-filter dropped too little: {x:?}"
+        );
+    }
     // The generator must exercise both outcomes and the stateful path.
     assert!(
         failures.is_empty(),

@@ -93,6 +93,8 @@ pub struct Status {
     pub reason: String,
     /// Policy generation (eBPF).
     pub generation: Option<u32>,
+    /// `tc` or `xdp` (eBPF): where instance ports judge what they send.
+    pub dataplane: Option<String>,
     /// Subnets.
     pub subnets: Vec<SubnetStatus>,
     /// Instances.
@@ -242,6 +244,7 @@ impl Backend for Disabled {
             backend: "none".into(),
             reason: "sgfw is not applied on this host (sgfw apply -f MODEL)".into(),
             generation: None,
+            dataplane: None,
             subnets: vec![],
             instances: vec![],
             conntrack_entries: None,
@@ -337,8 +340,17 @@ impl Backend for EbpfBackend {
             .collect();
         Ok(Status {
             backend: "ebpf".into(),
-            reason: format!("TC classifiers pinned under {}", self.pin_root.display()),
+            reason: match state.dataplane {
+                crate::ebpf::Dataplane::Tc => {
+                    format!("TC classifiers pinned under {}", self.pin_root.display())
+                }
+                crate::ebpf::Dataplane::Xdp => format!(
+                    "XDP pre-filter and TC classifiers pinned under {}",
+                    self.pin_root.display()
+                ),
+            },
             generation: Some(state.generation),
+            dataplane: Some(state.dataplane.to_string()),
             subnets,
             instances,
             conntrack_entries: self.conntrack_len().ok(),
@@ -398,6 +410,7 @@ impl Backend for NftBackend<'_> {
             backend: "nftables".into(),
             reason: "table inet sgfw (counters per subnet and instance)".into(),
             generation: None,
+            dataplane: None,
             subnets: vec![],
             instances: per
                 .into_iter()

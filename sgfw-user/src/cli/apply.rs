@@ -27,6 +27,11 @@ pub struct ApplyArgs {
     /// Connection-tracking capacity (eBPF, first apply only).
     #[arg(long, default_value_t = 262_144)]
     pub conntrack_max: u32,
+    /// Where instance ports judge what they send (eBPF): `tc`, or `xdp` for
+    /// an XDP pre-filter in front of TC that drops denied packets before
+    /// the host builds an skb (see the README for when it pays).
+    #[arg(long, default_value = "tc")]
+    pub dataplane: sgfw::ebpf::Dataplane,
 }
 
 /// Runs `sgfw apply`.
@@ -34,7 +39,11 @@ pub fn run(a: &ApplyArgs) -> Result<ExitCode, Failure> {
     let t = Instant::now();
     let (_, flat) = load_model(&a.file)?;
     let mode = super::choose(a.backend)?;
-    let summary = super::apply_with(mode, &flat, a.conntrack_max)?;
+    let summary = super::apply_with(
+        mode,
+        &flat,
+        &super::apply_options(a.conntrack_max, a.dataplane),
+    )?;
     println!(
         "applied {} ({} subnets, {} instances) with the {} backend in {:.0} ms{}",
         a.file.display(),

@@ -156,7 +156,11 @@ impl Demo {
         let (valid, _) =
             sgfw::validate::validate(m).map_err(|e| anyhow!("demo model invalid:\n{e}"))?;
         self.flat = valid.flatten();
-        super::apply_with(self.mode, &self.flat, 65_536)?;
+        super::apply_with(
+            self.mode,
+            &self.flat,
+            &super::apply_options(65_536, sgfw::ebpf::Dataplane::Tc),
+        )?;
         Ok(())
     }
 

@@ -248,20 +248,28 @@ pub fn choose(arg: BackendArg) -> Result<EnforcementMode, Failure> {
     Ok(mode)
 }
 
+/// The apply options of `apply` and `run`.
+pub fn apply_options(
+    conntrack_max: u32,
+    dataplane: sgfw::ebpf::Dataplane,
+) -> sgfw::ebpf::ApplyOptions {
+    sgfw::ebpf::ApplyOptions {
+        conntrack_max,
+        emit_accepts: false,
+        dataplane,
+    }
+}
+
 /// Applies with the chosen backend through the library's [`Enforcer`] (the
 /// one place a backend switch happens), under the host-wide lock; returns a
 /// summary suffix for the user.
 pub fn apply_with(
     mode: EnforcementMode,
     flat: &FlatModel,
-    conntrack_max: u32,
+    opts: &sgfw::ebpf::ApplyOptions,
 ) -> Result<String, Failure> {
-    let opts = sgfw::ebpf::ApplyOptions {
-        conntrack_max,
-        emit_accepts: false,
-    };
     let applied = Enforcer::with_mode(mode)
-        .with_options(opts)
+        .with_options(opts.clone())
         .apply(flat)
         .map_err(|e| {
             anyhow::Error::new(e).context(format!(

@@ -71,6 +71,11 @@ pub struct RunArgs {
     /// Connection-tracking capacity (eBPF, first apply only).
     #[arg(long, default_value_t = 262_144)]
     pub conntrack_max: u32,
+    /// Where instance ports judge what they send (eBPF): `tc`, or `xdp` for
+    /// an XDP pre-filter in front of TC that drops denied packets before
+    /// the host builds an skb (see the README for when it pays).
+    #[arg(long, default_value = "tc")]
+    pub dataplane: sgfw::ebpf::Dataplane,
 }
 
 fn mtime(p: &Path) -> Option<SystemTime> {
@@ -147,7 +152,11 @@ async fn daemon(a: &RunArgs) -> Result<ExitCode, Failure> {
             )));
         }
     };
-    let summary = super::apply_with(mode, &flat, a.conntrack_max)?;
+    let summary = super::apply_with(
+        mode,
+        &flat,
+        &super::apply_options(a.conntrack_max, a.dataplane),
+    )?;
     tracing::info!("applied {what} with the {mode} backend{summary}");
     let file = match &source {
         Source::File(f) => Some(f.clone()),
@@ -207,7 +216,15 @@ async fn daemon(a: &RunArgs) -> Result<ExitCode, Failure> {
         } = &mut source
         {
             if tokio::time::Instant::now() >= *due {
-                poll(src, opts, last, failing, mode, a.conntrack_max).await;
+                poll(
+                    src,
+                    opts,
+                    last,
+                    failing,
+                    mode,
+                    &super::apply_options(a.conntrack_max, a.dataplane),
+                )
+                .await;
                 *due = tokio::time::Instant::now() + *every;
             }
             continue;
@@ -224,7 +241,11 @@ async fn daemon(a: &RunArgs) -> Result<ExitCode, Failure> {
                         seen = now;
                         pending = None;
                         match load_model(file) {
-                            Ok((_, f)) => match super::apply_with(mode, &f, a.conntrack_max) {
+                            Ok((_, f)) => match super::apply_with(
+                                mode,
+                                &f,
+                                &super::apply_options(a.conntrack_max, a.dataplane),
+                            ) {
                                 Ok(s) => tracing::info!("model changed: re-applied{s}"),
                                 Err(e) => tracing::error!(
                                     "re-apply failed, the previous policy stays: {}",
@@ -261,7 +282,7 @@ async fn poll(
     last: &mut Model,
     failing: &mut bool,
     mode: EnforcementMode,
-    conntrack_max: u32,
+    apply: &sgfw::ebpf::ApplyOptions,
 ) {
     let imported = match src.snapshot(opts).await {
         Ok(i) => i,
@@ -288,7 +309,7 @@ async fn poll(
         tracing::warn!("{w}");
     }
     let applied = flatten(&imported.model, "the endpoint's VPC")
-        .and_then(|f| super::apply_with(mode, &f, conntrack_max));
+        .and_then(|f| super::apply_with(mode, &f, apply));
     match applied {
         Ok(s) => {
             tracing::info!("the VPC changed: re-applied{s}");

@@ -33,6 +33,9 @@ pub fn run(a: &StatusArgs) -> Result<ExitCode, Failure> {
     if let Some(g) = st.generation {
         println!("generation: {g}");
     }
+    if let Some(d) = &st.dataplane {
+        println!("dataplane: {d}");
+    }
     if let Some(n) = st.conntrack_entries {
         println!("tracked flows: {n}");
     }

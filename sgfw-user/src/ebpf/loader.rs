@@ -20,6 +20,25 @@ pub fn classifier<'a>(
         .map_err(|e| prog_err(format!("program {name}"), e))
 }
 
+/// The XDP program of the object by name.
+pub fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp, EbpfError> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| {
+            prog_err(
+                format!("finding program {name}"),
+                SysError::NoSuchMap(name.into()),
+            )
+        })?
+        .try_into()
+        .map_err(|e| prog_err(format!("program {name}"), e))
+}
+
+/// Whether a program of the object is an XDP program (the rest are TC
+/// classifiers).
+pub fn is_xdp(name: &str) -> bool {
+    name == pn::XDP_FROM_INSTANCE || name == pn::XDP_NOOP
+}
+
 /// Loads the embedded object with the given map sizes (not attached, not pinned).
 pub fn load_object(caps: &BTreeMap<&'static str, u32>) -> Result<Ebpf, EbpfError> {
     load_programs(BPF_OBJECT, caps, PRODUCTION_PROGRAMS)
@@ -33,6 +52,7 @@ pub const PRODUCTION_PROGRAMS: &[&str] = &[
     pn::TO_INSTANCE,
     pn::BRIDGE_UP,
     pn::BRIDGE_DOWN,
+    pn::XDP_FROM_INSTANCE,
 ];
 
 /// Loads `object` with map capacities `caps` and verifies `programs`.
@@ -56,9 +76,12 @@ pub fn load_programs(
         .load(object)
         .map_err(|e| EbpfError::Load(Box::new(e)))?;
     for &name in programs {
-        classifier(&mut ebpf, name)?
-            .load()
-            .map_err(|e| prog_err(format!("loading program {name}"), e))?;
+        let loaded = if is_xdp(name) {
+            xdp_program(&mut ebpf, name)?.load()
+        } else {
+            classifier(&mut ebpf, name)?.load()
+        };
+        loaded.map_err(|e| prog_err(format!("loading program {name}"), e))?;
     }
     Ok(ebpf)
 }

@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{Map, MapData, PerCpuArray};
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{SchedClassifier, TcAttachType};
+use aya::programs::{SchedClassifier, TcAttachType, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use serde::{Deserialize, Serialize};
 use sgfw_common::{
@@ -107,6 +107,41 @@ fn prog_err(what: String, e: impl std::error::Error + Send + Sync + 'static) -> 
     }
 }
 
+/// Where an instance port's sending leg is judged.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dataplane {
+    /// TC classifiers only.
+    #[default]
+    Tc,
+    /// An XDP pre-filter (`sgfw_xdp_from_instance`, native mode where the
+    /// driver has it) in front of the TC classifiers on every bound and
+    /// unbound instance port: what the instance sends that its leg denies
+    /// drops before the host builds an skb; everything else is judged by TC
+    /// as with [`Dataplane::Tc`].
+    Xdp,
+}
+
+impl std::fmt::Display for Dataplane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Dataplane::Tc => "tc",
+            Dataplane::Xdp => "xdp",
+        })
+    }
+}
+
+impl std::str::FromStr for Dataplane {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "tc" => Ok(Dataplane::Tc),
+            "xdp" => Ok(Dataplane::Xdp),
+            other => Err(format!("dataplane {other:?}: expected tc or xdp")),
+        }
+    }
+}
+
 /// Options of an apply.
 #[derive(Debug, Clone)]
 pub struct ApplyOptions {
@@ -114,6 +149,8 @@ pub struct ApplyOptions {
     pub conntrack_max: u32,
     /// Also report accepted new flows as events.
     pub emit_accepts: bool,
+    /// TC only, or an XDP pre-filter in front (eBPF backend only).
+    pub dataplane: Dataplane,
 }
 
 impl Default for ApplyOptions {
@@ -121,6 +158,7 @@ impl Default for ApplyOptions {
         ApplyOptions {
             conntrack_max: 262_144,
             emit_accepts: false,
+            dataplane: Dataplane::Tc,
         }
     }
 }
@@ -366,6 +404,7 @@ impl EbpfBackend {
         // The maps now hold exactly this model's entries.
         state.entry_counts = report.entries.clone();
         state.unsettled = false;
+        state.dataplane = opts.dataplane;
         state.save(&self.state_path)?;
 
         report.attached = self.attach_ports_unlocked(host)?;

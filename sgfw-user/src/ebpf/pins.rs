@@ -123,12 +123,16 @@ impl EbpfBackend {
                 .pin(&path)
                 .map_err(|e| prog_err(format!("pinning program {name}"), e))?;
         }
+        let name = pn::XDP_FROM_INSTANCE;
+        xdp_program(ebpf, name)?
+            .pin(self.pin_root.join("progs").join(name))
+            .map_err(|e| prog_err(format!("pinning program {name}"), e))?;
         Ok(())
     }
 
-    /// Pinned links: (path, interface name, ifindex), from the pin names
-    /// that [`EbpfBackend::link_pin`] gives them.
-    pub(super) fn link_pins(&self) -> Vec<(PathBuf, String, u32)> {
+    /// Pinned links: (path, interface name, ifindex, hook), from the pin
+    /// names that [`EbpfBackend::link_pin`] gives them.
+    pub(super) fn link_pins(&self) -> Vec<(PathBuf, String, u32, String)> {
         let Ok(entries) = std::fs::read_dir(self.pin_root.join("links")) else {
             return Vec::new();
         };
@@ -137,17 +141,21 @@ impl EbpfBackend {
             .filter_map(|e| {
                 let name = e.file_name().to_string_lossy().into_owned();
                 let (ifname, rest) = name.split_once('@')?;
-                let ifx = rest.split('-').next()?.parse::<u32>().ok()?;
-                Some((e.path(), ifname.to_string(), ifx))
+                let (ifx, hook) = rest.split_once('-')?;
+                let ifx = ifx.parse::<u32>().ok()?;
+                Some((e.path(), ifname.to_string(), ifx, hook.to_string()))
             })
             .collect()
     }
 
-    /// Ports with both links pinned: (interface name, ifindex).
+    /// Ports with both TC links pinned: (interface name, ifindex). The XDP
+    /// pre-filter's link does not count: TC is what enforces.
     pub fn attached_ports(&self) -> Vec<(String, u32)> {
         let mut out: BTreeMap<(String, u32), u8> = BTreeMap::new();
-        for (_, ifname, ifx) in self.link_pins() {
-            *out.entry((ifname, ifx)).or_default() += 1;
+        for (_, ifname, ifx, hook) in self.link_pins() {
+            if hook == "ingress" || hook == "egress" {
+                *out.entry((ifname, ifx)).or_default() += 1;
+            }
         }
         out.into_iter()
             .filter(|(_, n)| *n == 2)
@@ -189,8 +197,11 @@ impl EbpfBackend {
         };
         // Forget links of interfaces that no longer exist (or were re-created
         // under the same name).
-        for (path, ifname, ifx) in self.link_pins() {
-            if host.ifindex(&ifname)? != Some(ifx) {
+        for (path, ifname, ifx, hook) in self.link_pins() {
+            // Also the XDP pre-filter's links once the dataplane is TC again
+            // (unpinning the last reference detaches the link).
+            let stale = hook == "xdp" && state.dataplane != Dataplane::Xdp;
+            if stale || host.ifindex(&ifname)? != Some(ifx) {
                 let _ = std::fs::remove_file(path);
             }
         }
@@ -198,7 +209,15 @@ impl EbpfBackend {
         let mut attached = Vec::new();
         let mut progs: BTreeMap<&'static str, SchedClassifier> = BTreeMap::new();
         let bridges: BTreeSet<&String> = state.bridges.values().collect();
-        let result = self.attach_bridges(host, bridges, &mut progs, &mut attached);
+        let result = self
+            .attach_bridges(host, bridges, &mut progs, &mut attached)
+            .and_then(|()| {
+                if state.dataplane == Dataplane::Xdp {
+                    self.attach_xdp(host, &state)
+                } else {
+                    Ok(())
+                }
+            });
         // Whatever got attached (also when a later port failed), the fence
         // follows: a port joins `attached` only once both its links are in.
         self.update_fence(host, &state);
@@ -227,6 +246,56 @@ impl EbpfBackend {
                 if self.attach_one(&port, pn::FROM_INSTANCE, pn::TO_INSTANCE, progs)? {
                     attached.push(port.name.clone());
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Attaches the XDP pre-filter to every port of the state's bridges that
+    /// has not got it (native mode; generic where the driver has none, with
+    /// a warning: the semantics are the same, the saving is not). A port
+    /// whose XDP attach fails keeps its TC hooks, which enforce alone.
+    pub(super) fn attach_xdp(&self, host: &dyn Host, state: &State) -> Result<(), EbpfError> {
+        let mut prog: Option<Xdp> = None;
+        let bridges: BTreeSet<&String> = state.bridges.values().collect();
+        for bridge in bridges {
+            if host.ifindex(bridge)?.is_none() {
+                continue;
+            }
+            for port in host.bridge_ports(bridge)? {
+                let pin = self.link_pin(&port, "xdp");
+                if pin.exists() {
+                    continue;
+                }
+                let p = match prog.as_mut() {
+                    Some(p) => p,
+                    None => prog.insert(
+                        Xdp::from_pin(
+                            self.pin_root.join("progs").join(pn::XDP_FROM_INSTANCE),
+                            aya_obj::programs::XdpAttachType::Interface,
+                        )
+                        .map_err(|e| prog_err("opening the pinned XDP program".into(), e))?,
+                    ),
+                };
+                let id = match p.attach_to_if_index(port.ifindex, XdpMode::Driver) {
+                    Ok(id) => id,
+                    Err(native) => {
+                        tracing::warn!(
+                            "{}: native XDP refused ({native}); attaching in generic mode",
+                            port.name
+                        );
+                        p.attach_to_if_index(port.ifindex, XdpMode::Skb)
+                            .map_err(|e| prog_err(format!("attaching XDP to {}", port.name), e))?
+                    }
+                };
+                let link = p
+                    .take_link(id)
+                    .map_err(|e| prog_err(format!("taking XDP link of {}", port.name), e))?;
+                let fd: FdLink = link.try_into().map_err(|e| {
+                    prog_err(format!("XDP link of {} is not a bpf link", port.name), e)
+                })?;
+                fd.pin(&pin)
+                    .map_err(|e| prog_err(format!("pinning link {}", pin.display()), e))?;
             }
         }
         Ok(())

@@ -45,6 +45,9 @@ pub struct State {
     /// The subnets' prefixes, for the bridge-family fence ([`fence_rules`]).
     #[serde(default)]
     pub prefixes: Vec<String>,
+    /// TC only, or the XDP pre-filter on instance ports too.
+    #[serde(default)]
+    pub dataplane: Dataplane,
 }
 
 impl State {

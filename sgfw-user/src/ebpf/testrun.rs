@@ -33,6 +33,8 @@ pub const TEST_PROGRAMS: &[&str] = &[
     pn::PORT_COUNT_INGRESS,
     pn::PORT_COUNT_EGRESS,
     pn::NOOP,
+    pn::XDP_FROM_INSTANCE,
+    pn::XDP_NOOP,
 ];
 
 /// Loads the test object and verifies all its programs.
@@ -48,6 +50,24 @@ pub fn load_test_object(caps: &BTreeMap<&'static str, u32>) -> Result<Ebpf, Ebpf
 pub const TC_ACT_OK: u32 = 0;
 /// `TC_ACT_SHOT`.
 pub const TC_ACT_SHOT: u32 = 2;
+/// `XDP_DROP`.
+pub const XDP_DROP: u32 = 1;
+/// `XDP_PASS`.
+pub const XDP_PASS: u32 = 2;
+
+/// What the XDP pre-filter did in [`TestDataplane::deliver_wire`] (the
+/// `xdp` dataplane), for tests that hold it to the TC hook behind it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct XdpTally {
+    /// Frames the XDP program judged at a sender's port.
+    pub judged: usize,
+    /// Frames it dropped (the TC hook never saw them).
+    pub dropped: usize,
+    /// Frames it passed that the TC hook then dropped, not counting later
+    /// fragments (which it passes by design): each is a denial the
+    /// pre-filter missed.
+    pub missed: usize,
+}
 
 /// A loaded, unattached dataplane for test runs.
 pub struct TestDataplane {
@@ -61,6 +81,10 @@ pub struct TestDataplane {
     port_ifindex: Vec<u32>,
     /// The test object, for the benchmark floor.
     floor: Option<Ebpf>,
+    /// The `xdp` dataplane: `sgfw_xdp_from_instance` runs before
+    /// `sgfw_from_instance` at a sender's port.
+    xdp: bool,
+    xdp_tally: XdpTally,
 }
 
 impl std::fmt::Debug for TestDataplane {
@@ -94,6 +118,8 @@ impl TestDataplane {
             generation: 0,
             config,
             port_ifindex: Vec::new(),
+            xdp: false,
+            xdp_tally: XdpTally::default(),
             floor: None,
         };
         dp.apply(model)?;
@@ -194,6 +220,29 @@ impl TestDataplane {
         test_run(&mut self.ebpf, program, frame, repeat, ifindex, mark)
     }
 
+    /// Runs `sgfw_xdp_from_instance` before the TC sender's hook in
+    /// [`TestDataplane::deliver_wire`] (the `xdp` dataplane) or not.
+    pub fn set_xdp(&mut self, on: bool) {
+        self.xdp = on;
+    }
+
+    /// What the XDP pre-filter did so far.
+    pub fn xdp_tally(&self) -> XdpTally {
+        self.xdp_tally
+    }
+
+    /// Runs an XDP program of the object on a frame `repeat` times as if
+    /// received on `ifindex` (0: no device); returns (XDP action, mean ns).
+    pub fn run_xdp(
+        &mut self,
+        program: &str,
+        frame: &[u8],
+        repeat: u32,
+        ifindex: u32,
+    ) -> Result<(u32, u64), EbpfError> {
+        xdp_test_run(&mut self.ebpf, program, frame, repeat, ifindex)
+    }
+
     /// The hook program for a direction ([`Direction::program`]).
     pub fn program(dir: Direction) -> &'static str {
         dir.program()
@@ -220,8 +269,21 @@ impl TestDataplane {
             None => (pn::BRIDGE_UP, None),
         };
         for (program, ifx) in first.into_iter().chain([last]) {
+            // The `xdp` dataplane: the pre-filter sees the frame first.
+            let xdp = self.xdp && program == pn::FROM_INSTANCE;
+            if xdp {
+                let (act, _) = self.run_xdp(pn::XDP_FROM_INSTANCE, &frame, 1, ifx.unwrap_or(0))?;
+                self.xdp_tally.judged += 1;
+                if act != XDP_PASS {
+                    self.xdp_tally.dropped += 1;
+                    return Ok(false);
+                }
+            }
             let (act, _, m) = self.run_frame_marked(program, &frame, 1, ifx.unwrap_or(0), mark)?;
             if act != TC_ACT_OK {
+                if xdp && !wire.fragment.is_some_and(|f| f.is_later()) {
+                    self.xdp_tally.missed += 1;
+                }
                 return Ok(false);
             }
             mark = m;
@@ -263,6 +325,36 @@ impl TestDataplane {
         };
         Ok(test_run(floor, pn::NOOP, frame, repeat, 0, 0)?.1)
     }
+}
+
+/// One BPF_PROG_TEST_RUN of the XDP `program` of `ebpf` on `frame`, as if
+/// received on `ifindex` (queue 0): (XDP action, ns per run).
+fn xdp_test_run(
+    ebpf: &mut Ebpf,
+    program: &str,
+    frame: &[u8],
+    repeat: u32,
+    ifindex: u32,
+) -> Result<(u32, u64), EbpfError> {
+    let prog = super::loader::xdp_program(ebpf, program)?;
+    // `struct xdp_md`: data 0, data_end = the frame's length, data_meta 0,
+    // ingress_ifindex, rx_queue_index 0, egress_ifindex 0.
+    let len = u32::try_from(frame.len()).unwrap_or(u32::MAX);
+    let mut ctx = [0u8; 24];
+    ctx[4..8].copy_from_slice(&len.to_ne_bytes());
+    ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+    let mut out = [0u8; 24];
+    let mut data_out = vec![0u8; frame.len() + 256];
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(frame);
+    opts.data_out = Some(&mut data_out);
+    opts.ctx_in = Some(&ctx);
+    opts.ctx_out = Some(&mut out);
+    opts.repeat = repeat;
+    let r = prog
+        .test_run(opts)
+        .map_err(|e| prog_err(format!("BPF_PROG_TEST_RUN of {program}"), e))?;
+    Ok((r.return_value, r.duration.as_nanos() as u64))
 }
 
 /// One BPF_PROG_TEST_RUN of `program` of `ebpf` on `frame`, as if at the
