@@ -23,6 +23,8 @@ pub enum Backend {
     Ebpf,
     /// `table inet sgfw`.
     Nft,
+    /// TC classifiers with the XDP pre-filter in front on every port.
+    Xdp,
 }
 
 /// The nft table is host-global: nft scenarios take turns.
@@ -130,7 +132,7 @@ impl Lab {
             _turn: turn,
         };
         lab.bed.on_drop(move || match backend {
-            Backend::Ebpf => {
+            Backend::Ebpf | Backend::Xdp => {
                 let _ = ebpf.teardown();
                 // The backend keeps its lock file; this bed's is its own.
                 let _ = std::fs::remove_file(ebpf.state_path.with_extension("lock"));
@@ -193,14 +195,36 @@ impl Lab {
             .unwrap_or_else(|e| fail(&format!("invalid scenario model:\n{e}")));
         let flat = valid.flatten();
         match self.backend {
-            Backend::Ebpf => {
-                if let Err(e) = self.ebpf.apply(&flat, &RealHost, &ApplyOptions::default()) {
+            Backend::Ebpf | Backend::Xdp => {
+                let opts = ApplyOptions {
+                    dataplane: if self.backend == Backend::Xdp {
+                        sgfw::ebpf::Dataplane::Xdp
+                    } else {
+                        sgfw::ebpf::Dataplane::Tc
+                    },
+                    ..ApplyOptions::default()
+                };
+                if let Err(e) = self.ebpf.apply(&flat, &RealHost, &opts) {
                     fail(&format!("eBPF apply: {e:?}"));
                 }
             }
             Backend::Nft => {
                 if let Err(e) = NftBackend::new(&RealHost).apply(&flat) {
                     fail(&format!("nft apply: {e:?}"));
+                }
+            }
+        }
+        if self.backend == Backend::Xdp {
+            // The pre-filter must really be in front: a link on every port
+            // of the lab's bridges, native mode on these veths.
+            for inst in &self.bed.instances {
+                let port = &inst.port;
+                let l = crate::testbed::sh(&["ip", "-d", "link", "show", "dev", port])
+                    .unwrap_or_default();
+                if !l.contains(" xdp ") {
+                    fail(&format!(
+                        "xdp dataplane: no native XDP program on {port}: {l}"
+                    ));
                 }
             }
         }
@@ -267,6 +291,21 @@ impl Lab {
                 "not delivered"
             }
         );
+    }
+
+    /// Switches between the eBPF dataplanes (TC only, XDP in front) for the
+    /// next [`Lab::apply`]; the nftables backend is not one of them.
+    pub fn set_dataplane(&mut self, xdp: bool) {
+        assert!(
+            self.backend != Backend::Nft,
+            "set_dataplane on an nftables lab"
+        );
+        self.backend = if xdp { Backend::Xdp } else { Backend::Ebpf };
+    }
+
+    /// This lab's eBPF backend (its own pin root and state file).
+    pub fn ebpf(&self) -> &EbpfBackend {
+        &self.ebpf
     }
 
     /// Starts echo servers.

@@ -1,6 +1,7 @@
 //! Conformance suite: every scenario runs with real TCP, UDP, ICMP and
-//! ICMPv6 traffic between network namespaces, once on the eBPF backend and
-//! once on the nftables backend, unchanged. Each expectation is stated from
+//! ICMPv6 traffic between network namespaces, once on the eBPF backend (TC
+//! only, and again with the XDP pre-filter in front) and once on the
+//! nftables backend, unchanged. Each expectation is stated from
 //! docs/semantics.md (quoted above the scenario) and also checked against the
 //! reference evaluator.
 
@@ -11,6 +12,9 @@ macro_rules! on_both {
     ($($name:ident),* $(,)?) => {
         mod ebpf {
             $(#[test] fn $name() { if sgfw_tests::require_root(stringify!($name)) { super::$name(sgfw_tests::scenario::Backend::Ebpf) } })*
+        }
+        mod xdp {
+            $(#[test] fn $name() { if sgfw_tests::require_root(stringify!($name)) { super::$name(sgfw_tests::scenario::Backend::Xdp) } })*
         }
         mod nftables {
             $(#[test] fn $name() { if sgfw_tests::require_root(stringify!($name)) { super::$name(sgfw_tests::scenario::Backend::Nft) } })*

@@ -61,6 +61,15 @@ fn ebpf() {
     }
 }
 
+/// The eBPF backend with the XDP pre-filter in front of the TC hooks on
+/// every port (`--dataplane xdp`): the same cases, the same expectations.
+#[test]
+fn xdp() {
+    if sgfw_tests::require_root("crafted_xdp") {
+        run("xdp");
+    }
+}
+
 #[test]
 fn nftables() {
     if sgfw_tests::require_root("crafted_nftables") {
@@ -787,13 +796,33 @@ fn run(backend: &'static str) {
             let _ = std::fs::remove_file(&file);
         }
     });
-    let o = sgfw(&["apply", "-f", file.to_str().unwrap(), "--backend", backend]);
+    let (cli_backend, dataplane) = match backend {
+        "xdp" => ("ebpf", "xdp"),
+        b => (b, "tc"),
+    };
+    let o = sgfw(&[
+        "apply",
+        "-f",
+        file.to_str().unwrap(),
+        "--backend",
+        cli_backend,
+        "--dataplane",
+        dataplane,
+    ]);
     assert!(o.status.success(), "sgfw apply failed: {}", text(&o));
+    if dataplane == "xdp" {
+        // The pre-filter is on every port of the lab's bridges, in native
+        // mode on these veths.
+        for port in [&bed.instance("a1").port, &bed.instance("b1").port] {
+            let l = sh(&["ip", "-d", "link", "show", "dev", port]).unwrap_or_default();
+            assert!(l.contains("xdp"), "no XDP program on {port}: {l}");
+        }
+    }
     // No other sgfw apply or teardown on this host while the cases run (it
     // would void them); ours is still in place once the lock is held.
     let lock = sgfw::hostlock::HostLock::acquire().expect("taking sgfw's host lock");
     let ours = [sa.bridge.as_str(), bed.instance("a1").port.as_str()];
-    still_ours(backend, &ours, "after apply");
+    still_ours(cli_backend, &ours, "after apply");
     no_twin(&bed, "after apply");
 
     let mut w = World {
@@ -819,7 +848,7 @@ fn run(backend: &'static str) {
     spoofed(&mut w);
     fragments(&mut w);
     passthrough(&mut w);
-    still_ours(backend, &ours, "after the cases");
+    still_ours(cli_backend, &ours, "after the cases");
     no_twin(&bed, "after the cases");
     drop(lock);
 
