@@ -325,6 +325,18 @@ impl TestDataplane {
         };
         Ok(test_run(floor, pn::NOOP, frame, repeat, 0, 0)?.1)
     }
+
+    /// Runs the XDP no-op floor program (of the test object, as
+    /// [`TestDataplane::run_noop`]); returns mean ns per run.
+    pub fn run_xdp_noop(&mut self, frame: &[u8], repeat: u32) -> Result<u64, EbpfError> {
+        if self.floor.is_none() {
+            self.floor = Some(load_test_object(&BTreeMap::new())?);
+        }
+        let Some(floor) = self.floor.as_mut() else {
+            return Err(EbpfError::NotBuilt);
+        };
+        Ok(xdp_test_run(floor, pn::XDP_NOOP, frame, repeat, 0)?.1)
+    }
 }
 
 /// One BPF_PROG_TEST_RUN of the XDP `program` of `ebpf` on `frame`, as if

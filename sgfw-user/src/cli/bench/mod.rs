@@ -10,6 +10,7 @@ mod control;
 mod models;
 mod packet;
 mod traffic;
+mod xdp;
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -32,6 +33,8 @@ pub enum Part {
     Control,
     /// One million tracked flows.
     Conntrack,
+    /// The XDP pre-filter against the TC sender's hook.
+    Xdp,
 }
 
 /// Benchmarks (root): per-packet cost, real traffic, control plane, conntrack scale.
@@ -103,13 +106,7 @@ fn machine() -> String {
         .nth(1)
         .and_then(|kb| kb.parse::<u64>().ok())
         .map_or(0, |kb| kb / 1024 / 1024);
-    let commit = std::process::Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|| "unknown".into());
+    let commit = commit();
     format!(
         "{cores} cores ({cpu}), {mem} GiB, kernel {}, sgfw {} commit {commit}",
         kernel.trim(),
@@ -118,6 +115,17 @@ fn machine() -> String {
 }
 
 /// Runs `sgfw bench`.
+/// The commit benchmarked (`unknown` outside a git checkout).
+fn commit() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
 pub fn run(a: &BenchArgs) -> Result<ExitCode, Failure> {
     if a.control_child {
         control::child()?;
@@ -151,6 +159,27 @@ pub fn run(a: &BenchArgs) -> Result<ExitCode, Failure> {
         );
         part(&mut report, "per-packet cost", packet::run(a));
     }
+    let mut json = serde_json::Map::new();
+    json.insert("commit".into(), commit().into());
+    if wants(a, Part::Xdp) {
+        eprintln!("bench: the XDP pre-filter (BPF_PROG_TEST_RUN)");
+        match xdp::run(a) {
+            Ok((text, pts)) => {
+                report.push_str(&text);
+                let last = pts.last();
+                let v = serde_json::json!({
+                    "denied_ns": last.map(|p| p.xdp_denied_ns),
+                    "denied_tc_ns": last.map(|p| p.tc_denied_ns),
+                    "denied_ratio_to_tc": last.map(|p| p.xdp_denied_ns / p.tc_denied_ns),
+                    "new_flow_ns": last.map(|p| p.xdp_new_flow_ns),
+                    "new_flow_added_ratio": last.map(|p| (p.xdp_new_flow_ns + p.tc_new_flow_ns) / p.tc_new_flow_ns),
+                    "points": pts,
+                });
+                json.insert("xdp".into(), v);
+            }
+            Err(e) => part(&mut report, "XDP pre-filter", Err(e)),
+        }
+    }
     if wants(a, Part::Conntrack) {
         eprintln!("bench: connection tracking at 1,000,000 flows");
         part(
@@ -172,6 +201,9 @@ pub fn run(a: &BenchArgs) -> Result<ExitCode, Failure> {
         "\n_Total benchmark time: {:.0} s._",
         t.elapsed().as_secs_f64()
     );
+    let jpath = a.out.join("report.json");
+    let text = serde_json::to_string_pretty(&serde_json::Value::Object(json))?;
+    std::fs::write(&jpath, text).with_context(|| format!("writing {}", jpath.display()))?;
     let path = a.out.join("report.md");
     std::fs::write(&path, &report).with_context(|| format!("writing {}", path.display()))?;
     println!("{report}");
