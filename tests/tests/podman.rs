@@ -298,12 +298,12 @@ impl World {
     }
 
     /// Starts `sgfw run` and waits until it has applied.
-    fn run_daemon(&mut self, model: &std::path::Path, backend: &str) {
+    fn run_daemon(&mut self, model: &std::path::Path, backend: &[&str]) {
         let log = std::fs::File::create(self.dir.join("run.log")).unwrap();
         let child = Command::new(sgfw_bin())
             .args(["run", "-f"])
             .arg(model)
-            .args(["--backend", backend])
+            .args(backend)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -392,12 +392,43 @@ fn burst(to: &str, what: &str, n: u32) -> String {
     )
 }
 
-fn scenario(backend: &str) {
+/// The host ends of the containers' veths on a bridge that have no XDP
+/// program (`ip -d link` prints `prog/xdp` for one that has).
+fn ports_without_xdp(bridge: &str) -> Vec<String> {
+    let out = Command::new("ip")
+        .args(["-o", "-d", "link", "show", "master", bridge])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.contains("prog/xdp"))
+        .map(|l| l.split(':').nth(1).unwrap_or(l).trim().to_string())
+        .collect()
+}
+
+/// The dataplane of a scenario: the backend, and on eBPF whether the XDP
+/// pre-filter runs in front of the TC hooks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Plane {
+    Nft,
+    Tc,
+    Xdp,
+}
+
+fn scenario(plane: Plane) {
     let _turn = TURN
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let _teardown = TeardownOnDrop;
-    let tag = if backend == "ebpf" { "pe" } else { "pn" };
+    let (tag, backend, args): (&str, &str, &[&str]) = match plane {
+        Plane::Nft => ("pn", "nftables", &["--backend", "nftables"]),
+        Plane::Tc => ("pe", "ebpf", &["--backend", "ebpf", "--dataplane", "tc"]),
+        Plane::Xdp => (
+            "px",
+            "ebpf+xdp",
+            &["--backend", "ebpf", "--dataplane", "xdp"],
+        ),
+    };
     let mut w = World::new(tag);
     let host = HostTcp::get();
     host.drain();
@@ -426,12 +457,31 @@ fn scenario(backend: &str) {
         "{backend}: the host socket gets nothing"
     );
 
-    let out = sgfw(&["apply", "-f", model.to_str().unwrap(), "--backend", backend]);
+    let mut apply = vec!["apply", "-f", model.to_str().unwrap()];
+    apply.extend_from_slice(args);
+    let out = sgfw(&apply);
     assert!(
         out.status.success(),
         "{backend}: apply failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // In XDP mode every container's port has the pre-filter, natively (the
+    // lab's veths support it); re-checked once `sgfw run` follows new ports.
+    let xdp_everywhere = |w: &World| {
+        ["web", "db"]
+            .iter()
+            .flat_map(|n| ports_without_xdp(&w.bridge(n)))
+            .collect::<Vec<_>>()
+    };
+    if plane == Plane::Xdp {
+        assert_eq!(
+            xdp_everywhere(&w),
+            Vec::<String>::new(),
+            "ports without XDP after apply"
+        );
+        let st = String::from_utf8_lossy(&sgfw(&["status"]).stdout).into_owned();
+        assert!(st.contains("dataplane: xdp"), "sgfw status: {st}");
+    }
     let mut failures = Vec::new();
     let check = |failures: &mut Vec<String>, what: &str, got: bool, want: bool| {
         if got != want {
@@ -483,7 +533,7 @@ fn scenario(backend: &str) {
     );
     std::thread::sleep(Duration::from_millis(700));
     let got = host.drain();
-    let fenced = backend == "ebpf";
+    let fenced = plane != Plane::Nft;
     check(
         &mut failures,
         &format!("web4's first connections, port not attached (got {got:?}) are fenced"),
@@ -492,7 +542,7 @@ fn scenario(backend: &str) {
     );
 
     // `sgfw run` follows containers from here on; it attaches web4 at once.
-    w.run_daemon(&model, backend);
+    w.run_daemon(&model, args);
     check(
         &mut failures,
         "web4 -> host, judged once attached (sg-web: egress anything)",
@@ -579,6 +629,17 @@ fn scenario(backend: &str) {
         ],
     );
 
+    // The ports `sgfw run` attached (new containers, restarts) got the
+    // pre-filter too.
+    if plane == Plane::Xdp {
+        let missing = xdp_everywhere(&w);
+        check(
+            &mut failures,
+            &format!("every port has XDP under sgfw run (missing: {missing:?})"),
+            missing.is_empty(),
+            true,
+        );
+    }
     // Stop `sgfw run`: it tears down; everything is open again.
     if let Some(mut d) = w.daemon.take() {
         let _ = Command::new("kill")
@@ -619,13 +680,20 @@ fn scenario(backend: &str) {
 #[test]
 fn podman_scenario_ebpf() {
     if require_podman("podman_scenario_ebpf") {
-        scenario("ebpf");
+        scenario(Plane::Tc);
+    }
+}
+
+#[test]
+fn podman_scenario_ebpf_xdp() {
+    if require_podman("podman_scenario_ebpf_xdp") {
+        scenario(Plane::Xdp);
     }
 }
 
 #[test]
 fn podman_scenario_nftables() {
     if require_podman("podman_scenario_nftables") {
-        scenario("nftables");
+        scenario(Plane::Nft);
     }
 }
