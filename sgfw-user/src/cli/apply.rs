@@ -29,7 +29,8 @@ pub struct ApplyArgs {
     pub conntrack_max: u32,
     /// Where instance ports judge what they send (eBPF): `tc`, or `xdp` for
     /// an XDP pre-filter in front of TC that drops denied packets before
-    /// the host builds an skb (see the README for when it pays).
+    /// the bridge sees them (on veth ports it costs more than TC alone: see
+    /// the README).
     #[arg(long, default_value = "tc")]
     pub dataplane: sgfw::ebpf::Dataplane,
 }

@@ -117,8 +117,10 @@ pub enum Dataplane {
     /// An XDP pre-filter (`sgfw_xdp_from_instance`, native mode where the
     /// driver has it) in front of the TC classifiers on every bound and
     /// unbound instance port: what the instance sends that its leg denies
-    /// drops before the host builds an skb; everything else is judged by TC
-    /// as with [`Dataplane::Tc`].
+    /// drops before the bridge and TC see it; everything else is judged by
+    /// TC as with [`Dataplane::Tc`]. On veth ports it costs more than it
+    /// saves (veth copies each skb into an XDP buffer, and the peer loses
+    /// TSO): see the README's measurements.
     Xdp,
 }
 
@@ -439,6 +441,7 @@ mod tests {
         }
         for p in [
             pn::NOOP,
+            pn::XDP_NOOP,
             pn::PORT_COUNT_INGRESS,
             pn::PORT_COUNT_EGRESS,
             mn::PORT_COUNTS,

@@ -7,6 +7,7 @@
 
 mod chart;
 mod control;
+mod flood;
 mod models;
 mod packet;
 mod traffic;
@@ -167,7 +168,7 @@ pub fn run(a: &BenchArgs) -> Result<ExitCode, Failure> {
             Ok((text, pts)) => {
                 report.push_str(&text);
                 let last = pts.last();
-                let v = serde_json::json!({
+                let mut v = serde_json::json!({
                     "denied_ns": last.map(|p| p.xdp_denied_ns),
                     "denied_tc_ns": last.map(|p| p.tc_denied_ns),
                     "denied_ratio_to_tc": last.map(|p| p.xdp_denied_ns / p.tc_denied_ns),
@@ -175,6 +176,14 @@ pub fn run(a: &BenchArgs) -> Result<ExitCode, Failure> {
                     "new_flow_added_ratio": last.map(|p| (p.xdp_new_flow_ns + p.tc_new_flow_ns) / p.tc_new_flow_ns),
                     "points": pts,
                 });
+                eprintln!("bench: a flood of denied frames under no filtering, TC and XDP");
+                match flood::run(a) {
+                    Ok((text, f)) => {
+                        report.push_str(&text);
+                        v["flood"] = serde_json::to_value(&f)?;
+                    }
+                    Err(e) => part(&mut report, "XDP flood", Err(e)),
+                }
                 json.insert("xdp".into(), v);
             }
             Err(e) => part(&mut report, "XDP pre-filter", Err(e)),

@@ -112,7 +112,7 @@ pub fn run(a: &BenchArgs) -> Result<(String, Vec<XdpFigures>), Failure> {
     );
     let _ = writeln!(
         out,
-        "The benchmark instance sends: a UDP datagram its SG egress denies, and a TCP SYN the last of its egress rules allows (new flow: conntrack miss every time). Median of {} runs of {} repeats. XDP's *allowed* figure is what the pre-filter adds: the packet is then judged again by the TC hook. The test run does not include what the kernel saves by dropping before an skb is built; the flood measurement would, and is not in this report yet.\n",
+        "The benchmark instance sends: a UDP datagram its SG egress denies, and a TCP SYN the last of its egress rules allows (new flow: conntrack miss every time). Median of {} runs of {} repeats. XDP's *allowed* figure is what the pre-filter adds: the packet is then judged again by the TC hook. The test run does not include what the kernel saves by dropping before an skb is built; the flood measurement below does.\n",
         a.runs, a.repeat
     );
     let _ = writeln!(
