@@ -115,20 +115,24 @@ struct Bed {
     ports: Vec<u32>,
     ct: Conntrack,
     now: u64,
+    /// The `xdp` dataplane: the pre-filter judges what a port sends first.
+    xdp: bool,
 }
 
 impl Bed {
-    fn new() -> Bed {
+    fn new(xdp: bool) -> Bed {
         let m = model();
         let mut dp = TestDataplane::new(&m, 4096).unwrap();
         let ports = private_ports(m.instances.len()).unwrap();
         dp.set_ports(&m, &ports).unwrap();
+        dp.set_xdp(xdp);
         Bed {
             m,
             dp,
             ports,
             ct: Conntrack::new(),
             now: 1_000_000_000_000,
+            xdp,
         }
     }
 
@@ -147,7 +151,12 @@ impl Bed {
         assert_eq!(
             (got, want.allowed),
             (delivered, delivered),
-            "{what}: (dataplane, evaluator) delivered, specification says {delivered}\n  {w:?}\n  {want:?}"
+            "{what} ({}): (dataplane, evaluator) delivered, specification says {delivered}\n  {w:?}\n  {want:?}",
+            if self.xdp {
+                "xdp dataplane"
+            } else {
+                "tc dataplane"
+            }
         );
     }
 
@@ -168,14 +177,21 @@ impl Bed {
     }
 }
 
-fn run(f: impl FnOnce(&mut Bed) + Send + 'static) {
+/// Runs a case on the `tc` dataplane, then again with the XDP pre-filter
+/// in front of every sender's hook (the `xdp` dataplane), each on a fresh
+/// bed: both must do what the specification says.
+fn run(f: impl Fn(&mut Bed) + Send + Sync + 'static) {
     if !sgfw_tests::require_root("hostile") {
         return;
     }
-    // Ports live in a network namespace of the test thread's own.
-    let h = std::thread::spawn(move || f(&mut Bed::new()));
-    if let Err(e) = h.join() {
-        std::panic::resume_unwind(e);
+    let f = std::sync::Arc::new(f);
+    for xdp in [false, true] {
+        let f = f.clone();
+        // Ports live in a network namespace of the test thread's own.
+        let h = std::thread::spawn(move || f(&mut Bed::new(xdp)));
+        if let Err(e) = h.join() {
+            std::panic::resume_unwind(e);
+        }
     }
 }
 
