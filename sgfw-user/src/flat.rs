@@ -20,7 +20,7 @@ use serde::Serialize;
 pub use crate::policy::{
     ConntrackTimeouts, Direction, Match, NaclEntry, RuleAction, SubnetFirewall, subnet_broadcast,
 };
-use crate::policy::{ValidModel, ValidRemote};
+use crate::policy::{ValidInstance, ValidModel, ValidRemote};
 
 /// The whole model, flattened.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -216,17 +216,11 @@ impl FlatModel {
     }
 }
 
-/// Flattens a validated model. Deterministic: the same model gives the same value.
-pub fn flatten(model: &ValidModel) -> FlatModel {
-    let subnets = model.subnets.clone();
-    let subnet_index: BTreeMap<&str, usize> = subnets
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (s.id.as_str(), i))
-        .collect();
+/// Referenced group → every address of every instance that has it.
+type Members<'a> = BTreeMap<&'a str, Vec<IpAddr>>;
 
-    // Referenced group -> every address of every instance that has it.
-    let mut members: BTreeMap<&str, Vec<IpAddr>> = BTreeMap::new();
+fn members(model: &ValidModel) -> Members<'_> {
+    let mut members: Members<'_> = BTreeMap::new();
     for inst in &model.instances {
         for g in &inst.groups {
             members
@@ -235,61 +229,148 @@ pub fn flatten(model: &ValidModel) -> FlatModel {
                 .extend(inst.addrs.iter().copied());
         }
     }
+    members
+}
 
+fn subnet_indices(model: &ValidModel) -> BTreeMap<&str, usize> {
+    model
+        .subnets
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.id.as_str(), i))
+        .collect()
+}
+
+/// Flattens a validated model. Deterministic: the same model gives the same value.
+pub fn flatten(model: &ValidModel) -> FlatModel {
+    let subnet_index = subnet_indices(model);
+    let members = members(model);
     let instances = model
         .instances
         .iter()
+        .map(|inst| flatten_instance(inst, &members, model, &subnet_index))
+        .collect();
+    FlatModel {
+        subnets: model.subnets.clone(),
+        instances,
+        timeouts: model.timeouts,
+    }
+}
+
+/// Flattens `new` given `old` and its flattening `old_flat`: instances whose
+/// resolved rules cannot have changed are taken from `old_flat`, the rest
+/// are flattened afresh. Always equal to `flatten(new)` (a property test
+/// holds it to that); the cost follows what changed, not the model's size.
+///
+/// An instance is flattened afresh when it is new or its own entry changed
+/// (groups, addresses, subnet, interface), or one of its groups is *dirty*:
+/// its permissions changed, or they name a group whose members' addresses
+/// changed, or a prefix list whose CIDRs changed.
+pub fn reflatten(old: &ValidModel, old_flat: &FlatModel, new: &ValidModel) -> FlatModel {
+    let subnet_index = subnet_indices(new);
+    let (old_members, new_members) = (members(old), members(new));
+    let changed_members = |g: &str| old_members.get(g) != new_members.get(g);
+    let changed_list = |p: &str| old.prefix_lists.get(p) != new.prefix_lists.get(p);
+    let mut dirty: std::collections::BTreeSet<&str> = std::collections::BTreeSet::new();
+    for (gid, g) in &new.groups {
+        let changed = old.groups.get(gid) != Some(g)
+            || g.ingress.iter().chain(&g.egress).any(|p| {
+                p.remotes.iter().any(|r| match r {
+                    ValidRemote::Cidr(_) => false,
+                    ValidRemote::Group(h) => changed_members(h),
+                    ValidRemote::PrefixList(l) => changed_list(l),
+                })
+            });
+        if changed {
+            dirty.insert(gid.as_str());
+        }
+    }
+    // Groups that are gone (or were never defined) leave their instances dirty too.
+    for gid in old.groups.keys() {
+        if !new.groups.contains_key(gid) {
+            dirty.insert(gid.as_str());
+        }
+    }
+    let old_inst: BTreeMap<&str, &ValidInstance> =
+        old.instances.iter().map(|i| (i.id.as_str(), i)).collect();
+    let old_rules: BTreeMap<&str, &InstanceRules> = old_flat
+        .instances
+        .iter()
+        .map(|i| (i.id.as_str(), i))
+        .collect();
+    let instances = new
+        .instances
+        .iter()
         .map(|inst| {
-            let mut ingress = BTreeMap::new();
-            let mut egress = BTreeMap::new();
-            for gid in &inst.groups {
-                let Some(group) = model.groups.get(gid) else {
-                    continue;
-                };
-                for (dir, perms, out) in [
-                    (Direction::Ingress, &group.ingress, &mut ingress),
-                    (Direction::Egress, &group.egress, &mut egress),
-                ] {
-                    for (idx, perm) in perms.iter().enumerate() {
-                        let origin = RuleOrigin {
-                            group_id: gid.clone(),
-                            direction: dir,
-                            permission: idx,
-                        };
-                        for net in resolve_remotes(&perm.remotes, &members, model) {
-                            if !perm.matcher.possible_for(&net) {
-                                continue;
-                            }
-                            out.entry((net, perm.matcher))
-                                .and_modify(|o: &mut RuleOrigin| {
-                                    if origin < *o {
-                                        *o = origin.clone();
-                                    }
-                                })
-                                .or_insert_with(|| origin.clone());
-                        }
-                    }
-                }
-            }
-            InstanceRules {
-                id: inst.id.clone(),
-                subnet_id: inst.subnet_id.clone(),
-                subnet_index: subnet_index
-                    .get(inst.subnet_id.as_str())
-                    .copied()
-                    .unwrap_or(usize::MAX),
-                addrs: inst.addrs.clone(),
-                interface: inst.interface.clone(),
-                ingress: sorted_rules(ingress),
-                egress: sorted_rules(egress),
+            let same = old_inst.get(inst.id.as_str()) == Some(&inst)
+                && !inst.groups.iter().any(|g| dirty.contains(g.as_str()));
+            match old_rules.get(inst.id.as_str()) {
+                Some(r) if same => InstanceRules {
+                    subnet_index: subnet_index
+                        .get(inst.subnet_id.as_str())
+                        .copied()
+                        .unwrap_or(usize::MAX),
+                    ..(*r).clone()
+                },
+                _ => flatten_instance(inst, &new_members, new, &subnet_index),
             }
         })
         .collect();
-
     FlatModel {
-        subnets,
+        subnets: new.subnets.clone(),
         instances,
-        timeouts: model.timeouts,
+        timeouts: new.timeouts,
+    }
+}
+
+fn flatten_instance(
+    inst: &ValidInstance,
+    members: &Members<'_>,
+    model: &ValidModel,
+    subnet_index: &BTreeMap<&str, usize>,
+) -> InstanceRules {
+    let mut ingress = BTreeMap::new();
+    let mut egress = BTreeMap::new();
+    for gid in &inst.groups {
+        let Some(group) = model.groups.get(gid) else {
+            continue;
+        };
+        for (dir, perms, out) in [
+            (Direction::Ingress, &group.ingress, &mut ingress),
+            (Direction::Egress, &group.egress, &mut egress),
+        ] {
+            for (idx, perm) in perms.iter().enumerate() {
+                let origin = RuleOrigin {
+                    group_id: gid.clone(),
+                    direction: dir,
+                    permission: idx,
+                };
+                for net in resolve_remotes(&perm.remotes, members, model) {
+                    if !perm.matcher.possible_for(&net) {
+                        continue;
+                    }
+                    out.entry((net, perm.matcher))
+                        .and_modify(|o: &mut RuleOrigin| {
+                            if origin < *o {
+                                *o = origin.clone();
+                            }
+                        })
+                        .or_insert_with(|| origin.clone());
+                }
+            }
+        }
+    }
+    InstanceRules {
+        id: inst.id.clone(),
+        subnet_id: inst.subnet_id.clone(),
+        subnet_index: subnet_index
+            .get(inst.subnet_id.as_str())
+            .copied()
+            .unwrap_or(usize::MAX),
+        addrs: inst.addrs.clone(),
+        interface: inst.interface.clone(),
+        ingress: sorted_rules(ingress),
+        egress: sorted_rules(egress),
     }
 }
 

@@ -50,5 +50,6 @@ pub mod sys;
 #[cfg(test)]
 pub(crate) mod testutil;
 pub mod validate;
+pub mod vpc;
 #[cfg(feature = "watch")]
 pub mod watch;

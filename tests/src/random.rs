@@ -593,3 +593,145 @@ pub fn mutate_nacls(rng: &mut Rng, m: &mut Model) {
         }
     }
 }
+
+/// A random change to `m` in the terms of an EC2 call: mostly ones that
+/// apply, some that EC2 refuses (a duplicate authorize, a revoke of a rule
+/// the group lacks, an unknown id) and some that make the model invalid.
+pub fn delta(rng: &mut Rng, m: &Model) -> sgfw::vpc::Delta {
+    use sgfw::vpc::Delta;
+    let nsub = m.subnets.len().max(1);
+    let ngroups = m.security_groups.len().max(1);
+    let addrs_v4: Vec<String> = m
+        .instances
+        .iter()
+        .map(|i| i.private_ip_address.clone())
+        .chain(std::iter::once("10.0.1.10".to_string()))
+        .collect();
+    let group = |rng: &mut Rng| {
+        if rng.chance(5) {
+            "sg-missing".to_string()
+        } else {
+            format!("sg-{}", rng.below(ngroups))
+        }
+    };
+    match rng.below(9) {
+        0 | 1 => Delta::Authorize {
+            group_id: group(rng),
+            egress: rng.chance(50),
+            permissions: vec![permission(rng, ngroups, nsub, &addrs_v4)],
+        },
+        2 | 3 => {
+            // Revoke one remote of an existing permission, or a made-up one.
+            let egress = rng.chance(50);
+            let sg = &m.security_groups[rng.below(m.security_groups.len())];
+            let perms = if egress {
+                &sg.ip_permissions_egress
+            } else {
+                &sg.ip_permissions
+            };
+            let p = if !perms.is_empty() && rng.chance(85) {
+                let mut p = perms[rng.below(perms.len())].clone();
+                if p.ip_ranges.len() > 1 {
+                    p.ip_ranges.truncate(1);
+                    p.ipv6_ranges.clear();
+                    p.user_id_group_pairs.clear();
+                    p.prefix_list_ids.clear();
+                }
+                p
+            } else {
+                permission(rng, ngroups, nsub, &addrs_v4)
+            };
+            Delta::Revoke {
+                group_id: sg.group_id.clone(),
+                egress,
+                permissions: vec![p],
+            }
+        }
+        4 => {
+            let n = m.instances.len() + rng.below(1000);
+            let s = rng.below(nsub);
+            Delta::AddInstance(Instance {
+                instance_id: format!("i-new{n}"),
+                subnet_id: format!("subnet-{s}"),
+                // Sometimes an address another instance has (invalid).
+                private_ip_address: if rng.chance(10) && !m.instances.is_empty() {
+                    m.instances[0].private_ip_address.clone()
+                } else {
+                    format!("10.{s}.2.{}", 1 + n % 250)
+                },
+                secondary_private_ip_addresses: vec![],
+                ipv6_addresses: if rng.chance(50) {
+                    vec![format!("fd00:{s}::2:{:x}", n)]
+                } else {
+                    vec![]
+                },
+                security_group_ids: vec![format!("sg-{}", rng.below(ngroups))],
+                interface: None,
+            })
+        }
+        5 => Delta::RemoveInstance {
+            instance_id: if m.instances.is_empty() || rng.chance(10) {
+                "i-missing".into()
+            } else {
+                m.instances[rng.below(m.instances.len())]
+                    .instance_id
+                    .clone()
+            },
+        },
+        6 => Delta::SetInstanceGroups {
+            instance_id: if m.instances.is_empty() {
+                "i-missing".into()
+            } else {
+                m.instances[rng.below(m.instances.len())]
+                    .instance_id
+                    .clone()
+            },
+            security_group_ids: (0..1 + rng.below(2))
+                .map(|_| group(rng))
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect(),
+        },
+        7 => {
+            let acl = if m.network_acls.is_empty() {
+                "acl-missing".to_string()
+            } else {
+                m.network_acls[rng.below(m.network_acls.len())]
+                    .network_acl_id
+                    .clone()
+            };
+            if rng.chance(50) {
+                let num = 1 + rng.below(200) as i64;
+                let egress = rng.chance(50);
+                Delta::ReplaceNaclEntry {
+                    network_acl_id: acl,
+                    entry: nacl_entry(rng, num, egress, nsub),
+                }
+            } else {
+                let entry = m
+                    .network_acls
+                    .iter()
+                    .find(|a| a.network_acl_id == acl)
+                    .and_then(|a| {
+                        (!a.entries.is_empty())
+                            .then(|| a.entries[rng.below(a.entries.len())].clone())
+                    });
+                Delta::DeleteNaclEntry {
+                    network_acl_id: acl,
+                    rule_number: entry.as_ref().map_or(31_000, |e| e.rule_number),
+                    egress: entry.is_some_and(|e| e.egress),
+                }
+            }
+        }
+        _ => Delta::AssociateNacl {
+            subnet_id: format!("subnet-{}", rng.below(nsub)),
+            network_acl_id: if m.network_acls.is_empty() {
+                "acl-missing".into()
+            } else {
+                m.network_acls[rng.below(m.network_acls.len())]
+                    .network_acl_id
+                    .clone()
+            },
+        },
+    }
+}

@@ -101,6 +101,10 @@ pub struct Status {
     pub instances: Vec<InstanceStatus>,
     /// Connection-tracking entries in use (eBPF).
     pub conntrack_entries: Option<usize>,
+    /// Connection-tracking capacity (eBPF).
+    pub conntrack_capacity: Option<u32>,
+    /// Kernel memory of the connection-tracking map, bytes (eBPF).
+    pub conntrack_bytes: Option<u64>,
     /// Counters not tied to an instance: reason → packets.
     pub unattributed: BTreeMap<String, u64>,
 }
@@ -248,6 +252,8 @@ impl Backend for Disabled {
             subnets: vec![],
             instances: vec![],
             conntrack_entries: None,
+            conntrack_capacity: None,
+            conntrack_bytes: None,
             unattributed: BTreeMap::new(),
         })
     }
@@ -354,6 +360,14 @@ impl Backend for EbpfBackend {
             subnets,
             instances,
             conntrack_entries: self.conntrack_len().ok(),
+            conntrack_capacity: state
+                .capacities
+                .get(sgfw_common::map_names::CONNTRACK)
+                .copied(),
+            conntrack_bytes: self
+                .open_maps()
+                .ok()
+                .and_then(|m| m.memory().get(sgfw_common::map_names::CONNTRACK).copied()),
             unattributed: counters
                 .iter()
                 .filter(|((ix, _), _)| *ix == 0)
@@ -423,6 +437,8 @@ impl Backend for NftBackend<'_> {
                 })
                 .collect(),
             conntrack_entries: None,
+            conntrack_capacity: None,
+            conntrack_bytes: None,
             unattributed,
         })
     }

@@ -319,6 +319,13 @@ impl Enforcer {
         self
     }
 
+    /// The eBPF backend at other pin and state paths (tests, benchmarks,
+    /// several emulators on one host).
+    pub fn with_ebpf(mut self, ebpf: crate::ebpf::EbpfBackend) -> Enforcer {
+        self.ebpf = ebpf;
+        self
+    }
+
     /// The backend in force, as a [`Backend`].
     pub fn backend(&self) -> Box<dyn Backend> {
         match self.mode {
@@ -343,6 +350,19 @@ impl Enforcer {
         let nft = crate::nft::NftBackend::new(&crate::sys::RealHost);
         let others: [&dyn Backend; 2] = [&self.ebpf, &nft];
         apply_switching(target.as_ref(), &others, model, &self.opts)
+    }
+
+    /// Enforces a changed model on the backend this enforcer already applied
+    /// with [`Enforcer::apply`] (atomically, under the host-wide lock), without
+    /// looking for another backend to remove: the path of
+    /// [`crate::vpc::Vpc`]'s deltas.
+    ///
+    /// # Errors
+    ///
+    /// The backend's error, with its cause chain.
+    pub fn update(&self, model: &crate::flat::FlatModel) -> Result<Applied, EnforceError> {
+        let _lock = crate::hostlock::HostLock::acquire()?;
+        self.backend().enforce(model, &self.opts)
     }
 
     /// Attaches the eBPF classifiers to bridge ports that appeared since the

@@ -24,9 +24,12 @@ pub struct ApplyArgs {
     /// Which dataplane enforces it.
     #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
     pub backend: BackendArg,
-    /// Connection-tracking capacity (eBPF, first apply only).
-    #[arg(long, default_value_t = 262_144)]
-    pub conntrack_max: u32,
+    /// Connection-tracking capacity (eBPF, first apply only). Default: from
+    /// the model, 2,048 entries per instance rounded up to a power of two,
+    /// at least 65,536 and at most 1,048,576 (about 150 bytes of kernel
+    /// memory each; `sgfw status` shows the capacity and its memory).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub conntrack_max: Option<u32>,
     /// Where instance ports judge what they send (eBPF): `tc`, or `xdp` for
     /// an XDP pre-filter in front of TC that drops denied packets before
     /// the bridge sees them (on veth ports it costs more than TC alone: see

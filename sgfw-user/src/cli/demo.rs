@@ -159,7 +159,7 @@ impl Demo {
         super::apply_with(
             self.mode,
             &self.flat,
-            &super::apply_options(65_536, sgfw::ebpf::Dataplane::Tc),
+            &super::apply_options(Some(65_536), sgfw::ebpf::Dataplane::Tc),
         )?;
         Ok(())
     }

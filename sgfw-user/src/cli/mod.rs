@@ -250,11 +250,11 @@ pub fn choose(arg: BackendArg) -> Result<EnforcementMode, Failure> {
 
 /// The apply options of `apply` and `run`.
 pub fn apply_options(
-    conntrack_max: u32,
+    conntrack_max: Option<u32>,
     dataplane: sgfw::ebpf::Dataplane,
 ) -> sgfw::ebpf::ApplyOptions {
     sgfw::ebpf::ApplyOptions {
-        conntrack_max,
+        conntrack_max: conntrack_max.unwrap_or(0),
         emit_accepts: false,
         dataplane,
     }

@@ -37,7 +37,13 @@ pub fn run(a: &StatusArgs) -> Result<ExitCode, Failure> {
         println!("dataplane: {d}");
     }
     if let Some(n) = st.conntrack_entries {
-        println!("tracked flows: {n}");
+        match (st.conntrack_capacity, st.conntrack_bytes) {
+            (Some(cap), Some(b)) => println!(
+                "tracked flows: {n} of {cap} ({:.1} MiB of kernel memory)",
+                b as f64 / 1_048_576.0
+            ),
+            _ => println!("tracked flows: {n}"),
+        }
     }
     for s in &st.subnets {
         println!(

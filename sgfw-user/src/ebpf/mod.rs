@@ -147,7 +147,8 @@ impl std::str::FromStr for Dataplane {
 /// Options of an apply.
 #[derive(Debug, Clone)]
 pub struct ApplyOptions {
-    /// Conntrack capacity at first load.
+    /// Conntrack capacity at first load; 0 = from the model's size
+    /// ([`conntrack_capacity_for`]).
     pub conntrack_max: u32,
     /// Also report accepted new flows as events.
     pub emit_accepts: bool,
@@ -158,11 +159,31 @@ pub struct ApplyOptions {
 impl Default for ApplyOptions {
     fn default() -> Self {
         ApplyOptions {
-            conntrack_max: 262_144,
+            conntrack_max: 0,
             emit_accepts: false,
             dataplane: Dataplane::Tc,
         }
     }
+}
+
+/// Conntrack entries per instance when the capacity comes from the model.
+pub const CONNTRACK_PER_INSTANCE: u32 = 2048;
+/// Bounds of a capacity that comes from the model.
+pub const CONNTRACK_MIN: u32 = 65_536;
+/// See [`CONNTRACK_MIN`].
+pub const CONNTRACK_MAX: u32 = 1 << 20;
+
+/// The conntrack capacity for a model of `instances` instances when no
+/// flag sets it: [`CONNTRACK_PER_INSTANCE`] each, rounded up to a power of
+/// two, within [`CONNTRACK_MIN`]..=[`CONNTRACK_MAX`] (the map is
+/// preallocated: about 150 bytes of kernel memory per entry).
+pub fn conntrack_capacity_for(instances: usize) -> u32 {
+    u32::try_from(instances)
+        .unwrap_or(u32::MAX)
+        .saturating_mul(CONNTRACK_PER_INSTANCE)
+        .checked_next_power_of_two()
+        .unwrap_or(CONNTRACK_MAX)
+        .clamp(CONNTRACK_MIN, CONNTRACK_MAX)
 }
 
 /// What an apply did.
@@ -305,6 +326,11 @@ impl EbpfBackend {
             let mut ebpf = load_object(&caps)?;
             let km = kernel_maps_of(&ebpf)?;
             self.pin_object(&mut ebpf)?;
+            tracing::info!(
+                "connection tracking: {} entries, {:.1} MiB of kernel memory (preallocated)",
+                caps.get(mn::CONNTRACK).copied().unwrap_or(0),
+                km.memory().get(mn::CONNTRACK).copied().unwrap_or(0) as f64 / 1_048_576.0
+            );
             state.capacities = caps.iter().map(|(k, v)| (k.to_string(), *v)).collect();
             report.loaded = true;
             km

@@ -323,7 +323,14 @@ pub(super) fn capacities(c: &Compiled, conntrack_max: u32) -> BTreeMap<&'static 
     m.insert(mn::NACL_CIDR_V6, cap(c.nacl_cidr_v6.len(), 16_384));
     m.insert(mn::NACL_PORTS, cap(c.nacl_ports.len(), 65_536));
     m.insert(mn::NACL_META, cap(c.nacl_meta.len(), 4096));
-    m.insert(mn::CONNTRACK, conntrack_max);
+    m.insert(
+        mn::CONNTRACK,
+        if conntrack_max == 0 {
+            conntrack_capacity_for(c.instances.len())
+        } else {
+            conntrack_max
+        },
+    );
     // Fragmented datagrams in flight per hook: bounded, LRU, 30 s each.
     m.insert(mn::FRAGS, 16_384);
     m.insert(

@@ -74,12 +74,19 @@ pub fn lines(
 }
 
 /// Bar chart of ratios (1.0 = baseline), one labelled bar per entry.
-pub fn bars(path: &Path, title: &str, labels: &[String], values: &[f64]) -> Result<(), Failure> {
+pub fn bars(
+    path: &Path,
+    title: &str,
+    labels: &[String],
+    values: &[f64],
+    whiskers: Option<&[(f64, f64)]>,
+) -> Result<(), Failure> {
     let root = SVGBackend::new(path, (1100, 560)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let ymax = values
         .iter()
         .copied()
+        .chain(whiskers.into_iter().flatten().map(|w| w.1))
         .filter(|v| v.is_finite())
         .fold(1.0f64, f64::max)
         * 1.15;
@@ -116,6 +123,22 @@ pub fn bars(path: &Path, title: &str, labels: &[String], values: &[f64]) -> Resu
             bar
         }))
         .map_err(err)?;
+    // The spread of each bar (q1–q3), a vertical line through it.
+    if let Some(w) = whiskers {
+        for (i, (lo, hi)) in w.iter().enumerate() {
+            if !(lo.is_finite() && hi.is_finite()) {
+                continue;
+            }
+            let i = i as u32;
+            let mid = SegmentValue::CenterOf(i);
+            chart
+                .draw_series(std::iter::once(PathElement::new(
+                    vec![(mid.clone(), *lo), (mid, *hi)],
+                    BLACK.stroke_width(2),
+                )))
+                .map_err(err)?;
+        }
+    }
     chart
         .draw_series(LineSeries::new(
             vec![(SegmentValue::Exact(0), 1.0), (SegmentValue::Exact(n), 1.0)],

@@ -10,12 +10,14 @@ use std::time::Instant;
 use anyhow::{Context, anyhow};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use serde::{Deserialize, Serialize};
+use sgfw::backend::{EnforcementMode, Enforcer};
 use sgfw::ebpf::compile::{Indices, compile};
 use sgfw::ebpf::testrun::{TC_ACT_OK, TC_ACT_SHOT, frame};
 use sgfw::ebpf::{ApplyOptions, EbpfBackend};
 use sgfw::model::{IpPermission, Model};
 use sgfw::packet::{Packet, TcpFlags};
 use sgfw::sys::RealHost;
+use sgfw::vpc::{Delta, Vpc};
 use sgfw_common::program_names as pn;
 
 use super::models;
@@ -34,6 +36,11 @@ struct Measured {
     one_rule_apply_only_ms: f64,
     small_one_rule_change_ms: f64,
     small_one_rule_apply_only_ms: f64,
+    /// `Vpc::apply` of one Authorize/Revoke until a probe sees it, median of
+    /// several.
+    delta_ms: Vec<f64>,
+    /// `Vpc::replace` with a one-rule change until a probe sees it.
+    vpc_replace_ms: f64,
     map_entries: Vec<(String, usize)>,
     map_memory: Vec<(String, u64)>,
 }
@@ -42,8 +49,9 @@ fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1000.0
 }
 
-/// Runs the child and formats its report section with its peak RSS.
-pub fn run() -> Result<String, Failure> {
+/// Runs the child and formats its report section with its peak RSS;
+/// returns it with the `control` figures of report.json.
+pub fn run() -> Result<(String, serde_json::Value), Failure> {
     let exe = std::env::current_exe().context("finding the sgfw binary")?;
     let out = std::process::Command::new(exe)
         .args(["bench", "--control-child"])
@@ -90,13 +98,24 @@ pub fn run() -> Result<String, Failure> {
     );
     let _ = writeln!(
         s,
-        "| one-rule change: validate + apply + probe sees it (target < 50 ms) | {:.0} ms (apply alone {:.0} ms) |",
+        "| one-rule change without state: validate + flatten + apply + probe sees it | {:.0} ms (apply alone {:.0} ms) |",
         m.one_rule_change_ms, m.one_rule_apply_only_ms
     );
     let _ = writeln!(
         s,
         "| the same one-rule change on a 20-instance model (43,800 rules) | {:.1} ms (apply alone {:.1} ms) |",
         m.small_one_rule_change_ms, m.small_one_rule_apply_only_ms
+    );
+    let delta_ms = super::median(m.delta_ms.clone());
+    let _ = writeln!(
+        s,
+        "| one Authorize or Revoke through `Vpc::apply` until a probe sees it (target < 5 ms; median of {}) | {delta_ms:.1} ms |",
+        m.delta_ms.len()
+    );
+    let _ = writeln!(
+        s,
+        "| whole-model `Vpc::replace` with one rule more, until a probe sees it (what `sgfw run` does; target < 50 ms) | {:.1} ms |",
+        m.vpc_replace_ms
     );
     let _ = writeln!(
         s,
@@ -118,7 +137,21 @@ pub fn run() -> Result<String, Failure> {
         let _ = writeln!(s, "| {name} | {n} | {:.1} MiB |", *bytes as f64 / 1048576.0);
     }
     let _ = writeln!(s);
-    Ok(s)
+    let json = serde_json::json!({
+        "instances": m.instances,
+        "flat_rules": m.flat_rules,
+        "first_apply_ms_1000": m.first_apply_ms,
+        "reapply_same_ms_1000": m.reapply_same_ms,
+        "one_rule_change_ms_1000": m.vpc_replace_ms,
+        "stateless_one_rule_change_ms_1000": m.one_rule_change_ms,
+        "stateless_one_rule_apply_only_ms_1000": m.one_rule_apply_only_ms,
+        "delta_ms_1000": delta_ms,
+        "delta_samples_ms_1000": m.delta_ms,
+        "one_rule_change_ms_20": m.small_one_rule_change_ms,
+        "peak_rss_mib_1000": peak_mib,
+        "bpf_map_mib": total as f64 / 1048576.0,
+    });
+    Ok((s, json))
 }
 
 fn probe(pin_root: &std::path::Path, pkt: &Packet) -> Result<u32, Failure> {
@@ -183,6 +216,7 @@ pub fn child() -> Result<(), Failure> {
         let reapply_same_ms = ms(t);
 
         let (one_rule_change_ms, one_rule_apply_only_ms) = one_rule_change(&be, &parsed, &flat)?;
+        let (delta_ms, vpc_replace_ms) = vpc_changes(&be, &parsed, &flat)?;
         let map_memory = be.open_maps()?.memory().into_iter().collect();
         Ok(Measured {
             instances: flat.instances.len(),
@@ -196,6 +230,8 @@ pub fn child() -> Result<(), Failure> {
             one_rule_apply_only_ms,
             small_one_rule_change_ms: f64::NAN,
             small_one_rule_apply_only_ms: f64::NAN,
+            delta_ms,
+            vpc_replace_ms,
             map_entries: report.entries.into_iter().collect(),
             map_memory,
         })
@@ -220,6 +256,67 @@ pub fn child() -> Result<(), Failure> {
     (m.small_one_rule_change_ms, m.small_one_rule_apply_only_ms) = r?;
     println!("{}", serde_json::to_string(&m)?);
     Ok(())
+}
+
+/// Through a [`Vpc`] holding the model: Authorize and Revoke of one rule of
+/// sg-00, alternately, each timed until a probe through the pinned
+/// classifier sees it; then a whole-model replace with one rule more.
+/// Returns (each delta's ms, the replace's ms).
+fn vpc_changes(
+    be: &EbpfBackend,
+    parsed: &Model,
+    flat: &sgfw::flat::FlatModel,
+) -> Result<(Vec<f64>, f64), Failure> {
+    let enforcer = Enforcer::with_mode(EnforcementMode::Ebpf).with_ebpf(be.clone());
+    let (mut vpc, _) = Vpc::new(parsed, enforcer).context("Vpc::new")?;
+    let dst: IpAddr = flat.instances[0].addrs[0];
+    let src: IpAddr = "198.51.100.7".parse().map_err(|e| anyhow!("{e}"))?;
+    let group_id = parsed.security_groups[0].group_id.clone();
+    let perm = |p: u16| vec![IpPermission::tcp(p, p).from_cidr("198.51.100.0/24")];
+    let mut times = Vec::new();
+    for round in 0..6 {
+        let authorize = round % 2 == 0;
+        let d = if authorize {
+            Delta::Authorize {
+                group_id: group_id.clone(),
+                egress: false,
+                permissions: perm(9998),
+            }
+        } else {
+            Delta::Revoke {
+                group_id: group_id.clone(),
+                egress: false,
+                permissions: perm(9998),
+            }
+        };
+        let pkt = Packet::tcp(src, dst, 40000 + round, 9998, TcpFlags::SYN);
+        let t = Instant::now();
+        vpc.apply(&d).context("Vpc::apply")?;
+        let seen = probe(&be.pin_root, &pkt)?;
+        times.push(ms(t));
+        let want = if authorize { TC_ACT_OK } else { TC_ACT_SHOT };
+        if seen != want {
+            return Err(Failure::Runtime(anyhow!(
+                "after {} the probe got {seen}, expected {want}",
+                if authorize { "Authorize" } else { "Revoke" }
+            )));
+        }
+    }
+    let mut changed = vpc.model().clone();
+    changed.security_groups[0]
+        .ip_permissions
+        .push(IpPermission::tcp(9997, 9997).from_cidr("198.51.100.0/24"));
+    let pkt = Packet::tcp(src, dst, 40100, 9997, TcpFlags::SYN);
+    let t = Instant::now();
+    vpc.replace(&changed).context("Vpc::replace")?;
+    let seen = probe(&be.pin_root, &pkt)?;
+    let replace_ms = ms(t);
+    if seen != TC_ACT_OK {
+        return Err(Failure::Runtime(anyhow!(
+            "the probe did not see the replaced model's new rule"
+        )));
+    }
+    Ok((times, replace_ms))
 }
 
 /// Adds one rule to sg-00 (which the first instance has) and measures until

@@ -42,7 +42,8 @@ use sgfw::lab::{InstanceSpec, SubnetSpec, TestBed};
 use sgfw::model::{IpPermission, Model, SecurityGroup};
 use sgfw::sys::RealHost;
 
-use super::{BenchArgs, median};
+use super::BenchArgs;
+use super::measure::{Spread, cpu_busy_ns};
 use crate::cli::Failure;
 
 /// UDP payload of a flood frame: 14 (Ethernet) + 20 (IPv4) + 8 (UDP) + 18
@@ -87,32 +88,6 @@ struct Sample {
     legit_gbps_alone: f64,
 }
 
-/// Median and interquartile range of some samples.
-#[derive(Debug, Clone, Copy, serde::Serialize)]
-pub struct Spread {
-    pub median: f64,
-    pub q1: f64,
-    pub q3: f64,
-}
-
-fn spread(v: &[f64]) -> Spread {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let q = |p: f64| {
-        if s.is_empty() {
-            return f64::NAN;
-        }
-        let x = p * (s.len() - 1) as f64;
-        let (lo, hi) = (x.floor() as usize, x.ceil() as usize);
-        s[lo] + (s[hi] - s[lo]) * (x - lo as f64)
-    };
-    Spread {
-        median: median(s.clone()),
-        q1: q(0.25),
-        q3: q(0.75),
-    }
-}
-
 /// Per-mode figures over the rounds.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct ModeFigures {
@@ -142,31 +117,6 @@ pub struct FloodFigures {
     /// The legitimate flow without flood, XDP over TC (medians): what the
     /// pre-filter costs traffic it lets through.
     pub legit_alone_xdp_to_tc: f64,
-}
-
-/// Busy and total jiffies of all CPUs.
-fn cpu_jiffies() -> Result<(u64, u64), Failure> {
-    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
-    let line = stat
-        .lines()
-        .find(|l| l.starts_with("cpu "))
-        .ok_or_else(|| anyhow!("/proc/stat has no cpu line"))?;
-    let v: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .map(|x| x.parse().unwrap_or(0))
-        .collect();
-    let at = |i: usize| v.get(i).copied().unwrap_or(0);
-    // user nice system idle iowait irq softirq steal
-    let busy = at(0) + at(1) + at(2) + at(5) + at(6) + at(7);
-    Ok((busy, busy + at(3) + at(4)))
-}
-
-/// Nanoseconds per jiffy (USER_HZ).
-fn ns_per_jiffy() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    1e9 / if hz > 0 { hz as f64 } else { 100.0 }
 }
 
 /// Sends flood frames on a connected socket until `stop`; returns how many
@@ -271,14 +221,13 @@ fn window(bed: &TestBed, mode: Mode, attacker: &UdpSocket, secs: u32) -> Result<
         Some(s)
     };
     // 1. The flood alone.
-    let (b0, _) = cpu_jiffies()?;
+    let b0 = cpu_busy_ns()?;
     let t0 = Instant::now();
     let f = Flood::start(attacker)?;
     std::thread::sleep(dur);
     let sent = f.stop()?;
     let elapsed = t0.elapsed().as_secs_f64();
-    let (b1, _) = cpu_jiffies()?;
-    let cpu_ns = (b1.saturating_sub(b0)) as f64 * ns_per_jiffy();
+    let cpu_ns = cpu_busy_ns()? - b0;
     // 2. The flood and the legitimate flow.
     let f = Flood::start(attacker)?;
     let flooded = iperf(bed, secs);
@@ -308,7 +257,7 @@ fn window(bed: &TestBed, mode: Mode, attacker: &UdpSocket, secs: u32) -> Result<
 }
 
 fn figures(v: &[Sample]) -> ModeFigures {
-    let col = |f: fn(&Sample) -> f64| spread(&v.iter().map(f).collect::<Vec<_>>());
+    let col = |f: fn(&Sample) -> f64| Spread::of(&v.iter().map(f).collect::<Vec<_>>());
     ModeFigures {
         flood_kpps: col(|s| s.flood_kpps),
         cpu_ns_per_frame: col(|s| s.cpu_ns_per_frame),
@@ -431,7 +380,6 @@ pub fn run(a: &BenchArgs) -> Result<(String, FloodFigures), Failure> {
         s,
         "| mode | flood kframes/s sent | host CPU ns per flood frame | legit TCP Gbit/s under flood | legit TCP Gbit/s, no flood |\n|---|---|---|---|---|"
     );
-    let cell = |x: Spread, p: usize| format!("{:.*} [{:.*}–{:.*}]", p, x.median, p, x.q1, p, x.q3);
     for (mode, m) in [
         (Mode::None, &f.none),
         (Mode::Tc, &f.tc),
@@ -441,10 +389,10 @@ pub fn run(a: &BenchArgs) -> Result<(String, FloodFigures), Failure> {
             s,
             "| {} | {} | {} | {} | {} |",
             mode.label(),
-            cell(m.flood_kpps, 0),
-            cell(m.cpu_ns_per_frame, 0),
-            cell(m.legit_gbps_flooded, 2),
-            cell(m.legit_gbps_alone, 2)
+            m.flood_kpps.cell(0),
+            m.cpu_ns_per_frame.cell(0),
+            m.legit_gbps_flooded.cell(2),
+            m.legit_gbps_alone.cell(2)
         );
     }
     let _ = writeln!(

@@ -8,6 +8,7 @@
 mod chart;
 mod control;
 mod flood;
+mod measure;
 mod models;
 mod packet;
 mod traffic;
@@ -153,15 +154,24 @@ pub fn run(a: &BenchArgs) -> Result<ExitCode, Failure> {
             let _ = writeln!(report, "## {what}: FAILED\n\n{msg}\n");
         }
     };
+    let mut json = serde_json::Map::new();
+    json.insert("commit".into(), commit().into());
+    let mut per_packet = serde_json::Map::new();
     if wants(a, Part::Packet) {
         eprintln!(
             "bench: per-packet classifier cost (BPF_PROG_TEST_RUN, {} repeats x {} runs)",
             a.repeat, a.runs
         );
-        part(&mut report, "per-packet cost", packet::run(a));
+        match packet::run(a) {
+            Ok((text, v)) => {
+                report.push_str(&text);
+                if let serde_json::Value::Object(o) = v {
+                    per_packet.extend(o);
+                }
+            }
+            Err(e) => part(&mut report, "per-packet cost", Err(e)),
+        }
     }
-    let mut json = serde_json::Map::new();
-    json.insert("commit".into(), commit().into());
     if wants(a, Part::Xdp) {
         eprintln!("bench: the XDP pre-filter (BPF_PROG_TEST_RUN)");
         match xdp::run(a) {
@@ -191,19 +201,38 @@ pub fn run(a: &BenchArgs) -> Result<ExitCode, Failure> {
     }
     if wants(a, Part::Conntrack) {
         eprintln!("bench: connection tracking at 1,000,000 flows");
-        part(
-            &mut report,
-            "conntrack at scale",
-            packet::conntrack_scale(a),
-        );
+        match packet::conntrack_scale(a) {
+            Ok((text, v)) => {
+                report.push_str(&text);
+                if let serde_json::Value::Object(o) = v {
+                    per_packet.extend(o);
+                }
+            }
+            Err(e) => part(&mut report, "conntrack at scale", Err(e)),
+        }
+    }
+    if !per_packet.is_empty() {
+        json.insert("per_packet".into(), per_packet.into());
     }
     if wants(a, Part::Control) {
         eprintln!("bench: control plane (1,000 instances x 5 groups x 60 rules per direction)");
-        part(&mut report, "control plane", control::run());
+        match control::run() {
+            Ok((text, v)) => {
+                report.push_str(&text);
+                json.insert("control".into(), v);
+            }
+            Err(e) => part(&mut report, "control plane", Err(e)),
+        }
     }
     if wants(a, Part::Traffic) {
         eprintln!("bench: real traffic (iperf3, {} s per run)", a.seconds);
-        part(&mut report, "real traffic", traffic::run(a));
+        match traffic::run(a) {
+            Ok((text, t)) => {
+                report.push_str(&text);
+                json.insert("traffic".into(), serde_json::to_value(&t)?);
+            }
+            Err(e) => part(&mut report, "real traffic", Err(e)),
+        }
     }
     let _ = writeln!(
         report,

@@ -103,7 +103,9 @@ fn table(out: &mut String, head: &str, pts: &[Point]) {
 }
 
 /// Runs the per-packet part; returns its report section.
-pub fn run(a: &BenchArgs) -> Result<String, Failure> {
+/// Runs the per-packet part; returns its report section and the
+/// `per_packet` figures of report.json.
+pub fn run(a: &BenchArgs) -> Result<(String, serde_json::Value), Failure> {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -160,12 +162,38 @@ pub fn run(a: &BenchArgs) -> Result<String, Failure> {
         ],
     )?;
     let _ = writeln!(out, "Chart: `per-packet.svg`.\n");
-    Ok(out)
+    let all: Vec<&Point> = sg_pts.iter().chain(&nacl_pts).collect();
+    let max = |f: fn(&Point) -> f64| all.iter().map(|p| f(p) / p.floor).fold(f64::NAN, f64::max);
+    let flatness = [
+        flat_ratio(|p| p.new_v4),
+        flat_ratio(|p| p.est_v4),
+        flat_ratio(|p| p.new_v6),
+        flat_ratio(|p| p.est_v6),
+    ]
+    .into_iter()
+    .fold(f64::NAN, f64::max);
+    let json = serde_json::json!({
+        "floor_ns": median(all.iter().map(|p| p.floor).collect()),
+        "established_ratio_max": max(|p| p.est_v4.max(p.est_v6)),
+        "new_flow_ratio_max": max(|p| p.new_v4.max(p.new_v6)),
+        "flatness_max": flatness,
+        "points": all.iter().map(|p| serde_json::json!({
+            "label": p.label,
+            "floor_ns": p.floor,
+            "new_v4_ns": p.new_v4,
+            "established_v4_ns": p.est_v4,
+            "new_v6_ns": p.new_v6,
+            "established_v6_ns": p.est_v6,
+        })).collect::<Vec<_>>(),
+    });
+    Ok((out, json))
 }
 
 /// One million tracked flows inserted through the classifier; memory and
 /// the established-packet cost at that size.
-pub fn conntrack_scale(a: &BenchArgs) -> Result<String, Failure> {
+/// Runs the conntrack-at-scale part; returns its report section and its
+/// figures (merged into `per_packet` of report.json).
+pub fn conntrack_scale(a: &BenchArgs) -> Result<(String, serde_json::Value), Failure> {
     const FLOWS: u32 = 1_000_000;
     let model = flat(&models::target(10, 1, "brbench"))?;
     let mut dp = TestDataplane::new(&model, 1 << 20)
@@ -242,5 +270,10 @@ pub fn conntrack_scale(a: &BenchArgs) -> Result<String, Failure> {
         "| established packet, {tracked} flows tracked | {full:.0} ns ({:.2}× floor) |\n",
         full / floor
     );
-    Ok(out)
+    let json = serde_json::json!({
+        "established_ratio_1m_flows": full / floor,
+        "flows_tracked_1m": tracked,
+        "conntrack_mib_1m": mem as f64 / 1048576.0,
+    });
+    Ok((out, json))
 }

@@ -1,6 +1,19 @@
-//! Real traffic between two lab instances in different subnets (iperf3):
-//! no filtering, the eBPF backend and the nftables backend, each at 10,
-//! 1,000 and 10,000 rules, as ratios to the baseline of the same run.
+//! Real traffic between two lab instances in different subnets (iperf3),
+//! under every dataplane a user could pick: no filtering, the eBPF backend,
+//! sgfw's nftables backend, and the linear nftables peer — the seed
+//! design's shape: one forward chain, `ct state established,related accept`
+//! first, then one rule per (instance, rule) in a line — each at 10, 1,000
+//! and 10,000 rules.
+//!
+//! Dataplanes are interleaved (every round runs each once, the order
+//! reversed every other round) over [`ROUNDS`] rounds; each figure is the
+//! median and interquartile range over the rounds, and ratios are to no
+//! filtering's median in the same run. Per round and dataplane:
+//! - UDP, 64-byte datagrams, a fixed count ([`UDP_PACKETS`]) as fast as
+//!   iperf3 sends them: received packets per second, and host CPU per
+//!   packet (busy time of all cores from `/proc/stat` over the run, divided
+//!   by the packets sent);
+//! - TCP, one stream for `--seconds`: Gbit/s received.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -8,19 +21,99 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, anyhow};
 use sgfw::ebpf::{ApplyOptions, EbpfBackend};
+use sgfw::flat::FlatModel;
 use sgfw::lab::{InstanceSpec, SubnetSpec, TestBed};
 use sgfw::model::{IpPermission, Model, SecurityGroup};
 use sgfw::nft::NftBackend;
-use sgfw::sys::RealHost;
+use sgfw::sys::{Host, RealHost};
 
+use super::measure::{Spread, cpu_busy_ns};
 use super::{BenchArgs, chart};
 use crate::cli::Failure;
 
-#[derive(Clone, Copy)]
-struct Result3 {
-    tcp1_gbps: f64,
-    tcp4_gbps: f64,
+/// Rounds of every dataplane.
+pub const ROUNDS: usize = 5;
+/// Datagrams per UDP run.
+pub const UDP_PACKETS: u64 = 300_000;
+/// Rule counts measured.
+const RULES: [usize; 3] = [10, 1_000, 10_000];
+/// The linear peer's table.
+const LINEAR_TABLE: &str = "sgfw_bench_linear";
+
+/// A dataplane under test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Plane {
+    None,
+    Ebpf(usize),
+    Nft(usize),
+    Linear(usize),
+}
+
+impl Plane {
+    fn label(self) -> String {
+        match self {
+            Plane::None => "no filtering".into(),
+            Plane::Ebpf(n) => format!("eBPF, {n} rules"),
+            Plane::Nft(n) => format!("sgfw nftables, {n} rules"),
+            Plane::Linear(n) => format!("linear nft peer, {n} rules"),
+        }
+    }
+    fn short(self) -> String {
+        match self {
+            Plane::None => "none".into(),
+            Plane::Ebpf(n) => format!("ebpf {n}"),
+            Plane::Nft(n) => format!("nft {n}"),
+            Plane::Linear(n) => format!("linear {n}"),
+        }
+    }
+    fn key(self) -> String {
+        match self {
+            Plane::None => "none".into(),
+            Plane::Ebpf(n) => format!("ebpf_{n}"),
+            Plane::Nft(n) => format!("nft_{n}"),
+            Plane::Linear(n) => format!("linear_{n}"),
+        }
+    }
+    fn rules(self) -> usize {
+        match self {
+            Plane::None => 0,
+            Plane::Ebpf(n) | Plane::Nft(n) | Plane::Linear(n) => n,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Sample {
     udp_kpps: f64,
+    udp_cpu_ns: f64,
+    tcp_gbps: f64,
+}
+
+/// One dataplane's figures over the rounds, for report.json.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PlaneFigures {
+    pub dataplane: String,
+    pub rules: usize,
+    pub udp_kpps: Spread,
+    pub udp_cpu_ns_per_packet: Spread,
+    pub tcp_gbps: Spread,
+    pub udp_pps_ratio: Spread,
+    pub udp_cpu_ratio: Spread,
+    pub tcp_ratio: Spread,
+}
+
+/// The traffic figures for report.json.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TrafficFigures {
+    pub rounds: usize,
+    pub udp_packets: u64,
+    pub tcp_seconds: u32,
+    pub ebpf_10k_pps_ratio: f64,
+    pub ebpf_10k_cpu_ratio: f64,
+    pub nft_10k_pps_ratio: f64,
+    pub linear_peer_10k_pps_ratio: f64,
+    pub linear_peer_10k_cpu_ratio: f64,
+    pub dataplanes: Vec<PlaneFigures>,
 }
 
 fn model(bed: &TestBed, rules: usize) -> Model {
@@ -62,47 +155,125 @@ fn model(bed: &TestBed, rules: usize) -> Model {
     m
 }
 
-fn iperf(
-    bed: &TestBed,
-    server: &str,
-    args: &[&str],
-    secs: u32,
-) -> Result<serde_json::Value, Failure> {
-    let t = secs.to_string();
-    let mut v = vec!["-c", server, "-t", t.as_str(), "-J"];
-    v.extend_from_slice(args);
-    let mut full = vec!["iperf3"];
-    full.extend(v);
+/// One nft rule body for a permission towards (`ingress`) or from an
+/// instance address, one per remote CIDR.
+fn linear_rules(addr: &str, p: &IpPermission, ingress: bool, out: &mut String) {
+    let l4 = match (p.ip_protocol.as_str(), p.from_port, p.to_port) {
+        ("-1", _, _) => String::new(),
+        (proto @ ("tcp" | "udp"), Some(lo), Some(hi)) if lo >= 0 && hi >= 0 => {
+            if lo == hi {
+                format!(" {proto} dport {lo}")
+            } else {
+                format!(" {proto} dport {lo}-{hi}")
+            }
+        }
+        (proto @ ("tcp" | "udp"), _, _) => format!(" meta l4proto {proto}"),
+        // Not in the benchmark's models.
+        _ => return,
+    };
+    for r in &p.ip_ranges {
+        let (me, them) = if ingress {
+            ("daddr", "saddr")
+        } else {
+            ("saddr", "daddr")
+        };
+        let _ = writeln!(out, "    ip {me} {addr} ip {them} {}{l4} accept", r.cidr_ip);
+    }
+}
+
+/// The seed design's ruleset for a model: every instance's ingress rules,
+/// then their egress rules, one line each, after the conntrack shortcut.
+pub fn linear_ruleset(m: &Model) -> String {
+    let mut body = String::new();
+    for ingress in [true, false] {
+        for inst in &m.instances {
+            for g in &inst.security_group_ids {
+                let Some(sg) = m.security_groups.iter().find(|s| &s.group_id == g) else {
+                    continue;
+                };
+                let perms = if ingress {
+                    &sg.ip_permissions
+                } else {
+                    &sg.ip_permissions_egress
+                };
+                for p in perms {
+                    linear_rules(&inst.private_ip_address, p, ingress, &mut body);
+                }
+            }
+        }
+    }
+    format!(
+        "table inet {LINEAR_TABLE} {{\n  chain forward {{\n    type filter hook forward priority filter; policy drop;\n    ct state established,related accept\n{body}  }}\n}}\n"
+    )
+}
+
+fn iperf(bed: &TestBed, args: &[&str]) -> Result<serde_json::Value, Failure> {
+    let server = bed.instance("server").v4.to_string();
+    let mut full = vec!["iperf3", "-c", server.as_str(), "-J"];
+    full.extend_from_slice(args);
     let out = bed
         .exec("client", &full)
         .map_err(|e| anyhow!("iperf3 {}: {e}", args.join(" ")))?;
     Ok(serde_json::from_str(&out).context("iperf3's JSON")?)
 }
 
-fn measure(bed: &TestBed, secs: u32) -> Result<Result3, Failure> {
-    let server = bed.instance("server").v4.to_string();
-    let tcp1 = iperf(bed, &server, &[], secs)?;
-    let tcp4 = iperf(bed, &server, &["-P", "4"], secs)?;
-    let udp = iperf(bed, &server, &["-u", "-b", "0", "-l", "64"], secs)?;
-    let gbps = |j: &serde_json::Value| {
-        j["end"]["sum_received"]["bits_per_second"]
-            .as_f64()
-            .unwrap_or(0.0)
-            / 1e9
-    };
+fn measure(bed: &TestBed, secs: u32) -> Result<Sample, Failure> {
+    let k = UDP_PACKETS.to_string();
+    let b0 = cpu_busy_ns()?;
+    let udp = iperf(bed, &["-u", "-b", "0", "-l", "64", "-k", &k])?;
+    let busy = cpu_busy_ns()? - b0;
     let sum = &udp["end"]["sum"];
     let packets = sum["packets"].as_f64().unwrap_or(0.0);
     let lost = sum["lost_packets"].as_f64().unwrap_or(0.0);
     let seconds = sum["seconds"].as_f64().unwrap_or(1.0).max(0.001);
-    Ok(Result3 {
-        tcp1_gbps: gbps(&tcp1),
-        tcp4_gbps: gbps(&tcp4),
+    let t = secs.to_string();
+    let tcp = iperf(bed, &["-t", &t])?;
+    Ok(Sample {
         udp_kpps: (packets - lost) / seconds / 1000.0,
+        udp_cpu_ns: busy / packets.max(1.0),
+        tcp_gbps: tcp["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .unwrap_or(0.0)
+            / 1e9,
     })
 }
 
-/// Runs the traffic part; returns its report section.
-pub fn run(a: &BenchArgs) -> Result<String, Failure> {
+/// Puts `plane` in force (and nothing else).
+fn switch(
+    plane: Plane,
+    flats: &[(usize, FlatModel, String)],
+    ebpf: &EbpfBackend,
+) -> Result<(), Failure> {
+    ebpf.teardown().context("eBPF teardown")?;
+    let nft = NftBackend::new(&RealHost);
+    nft.teardown().context("nft teardown")?;
+    let _ = RealHost.nft(&["delete", "table", "inet", LINEAR_TABLE], None);
+    let find = |n: usize| {
+        flats
+            .iter()
+            .find(|(r, _, _)| *r == n)
+            .ok_or_else(|| Failure::Runtime(anyhow!("no {n}-rule model")))
+    };
+    match plane {
+        Plane::None => {}
+        Plane::Ebpf(n) => {
+            ebpf.apply(&find(n)?.1, &RealHost, &ApplyOptions::default())
+                .context("eBPF apply")?;
+        }
+        Plane::Nft(n) => {
+            nft.apply(&find(n)?.1).context("nft apply")?;
+        }
+        Plane::Linear(n) => {
+            RealHost
+                .nft(&["-f", "-"], Some(&find(n)?.2))
+                .context("loading the linear peer's ruleset")?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs the traffic part; returns its report section and figures.
+pub fn run(a: &BenchArgs) -> Result<(String, TrafficFigures), Failure> {
     let mut bed = TestBed::new(
         &[
             SubnetSpec {
@@ -151,98 +322,146 @@ pub fn run(a: &BenchArgs) -> Result<String, Failure> {
             unsafe { libc::kill(server_pid as i32, libc::SIGTERM) };
             let _ = be.teardown();
             let _ = NftBackend::new(&RealHost).teardown();
+            let _ = RealHost.nft(&["delete", "table", "inet", LINEAR_TABLE], None);
         });
     }
     std::thread::sleep(std::time::Duration::from_millis(500));
-    let mut rows: Vec<(String, Result3)> = Vec::new();
-    // The baseline is measured at the start, in the middle and at the end;
-    // ratios are to its median, and its spread shows the run's noise.
-    let mut baselines = Vec::new();
-    eprintln!("bench:   baseline (no filtering)");
-    baselines.push(measure(&bed, a.seconds)?);
-    for rules in [10usize, 1_000, 10_000] {
-        if rules == 10_000 {
-            eprintln!("bench:   baseline again");
-            baselines.push(measure(&bed, a.seconds)?);
-        }
+    let mut flats = Vec::new();
+    for rules in RULES {
         let m = model(&bed, rules);
         let (v, _) =
             sgfw::validate::validate(&m).map_err(|e| anyhow!("traffic model invalid: {e}"))?;
-        let flat = v.flatten();
-        eprintln!("bench:   eBPF, {rules} rules");
-        ebpf.apply(&flat, &RealHost, &ApplyOptions::default())
-            .context("eBPF apply")?;
-        rows.push((format!("eBPF, {rules} rules"), measure(&bed, a.seconds)?));
-        ebpf.teardown().context("eBPF teardown")?;
-        eprintln!("bench:   nftables, {rules} rules");
-        let nft = NftBackend::new(&RealHost);
-        nft.apply(&flat).context("nft apply")?;
-        rows.push((
-            format!("nftables, {rules} rules"),
-            measure(&bed, a.seconds)?,
-        ));
-        nft.teardown().context("nft teardown")?;
+        flats.push((rules, v.flatten(), linear_ruleset(&m)));
     }
-    eprintln!("bench:   baseline once more");
-    baselines.push(measure(&bed, a.seconds)?);
+    let mut planes = vec![Plane::None];
+    for n in RULES {
+        planes.extend([Plane::Ebpf(n), Plane::Nft(n), Plane::Linear(n)]);
+    }
+    let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); planes.len()];
+    for round in 0..ROUNDS {
+        let mut order: Vec<usize> = (0..planes.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for i in order {
+            eprintln!(
+                "bench:   traffic round {}/{ROUNDS}: {}",
+                round + 1,
+                planes[i].label()
+            );
+            switch(planes[i], &flats, &ebpf)?;
+            samples[i].push(measure(&bed, a.seconds)?);
+        }
+    }
+    switch(Plane::None, &flats, &ebpf)?;
     let _ = server.kill();
     let _ = server.wait();
     drop(bed);
-    let med = |f: fn(&Result3) -> f64| super::median(baselines.iter().map(f).collect());
-    let base = Result3 {
-        tcp1_gbps: med(|r| r.tcp1_gbps),
-        tcp4_gbps: med(|r| r.tcp4_gbps),
-        udp_kpps: med(|r| r.udp_kpps),
+
+    let col =
+        |i: usize, f: fn(&Sample) -> f64| Spread::of(&samples[i].iter().map(f).collect::<Vec<_>>());
+    let base = (
+        col(0, |s| s.udp_kpps).median,
+        col(0, |s| s.udp_cpu_ns).median,
+        col(0, |s| s.tcp_gbps).median,
+    );
+    let figs: Vec<PlaneFigures> = planes
+        .iter()
+        .enumerate()
+        .map(|(i, p)| PlaneFigures {
+            dataplane: p.key(),
+            rules: p.rules(),
+            udp_kpps: col(i, |s| s.udp_kpps),
+            udp_cpu_ns_per_packet: col(i, |s| s.udp_cpu_ns),
+            tcp_gbps: col(i, |s| s.tcp_gbps),
+            udp_pps_ratio: col(i, |s| s.udp_kpps).over(base.0),
+            udp_cpu_ratio: col(i, |s| s.udp_cpu_ns).over(base.1),
+            tcp_ratio: col(i, |s| s.tcp_gbps).over(base.2),
+        })
+        .collect();
+    let at = |p: Plane| {
+        figs.iter()
+            .find(|f| f.dataplane == p.key())
+            .map_or((f64::NAN, f64::NAN), |f| {
+                (f.udp_pps_ratio.median, f.udp_cpu_ratio.median)
+            })
     };
-    let spread = |f: fn(&Result3) -> f64| {
-        let v: Vec<f64> = baselines.iter().map(f).collect();
-        let (lo, hi) = (
-            v.iter().copied().fold(f64::MAX, f64::min),
-            v.iter().copied().fold(0.0, f64::max),
-        );
-        format!("{:.2}–{:.2}×", lo / med(f), hi / med(f))
+    let t = TrafficFigures {
+        rounds: ROUNDS,
+        udp_packets: UDP_PACKETS,
+        tcp_seconds: a.seconds,
+        ebpf_10k_pps_ratio: at(Plane::Ebpf(10_000)).0,
+        ebpf_10k_cpu_ratio: at(Plane::Ebpf(10_000)).1,
+        nft_10k_pps_ratio: at(Plane::Nft(10_000)).0,
+        linear_peer_10k_pps_ratio: at(Plane::Linear(10_000)).0,
+        linear_peer_10k_cpu_ratio: at(Plane::Linear(10_000)).1,
+        dataplanes: figs,
     };
-    rows.insert(0, ("no filtering (median of 3)".into(), base));
 
     let mut s = String::new();
     let _ = writeln!(s, "## 2. Real traffic\n");
     let _ = writeln!(
         s,
-        "iperf3 between two namespaces in different subnets (routed through the host, {} s per run): TCP one stream and four, and 64-byte UDP at full rate (received packets per second). Rules are the server's ingress permissions (the matching one last).\n",
+        "iperf3 between two namespaces in different subnets (routed through the host). Rules are the server's ingress permissions, the matching one last. Every dataplane once per round, {ROUNDS} rounds, the order reversed every other round; median [q1–q3] over the rounds, ratios to no filtering's median. UDP: {UDP_PACKETS} datagrams of 64 bytes as fast as iperf3 sends; CPU per packet is all cores' busy time (/proc/stat) over the run divided by the packets sent. TCP: one stream, {} s. The linear nft peer is the seed design: one forward chain, `ct state established,related accept` first, then a rule per (instance, rule).\n",
         a.seconds
     );
     let _ = writeln!(
         s,
-        "The baseline was measured three times (start, middle, end); its spread in this run — TCP 1 stream {}, TCP 4 streams {}, UDP {} of its median — is the noise floor of the ratios below.\n",
-        spread(|r| r.tcp1_gbps),
-        spread(|r| r.tcp4_gbps),
-        spread(|r| r.udp_kpps)
+        "| dataplane | UDP kpps received | ×none | CPU ns/packet | ×none | TCP Gbit/s | ×none |\n|---|---|---|---|---|---|---|"
     );
-    let _ = writeln!(
-        s,
-        "| dataplane | TCP 1 stream Gbit/s (×base) | TCP 4 streams Gbit/s (×base) | UDP 64 B kpps (×base) |\n|---|---|---|---|"
-    );
-    for (name, r) in &rows {
+    for (p, f) in planes.iter().zip(&t.dataplanes) {
         let _ = writeln!(
             s,
-            "| {name} | {:.2} ({:.2}×) | {:.2} ({:.2}×) | {:.0} ({:.2}×) |",
-            r.tcp1_gbps,
-            r.tcp1_gbps / base.tcp1_gbps,
-            r.tcp4_gbps,
-            r.tcp4_gbps / base.tcp4_gbps,
-            r.udp_kpps,
-            r.udp_kpps / base.udp_kpps
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            p.label(),
+            f.udp_kpps.cell(0),
+            f.udp_pps_ratio.cell(2),
+            f.udp_cpu_ns_per_packet.cell(0),
+            f.udp_cpu_ratio.cell(2),
+            f.tcp_gbps.cell(2),
+            f.tcp_ratio.cell(2)
         );
     }
+    let _ = writeln!(
+        s,
+        "\nAt 10,000 rules: eBPF {:.2}× no filtering in UDP packets per second (goal ≥ 0.95) at {:.2}× its CPU per packet (goal ≤ 1.2); sgfw nftables {:.2}×; the linear peer {:.2}× at {:.2}× CPU.\n",
+        t.ebpf_10k_pps_ratio,
+        t.ebpf_10k_cpu_ratio,
+        t.nft_10k_pps_ratio,
+        t.linear_peer_10k_pps_ratio,
+        t.linear_peer_10k_cpu_ratio
+    );
+    let labels: Vec<String> = planes.iter().map(|p| p.short()).collect();
     chart::bars(
         &a.out.join("traffic.svg"),
-        "TCP 1-stream throughput, ratio to no filtering",
-        &rows.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>(),
-        &rows
+        "UDP 64 B packets per second, ratio to no filtering (median, whiskers q1–q3)",
+        &labels,
+        &t.dataplanes
             .iter()
-            .map(|(_, r)| r.tcp1_gbps / base.tcp1_gbps)
+            .map(|f| f.udp_pps_ratio.median)
             .collect::<Vec<_>>(),
+        Some(
+            &t.dataplanes
+                .iter()
+                .map(|f| (f.udp_pps_ratio.q1, f.udp_pps_ratio.q3))
+                .collect::<Vec<_>>(),
+        ),
     )?;
-    let _ = writeln!(s, "\nChart: `traffic.svg`.\n");
-    Ok(s)
+    chart::bars(
+        &a.out.join("traffic-cpu.svg"),
+        "Host CPU per UDP packet, ratio to no filtering (median, whiskers q1–q3)",
+        &labels,
+        &t.dataplanes
+            .iter()
+            .map(|f| f.udp_cpu_ratio.median)
+            .collect::<Vec<_>>(),
+        Some(
+            &t.dataplanes
+                .iter()
+                .map(|f| (f.udp_cpu_ratio.q1, f.udp_cpu_ratio.q3))
+                .collect::<Vec<_>>(),
+        ),
+    )?;
+    let _ = writeln!(s, "Charts: `traffic.svg`, `traffic-cpu.svg`.\n");
+    Ok((s, t))
 }

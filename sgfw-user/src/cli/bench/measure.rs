@@ -1,0 +1,76 @@
+//! What the real-traffic parts measure with: host CPU busy time from
+//! `/proc/stat`, and medians with interquartile ranges over rounds.
+
+use anyhow::anyhow;
+
+use super::median;
+use crate::cli::Failure;
+
+/// Median and interquartile range of some samples.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Spread {
+    pub median: f64,
+    pub q1: f64,
+    pub q3: f64,
+}
+
+impl Spread {
+    /// Of these samples (linear interpolation between order statistics).
+    pub fn of(v: &[f64]) -> Spread {
+        let mut s = v.to_vec();
+        s.sort_by(f64::total_cmp);
+        let q = |p: f64| {
+            if s.is_empty() {
+                return f64::NAN;
+            }
+            let x = p * (s.len() - 1) as f64;
+            let (lo, hi) = (x.floor() as usize, x.ceil() as usize);
+            s[lo] + (s[hi] - s[lo]) * (x - lo as f64)
+        };
+        Spread {
+            median: median(s.clone()),
+            q1: q(0.25),
+            q3: q(0.75),
+        }
+    }
+
+    /// Every figure divided by `by` (a ratio to a baseline's median).
+    pub fn over(self, by: f64) -> Spread {
+        Spread {
+            median: self.median / by,
+            q1: self.q1 / by,
+            q3: self.q3 / by,
+        }
+    }
+
+    /// `median [q1–q3]` with `p` decimals.
+    pub fn cell(self, p: usize) -> String {
+        format!(
+            "{:.*} [{:.*}–{:.*}]",
+            p, self.median, p, self.q1, p, self.q3
+        )
+    }
+}
+
+/// Busy time of all CPUs so far, in ns: user, nice, system, irq, softirq
+/// and steal jiffies of the `cpu` line of `/proc/stat` (idle and iowait are
+/// not busy).
+pub fn cpu_busy_ns() -> Result<f64, Failure> {
+    let stat = std::fs::read_to_string("/proc/stat")
+        .map_err(|e| Failure::Runtime(anyhow!("reading /proc/stat: {e}")))?;
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .ok_or_else(|| Failure::Runtime(anyhow!("/proc/stat has no cpu line")))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    let at = |i: usize| v.get(i).copied().unwrap_or(0);
+    let busy = at(0) + at(1) + at(2) + at(5) + at(6) + at(7);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = if hz > 0 { hz as f64 } else { 100.0 };
+    Ok(busy as f64 * 1e9 / hz)
+}
