@@ -23,7 +23,7 @@ pub use crate::policy::{
 use crate::policy::{ValidInstance, ValidModel, ValidRemote};
 
 /// The whole model, flattened.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
 pub struct FlatModel {
     /// Subnets, sorted by id.
     pub subnets: Vec<SubnetFirewall>,
@@ -257,7 +257,8 @@ pub fn flatten(model: &ValidModel) -> FlatModel {
     }
 }
 
-/// Flattens `new` given `old` and its flattening `old_flat`: instances whose
+/// Flattens `new` given `old` and its flattening `old_flat` (consumed, so
+/// nothing is copied): instances whose
 /// resolved rules cannot have changed are taken from `old_flat`, the rest
 /// are flattened afresh. Always equal to `flatten(new)` (a property test
 /// holds it to that); the cost follows what changed, not the model's size.
@@ -266,7 +267,7 @@ pub fn flatten(model: &ValidModel) -> FlatModel {
 /// (groups, addresses, subnet, interface), or one of its groups is *dirty*:
 /// its permissions changed, or they name a group whose members' addresses
 /// changed, or a prefix list whose CIDRs changed.
-pub fn reflatten(old: &ValidModel, old_flat: &FlatModel, new: &ValidModel) -> FlatModel {
+pub fn reflatten(old: &ValidModel, old_flat: FlatModel, new: &ValidModel) -> FlatModel {
     let subnet_index = subnet_indices(new);
     let (old_members, new_members) = (members(old), members(new));
     let changed_members = |g: &str| old_members.get(g) != new_members.get(g);
@@ -293,10 +294,10 @@ pub fn reflatten(old: &ValidModel, old_flat: &FlatModel, new: &ValidModel) -> Fl
     }
     let old_inst: BTreeMap<&str, &ValidInstance> =
         old.instances.iter().map(|i| (i.id.as_str(), i)).collect();
-    let old_rules: BTreeMap<&str, &InstanceRules> = old_flat
+    let mut old_rules: BTreeMap<String, InstanceRules> = old_flat
         .instances
-        .iter()
-        .map(|i| (i.id.as_str(), i))
+        .into_iter()
+        .map(|i| (i.id.clone(), i))
         .collect();
     let instances = new
         .instances
@@ -304,13 +305,13 @@ pub fn reflatten(old: &ValidModel, old_flat: &FlatModel, new: &ValidModel) -> Fl
         .map(|inst| {
             let same = old_inst.get(inst.id.as_str()) == Some(&inst)
                 && !inst.groups.iter().any(|g| dirty.contains(g.as_str()));
-            match old_rules.get(inst.id.as_str()) {
+            match old_rules.remove(&inst.id) {
                 Some(r) if same => InstanceRules {
                     subnet_index: subnet_index
                         .get(inst.subnet_id.as_str())
                         .copied()
                         .unwrap_or(usize::MAX),
-                    ..(*r).clone()
+                    ..r
                 },
                 _ => flatten_instance(inst, &new_members, new, &subnet_index),
             }

@@ -520,11 +520,31 @@ impl Vpc {
     ///
     /// Any [`VpcError`]: the model and what is enforced are as before.
     pub fn replace(&mut self, model: &Model) -> Result<Applied, VpcError> {
+        let t = std::time::Instant::now();
         let (valid, _) = validate(model).map_err(VpcError::Invalid)?;
-        let flat = reflatten(&self.valid, &self.flat, &valid);
-        let applied = self.enforcer.update(&flat).map_err(VpcError::Enforce)?;
-        self.valid = valid;
-        self.flat = flat;
-        Ok(applied)
+        let validated = t.elapsed();
+        // The old flattening is moved, not copied, into the new one; if the
+        // backend refuses the change it is derived again (the failure path
+        // only).
+        let old_flat = std::mem::take(&mut self.flat);
+        let flat = reflatten(&self.valid, old_flat, &valid);
+        let flattened = t.elapsed();
+        match self.enforcer.update(&flat) {
+            Ok(applied) => {
+                tracing::debug!(
+                    "vpc: validate {} us, reflatten {} us, enforce {} us",
+                    validated.as_micros(),
+                    (flattened - validated).as_micros(),
+                    (t.elapsed() - flattened).as_micros()
+                );
+                self.valid = valid;
+                self.flat = flat;
+                Ok(applied)
+            }
+            Err(e) => {
+                self.flat = self.valid.flatten();
+                Err(VpcError::Enforce(e))
+            }
+        }
     }
 }

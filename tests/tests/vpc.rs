@@ -85,7 +85,7 @@ fn reflatten_of_any_two_models_equals_flatten() {
         };
         let (va, vb) = (validate(&a).unwrap().0, validate(&b).unwrap().0);
         let fa = va.flatten();
-        assert_eq!(reflatten(&va, &fa, &vb), vb.flatten(), "seed {seed}");
+        assert_eq!(reflatten(&va, fa, &vb), vb.flatten(), "seed {seed}");
     }
 }
 

@@ -197,17 +197,44 @@ pub struct IdBook {
     /// are deleted by the next apply, when it clears that half.
     #[serde(default)]
     pub retiring: BTreeMap<char, BTreeSet<u32>>,
+    /// The secret seed of the content hashes ([`hash128`]), drawn at random
+    /// when a book starts (0 = not drawn yet): a model's author cannot
+    /// craft two policies that hash alike without knowing it.
+    #[serde(default)]
+    pub seed: u64,
 }
 
-/// A 128-bit hash of a value (two SipHash passes with different prefixes):
-/// collisions between distinct policies are not a practical concern.
-fn hash128(kind: char, v: &impl std::hash::Hash) -> String {
-    use std::hash::{DefaultHasher, Hash, Hasher};
-    let mut a = DefaultHasher::new();
-    (kind, 0u8, v).hash(&mut a);
-    let mut b = DefaultHasher::new();
-    (kind, 1u8, v).hash(&mut b);
-    format!("{kind}{:016x}{:016x}", a.finish(), b.finish())
+/// A random non-zero seed for a new book (from the process's random hasher
+/// keys; no dependency for 8 bytes).
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(std::process::id().into());
+    h.finish().max(1)
+}
+
+/// The bytes a value's `Hash` feeds, collected for one hashing pass.
+struct Bytes(Vec<u8>);
+
+impl std::hash::Hasher for Bytes {
+    fn write(&mut self, b: &[u8]) {
+        self.0.extend_from_slice(b);
+    }
+    fn finish(&self) -> u64 {
+        0
+    }
+}
+
+/// A keyed 128-bit hash of a value (XXH3-128 with the book's seed) over the
+/// bytes its `Hash` feeds: the content address of a compiled object.
+fn hash128(seed: u64, kind: char, v: &impl std::hash::Hash) -> String {
+    use std::hash::Hash;
+    let mut b = Bytes(Vec::with_capacity(256));
+    (kind, v).hash(&mut b);
+    format!(
+        "{kind}{:032x}",
+        xxhash_rust::xxh3::xxh3_128_with_seed(&b.0, seed)
+    )
 }
 
 /// Hands out ids for one compile from the previous book.
@@ -225,6 +252,11 @@ impl<'a> Ids<'a> {
                 ids: BTreeMap::new(),
                 next: old.next.max(1),
                 retiring: BTreeMap::new(),
+                seed: if old.seed == 0 {
+                    random_seed()
+                } else {
+                    old.seed
+                },
             },
             fresh: BTreeSet::new(),
         }
@@ -237,7 +269,7 @@ impl<'a> Ids<'a> {
         kind: char,
         v: &impl std::hash::Hash,
     ) -> Result<(u32, bool), CompileError> {
-        let key = hash128(kind, v);
+        let key = hash128(self.book.seed, kind, v);
         if let Some(id) = self.book.ids.get(&key) {
             return Ok((*id, false));
         }

@@ -292,6 +292,11 @@ impl EbpfBackend {
             t.elapsed().as_millis()
         );
         let mut report = ApplyReport::default();
+        let phase = std::cell::Cell::new(std::time::Instant::now());
+        let lap = |what: &str| {
+            tracing::debug!("apply: {what} {} us", phase.get().elapsed().as_micros());
+            phase.set(std::time::Instant::now());
+        };
 
         sys::ensure_bpffs()?;
         let mut maps = if let Some(prev) = &prev {
@@ -336,6 +341,7 @@ impl EbpfBackend {
             km
         };
 
+        lap("open maps, capacity check");
         // Bound ports: an instance's interface that exists now.
         let mut ports = Vec::new();
         state.interfaces.clear();
@@ -369,6 +375,7 @@ impl EbpfBackend {
             journal.unsettled = true;
             journal.save(&self.state_path)?;
         }
+        lap("ports, journal");
         let written = write_generation(&mut maps, &compiled, &ports, &config).and_then(|()| {
             if sweep {
                 sweep_ids(&mut maps, &compiled.book)
@@ -376,6 +383,7 @@ impl EbpfBackend {
                 Ok(())
             }
         });
+        lap("map writes and switch");
         if let Err(e) = written {
             if report.loaded {
                 // Nothing was in force before: leave nothing behind.
@@ -434,8 +442,10 @@ impl EbpfBackend {
         state.unsettled = false;
         state.dataplane = opts.dataplane;
         state.save(&self.state_path)?;
+        lap("state");
 
         report.attached = self.attach_ports_unlocked(host)?;
+        lap("attach");
         report.generation = generation;
         Ok(report)
     }

@@ -259,9 +259,12 @@ pub(super) fn write_and_switch(
         .chain(lpm_rows(mn::NACL_PORTS, &c.nacl_ports, |k| {
             fresh(key_id(k.set))
         }));
+    let mut written = 0usize;
     for (map, k, v) in rows {
         maps.update(map, &k, &v)?;
+        written += 1;
     }
+    tracing::debug!("apply: {written} lookup entries of new objects written");
     for (id, meta) in c.nacl_meta.iter().filter(|(id, _)| fresh(*id)) {
         maps.update(
             mn::NACL_META,
