@@ -520,9 +520,18 @@ impl Vpc {
     ///
     /// Any [`VpcError`]: the model and what is enforced are as before.
     pub fn replace(&mut self, model: &Model) -> Result<Applied, VpcError> {
-        let t = std::time::Instant::now();
         let (valid, _) = validate(model).map_err(VpcError::Invalid)?;
-        let validated = t.elapsed();
+        self.replace_validated(valid)
+    }
+
+    /// [`Vpc::replace`] with a model the caller validated (and showed the
+    /// warnings of) already.
+    ///
+    /// # Errors
+    ///
+    /// [`VpcError::Enforce`]: the model and what is enforced are as before.
+    pub fn replace_validated(&mut self, valid: ValidModel) -> Result<Applied, VpcError> {
+        let t = std::time::Instant::now();
         // The old flattening is moved, not copied, into the new one; if the
         // backend refuses the change it is derived again (the failure path
         // only).
@@ -532,9 +541,8 @@ impl Vpc {
         match self.enforcer.update(&flat) {
             Ok(applied) => {
                 tracing::debug!(
-                    "vpc: validate {} us, reflatten {} us, enforce {} us",
-                    validated.as_micros(),
-                    (flattened - validated).as_micros(),
+                    "vpc: reflatten {} us, enforce {} us",
+                    flattened.as_micros(),
                     (t.elapsed() - flattened).as_micros()
                 );
                 self.valid = valid;

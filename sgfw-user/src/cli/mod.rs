@@ -149,6 +149,14 @@ pub fn import_options() -> sgfw::import::ImportOptions {
 /// Loads (`-` = stdin), validates and flattens a model. Warnings go to
 /// stderr; any error is bad input.
 pub fn load_model(path: &Path) -> Result<(sgfw::validate::ValidModel, FlatModel), Failure> {
+    let valid = load_valid(path)?;
+    let flat = valid.flatten();
+    Ok((valid, flat))
+}
+
+/// Reads, imports and validates a model file (warnings on stderr), without
+/// flattening it.
+pub fn load_valid(path: &Path) -> Result<sgfw::validate::ValidModel, Failure> {
     let text = read_input(path).map_err(|e| Failure::BadInput(input_error(path, &e)))?;
     // A model, or an unambiguous AWS CLI document (a Reservations[] one,
     // say) imported as `sgfw import` would, bridges discovered.
@@ -168,8 +176,7 @@ pub fn load_model(path: &Path) -> Result<(sgfw::validate::ValidModel, FlatModel)
     for w in warnings {
         eprintln!("warning: {w}");
     }
-    let flat = valid.flatten();
-    Ok((valid, flat))
+    Ok(valid)
 }
 
 /// Runs the chosen subcommand.

@@ -26,7 +26,8 @@ use sgfw::model::Model;
 use sgfw::watch::{LinkEvent, LinkEvents, WatchError};
 use tokio::signal::unix::{SignalKind, signal};
 
-use super::{BackendArg, Failure, load_model};
+use super::{BackendArg, Failure, load_valid};
+use sgfw::vpc::Vpc;
 
 /// Apply, then follow the model file and new bridge ports until stopped.
 ///
@@ -112,10 +113,21 @@ enum Source {
 
 async fn daemon(a: &RunArgs) -> Result<ExitCode, Failure> {
     let mode = super::choose(a.backend)?;
+    let options = super::apply_options(a.conntrack_max, a.dataplane);
+    // A model file is held in a Vpc: each change of the file is re-flattened
+    // and re-compiled only where it differs (what an emulator's deltas do).
+    let mut vpc: Option<Vpc> = None;
+    let mut initial: Option<Model> = None;
     let (mut source, flat, what) = match (&a.file, &a.ec2_endpoint) {
         (Some(f), _) => {
-            let (_, flat) = load_model(f)?;
-            (Source::File(f.clone()), flat, f.display().to_string())
+            // Validated here (a bad file fails before anything is applied);
+            // the Vpc below flattens it.
+            initial = Some(load_valid(f)?.model().clone());
+            (
+                Source::File(f.clone()),
+                FlatModel::default(),
+                f.display().to_string(),
+            )
         }
         (None, Some(url)) => {
             if !(a.poll_interval.is_finite() && a.poll_interval >= 0.05) {
@@ -156,16 +168,28 @@ async fn daemon(a: &RunArgs) -> Result<ExitCode, Failure> {
             )));
         }
     };
-    let summary = super::apply_with(
-        mode,
-        &flat,
-        &super::apply_options(a.conntrack_max, a.dataplane),
-    )?;
-    tracing::info!("applied {what} with the {mode} backend{summary}");
     let file = match &source {
         Source::File(f) => Some(f.clone()),
         Source::Ec2 { .. } => None,
     };
+    let summary = match &initial {
+        Some(m) => {
+            let enforcer = Enforcer::with_mode(mode).with_options(options.clone());
+            let (v, applied) = Vpc::new(m, enforcer).map_err(|e| {
+                Failure::Runtime(anyhow::Error::new(e).context(format!(
+                    "{mode} apply failed; the previous policy (if any) stays in force"
+                )))
+            })?;
+            for n in &applied.notes {
+                eprintln!("note: {n}");
+            }
+            vpc = Some(v);
+            applied.summary()
+        }
+        None => super::apply_with(mode, &flat, &options)?,
+    };
+    drop((flat, initial));
+    tracing::info!("applied {what} with the {mode} backend{summary}");
     let mut seen = file.as_deref().and_then(mtime);
     let mut pending: Option<(SystemTime, u8)> = None;
     // Subscribed before the first catch-up attach, so no port is missed.
@@ -244,17 +268,16 @@ async fn daemon(a: &RunArgs) -> Result<ExitCode, Failure> {
                     if n >= 1 {
                         seen = now;
                         pending = None;
-                        match load_model(file) {
-                            Ok((_, f)) => match super::apply_with(
-                                mode,
-                                &f,
-                                &super::apply_options(a.conntrack_max, a.dataplane),
-                            ) {
-                                Ok(s) => tracing::info!("model changed: re-applied{s}"),
-                                Err(e) => tracing::error!(
+                        match load_valid(file) {
+                            Ok(valid) => match vpc.as_mut().map(|v| v.replace_validated(valid)) {
+                                Some(Ok(applied)) => {
+                                    tracing::info!("model changed: re-applied{}", applied.summary())
+                                }
+                                Some(Err(e)) => tracing::error!(
                                     "re-apply failed, the previous policy stays: {}",
-                                    describe(&e)
+                                    super::chain(&anyhow::Error::new(e))
                                 ),
+                                None => {}
                             },
                             Err(e) => tracing::error!(
                                 "model change rejected, the previous policy stays: {}",
