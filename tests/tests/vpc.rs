@@ -295,3 +295,135 @@ fn prefix_list_changes_reach_the_groups_that_name_them() {
     assert_eq!(ingress_remotes(&v, "i-2"), ["203.0.113.128/25"]);
     assert_eq!(v.flat(), &from_scratch(v.model()));
 }
+
+/// Deltas on the eBPF backend with real traffic between lab namespaces:
+/// each takes effect at the call (no wait before the probe), and a delta the
+/// backend refuses leaves the policy in force as it was.
+#[test]
+fn deltas_take_effect_at_once_on_the_ebpf_backend() {
+    use sgfw::lab::{InstanceSpec, SubnetSpec, TestBed};
+    if !sgfw_tests::require_root("vpc deltas on eBPF") {
+        return;
+    }
+    let subnet = |name: &str| SubnetSpec {
+        name: name.into(),
+        ipv6: false,
+    };
+    let inst = |name: &str, subnet| InstanceSpec {
+        name: name.into(),
+        subnet,
+    };
+    let mut bed = TestBed::new(
+        &[subnet("a"), subnet("b")],
+        &[inst("client", 0), inst("server", 1)],
+    )
+    .unwrap();
+    let tag = bed.instance("client").netns.clone();
+    let ebpf = sgfw::ebpf::EbpfBackend {
+        pin_root: format!("/sys/fs/bpf/{tag}").into(),
+        state_path: format!("/run/sgfw/{tag}.json").into(),
+    };
+    {
+        let be = ebpf.clone();
+        bed.on_drop(move || {
+            let _ = be.teardown();
+        });
+    }
+    bed.serve("server", &[80, 443], &[]).unwrap();
+    let mut m = bed.model_skeleton(|name| vec![format!("sg-{name}")]);
+    let all = || IpPermission::all().from_cidr("0.0.0.0/0");
+    m.security_groups = vec![
+        sgfw::model::SecurityGroup {
+            group_id: "sg-client".into(),
+            ip_permissions_egress: vec![all()],
+            ..Default::default()
+        },
+        sgfw::model::SecurityGroup {
+            group_id: "sg-server".into(),
+            ip_permissions_egress: vec![all()],
+            ..Default::default()
+        },
+    ];
+    let server: std::net::IpAddr = bed.instance("server").v4.into();
+    let client_cidr = format!("{}/32", bed.instance("client").v4);
+    let enforcer = Enforcer::with_mode(EnforcementMode::Ebpf).with_ebpf(ebpf.clone());
+    let (mut vpc, _) = Vpc::new(&m, enforcer).unwrap();
+    assert!(!bed.tcp("client", server, 80), "nothing admitted yet");
+    let http = || vec![IpPermission::tcp(80, 80).from_cidr(&client_cidr)];
+    vpc.apply(&Delta::Authorize {
+        group_id: "sg-server".into(),
+        egress: false,
+        permissions: http(),
+    })
+    .unwrap();
+    assert!(bed.tcp("client", server, 80), "authorized: at once");
+    assert!(!bed.tcp("client", server, 443), "only what was authorized");
+    // A change the eBPF backend cannot compile (more NACL entries than one
+    // bitmask holds): refused whole, the policy in force stays.
+    let before = vpc.model().clone();
+    let nacl = sgfw::model::NetworkAcl {
+        network_acl_id: "acl-big".into(),
+        entries: (1..=70)
+            .map(|n| {
+                sgfw::model::NetworkAclEntry::new(
+                    n,
+                    false,
+                    "6",
+                    "allow",
+                    &format!("10.{n}.0.0/16"),
+                    Some((1, 65535)),
+                )
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let mut big = before.clone();
+    big.network_acls.push(sgfw::model::NetworkAcl {
+        associations: vec![sgfw::model::NaclAssociation {
+            subnet_id: "subnet-b".into(),
+            ..Default::default()
+        }],
+        ..nacl
+    });
+    let e = vpc.replace(&big).unwrap_err();
+    assert!(format!("{e:?}").contains("acl-big"), "{e:?}");
+    assert_eq!(vpc.model(), &before, "a refused change changes nothing");
+    assert!(
+        bed.tcp("client", server, 80),
+        "a refused change keeps the policy"
+    );
+    vpc.apply(&Delta::Revoke {
+        group_id: "sg-server".into(),
+        egress: false,
+        permissions: http(),
+    })
+    .unwrap();
+    assert!(!bed.tcp("client", server, 80), "revoked: at once");
+    // An instance that starts later: once added and its port attached, the
+    // rules that name its group reach it.
+    bed.add_instance(&inst("late", 1)).unwrap();
+    bed.serve("late", &[80], &[]).unwrap();
+    let late = bed.instance("late").clone();
+    vpc.apply(&Delta::AddInstance(sgfw::model::Instance {
+        instance_id: "i-late".into(),
+        subnet_id: "subnet-b".into(),
+        private_ip_address: late.v4.to_string(),
+        security_group_ids: vec!["sg-server".into()],
+        interface: Some(late.port.clone()),
+        ..Default::default()
+    }))
+    .unwrap();
+    vpc.apply(&Delta::Authorize {
+        group_id: "sg-server".into(),
+        egress: false,
+        permissions: http(),
+    })
+    .unwrap();
+    assert!(
+        bed.tcp("client", late.v4.into(), 80),
+        "the later instance, admitted"
+    );
+    assert!(bed.tcp("client", server, 80));
+    drop(vpc);
+    ebpf.teardown().unwrap();
+}
