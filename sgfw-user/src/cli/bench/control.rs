@@ -15,6 +15,7 @@ use sgfw::ebpf::compile::{Indices, compile};
 use sgfw::ebpf::testrun::{TC_ACT_OK, TC_ACT_SHOT, frame};
 use sgfw::ebpf::{ApplyOptions, EbpfBackend};
 use sgfw::model::{IpPermission, Model};
+use sgfw::nft::NftBackend;
 use sgfw::packet::{Packet, TcpFlags};
 use sgfw::sys::RealHost;
 use sgfw::vpc::{Delta, Vpc};
@@ -41,6 +42,11 @@ struct Measured {
     delta_ms: Vec<f64>,
     /// `Vpc::replace` with a one-rule change until a probe sees it.
     vpc_replace_ms: f64,
+    /// The nftables backend: first apply of the model, then the one-rule
+    /// change (both whole transactions), and the ruleset's size.
+    nft_first_apply_ms: f64,
+    nft_one_rule_change_ms: f64,
+    nft_ruleset_bytes: usize,
     map_entries: Vec<(String, usize)>,
     map_memory: Vec<(String, u64)>,
 }
@@ -119,6 +125,17 @@ pub fn run() -> Result<(String, serde_json::Value), Failure> {
     );
     let _ = writeln!(
         s,
+        "| nftables backend, 20-instance model: first apply (one transaction, {:.1} MiB ruleset) | {:.0} ms |",
+        m.nft_ruleset_bytes as f64 / 1048576.0,
+        m.nft_first_apply_ms
+    );
+    let _ = writeln!(
+        s,
+        "| nftables backend, 20-instance model: the one-rule change, validate + flatten + whole transaction (the 1,000-instance ruleset, 2.19 M rules, does not load in minutes) | {:.0} ms |",
+        m.nft_one_rule_change_ms
+    );
+    let _ = writeln!(
+        s,
         "| peak resident memory of the process | {peak_mib:.0} MiB |\n"
     );
     let total: u64 = m.map_memory.iter().map(|(_, b)| *b).sum();
@@ -146,6 +163,9 @@ pub fn run() -> Result<(String, serde_json::Value), Failure> {
         "stateless_one_rule_change_ms_1000": m.one_rule_change_ms,
         "stateless_one_rule_apply_only_ms_1000": m.one_rule_apply_only_ms,
         "delta_ms_1000": delta_ms,
+        "nft_first_apply_ms_20": m.nft_first_apply_ms,
+        "nft_one_rule_change_ms_20": m.nft_one_rule_change_ms,
+        "nft_ruleset_mib_20": m.nft_ruleset_bytes as f64 / 1048576.0,
         "delta_samples_ms_1000": m.delta_ms,
         "one_rule_change_ms_20": m.small_one_rule_change_ms,
         "peak_rss_mib_1000": peak_mib,
@@ -232,6 +252,9 @@ pub fn child() -> Result<(), Failure> {
             small_one_rule_apply_only_ms: f64::NAN,
             delta_ms,
             vpc_replace_ms,
+            nft_first_apply_ms: f64::NAN,
+            nft_one_rule_change_ms: f64::NAN,
+            nft_ruleset_bytes: 0,
             map_entries: report.entries.into_iter().collect(),
             map_memory,
         })
@@ -254,6 +277,28 @@ pub fn child() -> Result<(), Failure> {
         .and_then(|_| one_rule_change(&be, &small, &small_flat));
     let _ = be.teardown();
     (m.small_one_rule_change_ms, m.small_one_rule_apply_only_ms) = r?;
+    // The nftables backend on the 20-instance model, one whole transaction
+    // each (the 1,000-instance ruleset did not load in 9 minutes here).
+    let nft = NftBackend::new(&RealHost);
+    let r = (|| -> Result<(f64, f64, usize), Failure> {
+        let t = Instant::now();
+        let rep = nft.apply(&small_flat).context("nft apply")?;
+        let first = ms(t);
+        let mut changed = small.clone();
+        changed.security_groups[0]
+            .ip_permissions
+            .push(IpPermission::tcp(9999, 9999).from_cidr("198.51.100.0/24"));
+        let t = Instant::now();
+        let (v2, _) = sgfw::validate::validate(&changed).map_err(|e| anyhow!("{e}"))?;
+        nft.apply(&v2.flatten()).context("nft one-rule apply")?;
+        Ok((first, ms(t), rep.ruleset_bytes))
+    })();
+    let _ = nft.teardown();
+    (
+        m.nft_first_apply_ms,
+        m.nft_one_rule_change_ms,
+        m.nft_ruleset_bytes,
+    ) = r?;
     println!("{}", serde_json::to_string(&m)?);
     Ok(())
 }
