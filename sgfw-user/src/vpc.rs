@@ -263,6 +263,41 @@ fn no_remotes(p: &IpPermission) -> bool {
         && p.prefix_list_ids.is_empty()
 }
 
+/// A group's ingress or egress permissions.
+fn permissions_of<'m>(
+    m: &'m mut Model,
+    group_id: &str,
+    egress: bool,
+) -> Result<&'m mut Vec<IpPermission>, VpcError> {
+    let sg = m
+        .security_groups
+        .iter_mut()
+        .find(|g| g.group_id == group_id)
+        .ok_or_else(|| VpcError::NotFound {
+            what: "SecurityGroup",
+            id: group_id.to_string(),
+        })?;
+    Ok(if egress {
+        &mut sg.ip_permissions_egress
+    } else {
+        &mut sg.ip_permissions
+    })
+}
+
+/// A network ACL by id.
+fn nacl_of<'m>(
+    m: &'m mut Model,
+    network_acl_id: &str,
+) -> Result<&'m mut crate::model::NetworkAcl, VpcError> {
+    m.network_acls
+        .iter_mut()
+        .find(|a| a.network_acl_id == network_acl_id)
+        .ok_or_else(|| VpcError::NotFound {
+            what: "NetworkAcl",
+            id: network_acl_id.to_string(),
+        })
+}
+
 /// `model` with `delta` made, or why it cannot be (nothing validated yet).
 pub fn change(model: &Model, delta: &Delta) -> Result<Model, VpcError> {
     let mut m = model.clone();
@@ -273,19 +308,7 @@ pub fn change(model: &Model, delta: &Delta) -> Result<Model, VpcError> {
             egress,
             permissions,
         } => {
-            let sg = m
-                .security_groups
-                .iter_mut()
-                .find(|g| &g.group_id == group_id)
-                .ok_or_else(|| VpcError::NotFound {
-                    what: "SecurityGroup",
-                    id: group_id.clone(),
-                })?;
-            let perms = if *egress {
-                &mut sg.ip_permissions_egress
-            } else {
-                &mut sg.ip_permissions
-            };
+            let perms = permissions_of(&mut m, group_id, *egress)?;
             for p in permissions {
                 for s in singles(p) {
                     if perms
@@ -309,19 +332,7 @@ pub fn change(model: &Model, delta: &Delta) -> Result<Model, VpcError> {
             egress,
             permissions,
         } => {
-            let sg = m
-                .security_groups
-                .iter_mut()
-                .find(|g| &g.group_id == group_id)
-                .ok_or_else(|| VpcError::NotFound {
-                    what: "SecurityGroup",
-                    id: group_id.clone(),
-                })?;
-            let perms = if *egress {
-                &mut sg.ip_permissions_egress
-            } else {
-                &mut sg.ip_permissions
-            };
+            let perms = permissions_of(&mut m, group_id, *egress)?;
             for p in permissions {
                 for s in singles(p) {
                     let mut found = false;
@@ -379,14 +390,7 @@ pub fn change(model: &Model, delta: &Delta) -> Result<Model, VpcError> {
             network_acl_id,
             entry,
         } => {
-            let acl = m
-                .network_acls
-                .iter_mut()
-                .find(|a| &a.network_acl_id == network_acl_id)
-                .ok_or_else(|| VpcError::NotFound {
-                    what: "NetworkAcl",
-                    id: network_acl_id.clone(),
-                })?;
+            let acl = nacl_of(&mut m, network_acl_id)?;
             acl.entries
                 .retain(|e| !(e.rule_number == entry.rule_number && e.egress == entry.egress));
             acl.entries.push(entry.clone());
@@ -396,14 +400,7 @@ pub fn change(model: &Model, delta: &Delta) -> Result<Model, VpcError> {
             rule_number,
             egress,
         } => {
-            let acl = m
-                .network_acls
-                .iter_mut()
-                .find(|a| &a.network_acl_id == network_acl_id)
-                .ok_or_else(|| VpcError::NotFound {
-                    what: "NetworkAcl",
-                    id: network_acl_id.clone(),
-                })?;
+            let acl = nacl_of(&mut m, network_acl_id)?;
             let before = acl.entries.len();
             acl.entries
                 .retain(|e| !(e.rule_number == *rule_number && e.egress == *egress));

@@ -30,20 +30,18 @@
 use std::fmt::Write as _;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
-use sgfw::ebpf::{ApplyOptions, Dataplane, EbpfBackend};
-use sgfw::lab::{InstanceSpec, SubnetSpec, TestBed};
+use sgfw::ebpf::{ApplyOptions, Dataplane};
+use sgfw::lab::TestBed;
 use sgfw::model::{IpPermission, Model, SecurityGroup};
 use sgfw::sys::RealHost;
 
 use super::BenchArgs;
-use super::measure::{Spread, cpu_busy_ns};
+use super::measure::{Lab, Spread, cpu_busy_ns};
 use crate::cli::Failure;
 
 /// UDP payload of a flood frame: 14 (Ethernet) + 20 (IPv4) + 8 (UDP) + 18
@@ -268,48 +266,10 @@ fn figures(v: &[Sample]) -> ModeFigures {
 
 /// Runs the flood measurement; returns its report section and figures.
 pub fn run(a: &BenchArgs) -> Result<(String, FloodFigures), Failure> {
-    let subnet = |name: &str| SubnetSpec {
-        name: name.into(),
-        ipv6: false,
-    };
-    let inst = |name: &str, subnet| InstanceSpec {
-        name: name.into(),
-        subnet,
-    };
-    let mut bed = TestBed::new(
-        &[subnet("a"), subnet("b")],
-        &[inst("attacker", 0), inst("client", 0), inst("server", 1)],
-    )
-    .context("building the flood lab")?;
-    let tag = bed.instance("attacker").netns.clone();
-    let ebpf = EbpfBackend {
-        pin_root: PathBuf::from(format!("/sys/fs/bpf/{tag}")),
-        state_path: PathBuf::from(format!("/run/sgfw/{tag}.json")),
-    };
-    let mut server = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &bed.instance("server").netns,
-            "iperf3",
-            "-s",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting iperf3 -s")?;
-    let server_pid = server.id();
-    {
-        let be = ebpf.clone();
-        bed.on_drop(move || {
-            // SAFETY: kill(2) of our own child.
-            unsafe { libc::kill(server_pid as i32, libc::SIGTERM) };
-            let _ = be.teardown();
-        });
-    }
-    std::thread::sleep(Duration::from_millis(500));
+    let lab = Lab::new(&[("attacker", 0), ("client", 0), ("server", 1)], || {})?;
+    let (bed, ebpf) = (&lab.bed, &lab.ebpf);
     let (v, _) =
-        sgfw::validate::validate(&model(&bed)).map_err(|e| anyhow!("flood model invalid: {e}"))?;
+        sgfw::validate::validate(&model(bed)).map_err(|e| anyhow!("flood model invalid: {e}"))?;
     let flat = v.flatten();
     let attacker = bed
         .udp_socket("attacker", false)
@@ -346,13 +306,11 @@ pub fn run(a: &BenchArgs) -> Result<(String, FloodFigures), Failure> {
                     ebpf.apply(&flat, &RealHost, &opts).context("eBPF apply")?;
                 }
             }
-            samples[i].push(window(&bed, mode, &attacker, a.seconds)?);
+            samples[i].push(window(bed, mode, &attacker, a.seconds)?);
         }
     }
     ebpf.teardown().context("eBPF teardown")?;
-    let _ = server.kill();
-    let _ = server.wait();
-    drop(bed);
+    drop(lab);
     let [none, tc, xdp] = [
         figures(&samples[0]),
         figures(&samples[1]),

@@ -2,6 +2,8 @@
 //! `/proc/stat`, and medians with interquartile ranges over rounds.
 
 use anyhow::anyhow;
+use sgfw::ebpf::EbpfBackend;
+use sgfw::lab::{InstanceSpec, SubnetSpec, TestBed};
 
 use super::median;
 use crate::cli::Failure;
@@ -73,4 +75,76 @@ pub fn cpu_busy_ns() -> Result<f64, Failure> {
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     let hz = if hz > 0 { hz as f64 } else { 100.0 };
     Ok(busy as f64 * 1e9 / hz)
+}
+
+/// A lab for the real-traffic parts: subnets `a` and `b`, these instances
+/// (name, subnet index), an eBPF backend pinned under the lab's own tag,
+/// and `iperf3 -s` in the instance `server`. When the bed goes it kills
+/// the server, removes what the eBPF backend applied, then runs `cleanup`
+/// (whatever else the part may have put in force).
+pub struct Lab {
+    /// The namespaces and bridges.
+    pub bed: TestBed,
+    /// The eBPF backend of this lab.
+    pub ebpf: EbpfBackend,
+    server: std::process::Child,
+}
+
+impl Lab {
+    /// Builds the lab.
+    pub fn new(
+        instances: &[(&str, usize)],
+        cleanup: impl FnOnce() + Send + 'static,
+    ) -> Result<Lab, Failure> {
+        let subnets: Vec<SubnetSpec> = ["a", "b"]
+            .iter()
+            .map(|n| SubnetSpec {
+                name: (*n).into(),
+                ipv6: false,
+            })
+            .collect();
+        let specs: Vec<InstanceSpec> = instances
+            .iter()
+            .map(|(name, subnet)| InstanceSpec {
+                name: (*name).into(),
+                subnet: *subnet,
+            })
+            .collect();
+        let mut bed = TestBed::new(&subnets, &specs)
+            .map_err(|e| Failure::Runtime(anyhow!("building the benchmark lab: {e}")))?;
+        let tag = bed.instances[0].netns.clone();
+        let ebpf = EbpfBackend {
+            pin_root: format!("/sys/fs/bpf/{tag}").into(),
+            state_path: format!("/run/sgfw/{tag}.json").into(),
+        };
+        let server = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &bed.instance("server").netns,
+                "iperf3",
+                "-s",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| Failure::Runtime(anyhow!("starting iperf3 -s: {e}")))?;
+        let server_pid = server.id();
+        let be = ebpf.clone();
+        bed.on_drop(move || {
+            // SAFETY: kill(2) of our own child.
+            unsafe { libc::kill(server_pid as i32, libc::SIGTERM) };
+            let _ = be.teardown();
+            cleanup();
+        });
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        Ok(Lab { bed, ebpf, server })
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
 }

@@ -16,18 +16,16 @@
 //! - TCP, one stream for `--seconds`: Gbit/s received.
 
 use std::fmt::Write as _;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
 
 use anyhow::{Context, anyhow};
 use sgfw::ebpf::{ApplyOptions, EbpfBackend};
 use sgfw::flat::FlatModel;
-use sgfw::lab::{InstanceSpec, SubnetSpec, TestBed};
+use sgfw::lab::TestBed;
 use sgfw::model::{IpPermission, Model, SecurityGroup};
 use sgfw::nft::NftBackend;
 use sgfw::sys::{Host, RealHost};
 
-use super::measure::{Spread, cpu_busy_ns};
+use super::measure::{Lab, Spread, cpu_busy_ns};
 use super::{BenchArgs, chart};
 use crate::cli::Failure;
 
@@ -274,61 +272,14 @@ fn switch(
 
 /// Runs the traffic part; returns its report section and figures.
 pub fn run(a: &BenchArgs) -> Result<(String, TrafficFigures), Failure> {
-    let mut bed = TestBed::new(
-        &[
-            SubnetSpec {
-                name: "a".into(),
-                ipv6: false,
-            },
-            SubnetSpec {
-                name: "b".into(),
-                ipv6: false,
-            },
-        ],
-        &[
-            InstanceSpec {
-                name: "client".into(),
-                subnet: 0,
-            },
-            InstanceSpec {
-                name: "server".into(),
-                subnet: 1,
-            },
-        ],
-    )
-    .context("building the benchmark lab")?;
-    let tag = bed.instance("client").netns.clone();
-    let ebpf = EbpfBackend {
-        pin_root: PathBuf::from(format!("/sys/fs/bpf/{tag}")),
-        state_path: PathBuf::from(format!("/run/sgfw/{tag}.json")),
-    };
-    let mut server = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &bed.instance("server").netns,
-            "iperf3",
-            "-s",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting iperf3 -s")?;
-    let server_pid = server.id();
-    {
-        let be = ebpf.clone();
-        bed.on_drop(move || {
-            // SAFETY: kill(2) of our own child.
-            unsafe { libc::kill(server_pid as i32, libc::SIGTERM) };
-            let _ = be.teardown();
-            let _ = NftBackend::new(&RealHost).teardown();
-            let _ = RealHost.nft(&["delete", "table", "inet", LINEAR_TABLE], None);
-        });
-    }
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    let lab = Lab::new(&[("client", 0), ("server", 1)], || {
+        let _ = NftBackend::new(&RealHost).teardown();
+        let _ = RealHost.nft(&["delete", "table", "inet", LINEAR_TABLE], None);
+    })?;
+    let (bed, ebpf) = (&lab.bed, &lab.ebpf);
     let mut flats = Vec::new();
     for rules in RULES {
-        let m = model(&bed, rules);
+        let m = model(bed, rules);
         let (v, _) =
             sgfw::validate::validate(&m).map_err(|e| anyhow!("traffic model invalid: {e}"))?;
         flats.push((rules, v.flatten(), linear_ruleset(&m)));
@@ -349,14 +300,12 @@ pub fn run(a: &BenchArgs) -> Result<(String, TrafficFigures), Failure> {
                 round + 1,
                 planes[i].label()
             );
-            switch(planes[i], &flats, &ebpf)?;
-            samples[i].push(measure(&bed, a.seconds)?);
+            switch(planes[i], &flats, ebpf)?;
+            samples[i].push(measure(bed, a.seconds)?);
         }
     }
-    switch(Plane::None, &flats, &ebpf)?;
-    let _ = server.kill();
-    let _ = server.wait();
-    drop(bed);
+    switch(Plane::None, &flats, ebpf)?;
+    drop(lab);
 
     let col =
         |i: usize, f: fn(&Sample) -> f64| Spread::of(&samples[i].iter().map(f).collect::<Vec<_>>());
