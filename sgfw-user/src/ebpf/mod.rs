@@ -248,6 +248,11 @@ impl EbpfBackend {
         Ok(km)
     }
 
+    /// Where the last apply recorded its objects' map keys ([`ObjectKeys`]).
+    pub(crate) fn keys_path(&self) -> PathBuf {
+        self.state_path.with_extension("keys")
+    }
+
     /// Validated model in, enforcement out: compiles, loads and pins on first
     /// use, writes the new generation atomically, attaches every bridge port.
     /// Nothing is changed when compiling fails or the maps are too small.
@@ -376,13 +381,19 @@ impl EbpfBackend {
             journal.save(&self.state_path)?;
         }
         lap("ports, journal");
-        let written = write_generation(&mut maps, &compiled, &ports, &config).and_then(|()| {
-            if sweep {
-                sweep_ids(&mut maps, &compiled.book)
-            } else {
-                Ok(())
-            }
-        });
+        // The keys of the objects this apply retires, as the last apply
+        // recorded them (a missing or stale record: walk the tries).
+        let known = prev
+            .as_ref()
+            .and_then(|p| keys_file::load(&self.keys_path(), p.generation));
+        let written = write_generation(&mut maps, &compiled, &ports, &config, known.as_ref())
+            .and_then(|()| {
+                if sweep {
+                    sweep_ids(&mut maps, &compiled.book)
+                } else {
+                    Ok(())
+                }
+            });
         lap("map writes and switch");
         if let Err(e) = written {
             if report.loaded {
@@ -442,12 +453,78 @@ impl EbpfBackend {
         state.unsettled = false;
         state.dataplane = opts.dataplane;
         state.save(&self.state_path)?;
+        // Best effort: without it the next apply walks the tries. The next
+        // apply deletes what this one retired: their keys are carried over
+        // from the record this apply read.
+        let keys = keys_for_next(&compiled, known.as_ref());
+        if let Err(e) = keys_file::save(&self.keys_path(), generation, &keys) {
+            tracing::debug!("recording the objects' keys: {e}");
+            let _ = std::fs::remove_file(self.keys_path());
+        }
         lap("state");
 
         report.attached = self.attach_ports_unlocked(host)?;
         lap("attach");
         report.generation = generation;
         Ok(report)
+    }
+}
+
+/// The record of [`ObjectKeys`] beside the state file: `SGFWKEY1`, the
+/// generation (u32 LE), then per key the object id (u32 LE), the map's
+/// index in `GENERATIONAL` (u8), the key's length (u16 LE) and its bytes.
+mod keys_file {
+    use super::ObjectKeys;
+    use std::path::Path;
+
+    const MAGIC: &[u8; 8] = b"SGFWKEY1";
+
+    pub fn save(path: &Path, generation: u32, keys: &ObjectKeys) -> std::io::Result<()> {
+        let mut out = Vec::with_capacity(16 + keys.len() * 32);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&generation.to_le_bytes());
+        for (id, ks) in keys {
+            if ks.is_empty() {
+                // An object without entries: recorded so its absence is known.
+                out.extend_from_slice(&id.to_le_bytes());
+                out.push(u8::MAX);
+                out.extend_from_slice(&0u16.to_le_bytes());
+            }
+            for (gi, k) in ks {
+                let len = u16::try_from(k.len()).map_err(std::io::Error::other)?;
+                out.extend_from_slice(&id.to_le_bytes());
+                out.push(*gi);
+                out.extend_from_slice(&len.to_le_bytes());
+                out.extend_from_slice(k);
+            }
+        }
+        let tmp = path.with_extension("keys.tmp");
+        std::fs::write(&tmp, &out)?;
+        std::fs::rename(&tmp, path)
+    }
+
+    /// The record, if it is whole and of `generation`.
+    pub fn load(path: &Path, generation: u32) -> Option<ObjectKeys> {
+        let b = std::fs::read(path).ok()?;
+        let rest = b.strip_prefix(MAGIC.as_slice())?;
+        let (g, mut rest) = rest.split_at_checked(4)?;
+        if u32::from_le_bytes(g.try_into().ok()?) != generation {
+            return None;
+        }
+        let mut keys = ObjectKeys::new();
+        while !rest.is_empty() {
+            let (head, tail) = rest.split_at_checked(7)?;
+            let id = u32::from_le_bytes(head[0..4].try_into().ok()?);
+            let gi = head[4];
+            let len = usize::from(u16::from_le_bytes(head[5..7].try_into().ok()?));
+            let (k, tail) = tail.split_at_checked(len)?;
+            let e = keys.entry(id).or_default();
+            if gi != u8::MAX {
+                e.push((gi, k.to_vec()));
+            }
+            rest = tail;
+        }
+        Some(keys)
     }
 }
 
@@ -527,7 +604,7 @@ mod tests {
     ) -> Result<(Compiled, IdBook), SysError> {
         idx.update(model);
         let c = compile::compile(model, idx, book).unwrap();
-        write_generation(maps, &c, &[(7, 1)], &config_for(model, generation, 0))?;
+        write_generation(maps, &c, &[(7, 1)], &config_for(model, generation, 0), None)?;
         let b = c.book.clone();
         Ok((c, b))
     }
@@ -559,6 +636,41 @@ mod tests {
             ids.insert(u32::from_ne_bytes([k[0], k[1], k[2], k[3]]));
         }
         ids
+    }
+
+    /// Deleting retired objects by the keys the previous apply recorded
+    /// leaves the maps exactly as walking the tries does, apply after apply,
+    /// and the recorded path is the one taken once a record exists.
+    #[test]
+    fn recorded_keys_delete_exactly_what_walking_the_tries_deletes() {
+        let (a, b) = (flat(A), flat(B));
+        let (mut walk, mut rec) = (FakeMaps::default(), FakeMaps::default());
+        let (mut iw, mut ir) = (Indices::default(), Indices::default());
+        let (mut bw, mut br) = (IdBook::default(), IdBook::default());
+        let mut known: Option<ObjectKeys> = None;
+        let mut deleted_by_record = 0;
+        for (g, m) in [&a, &b, &a, &b, &a].into_iter().enumerate() {
+            let cfg = config_for(m, g as u32 + 1, 0);
+            iw.update(m);
+            let cw = compile::compile(m, &iw, &bw).unwrap();
+            write_generation(&mut walk, &cw, &[(7, 1)], &cfg, None).unwrap();
+            bw = cw.book.clone();
+            ir.update(m);
+            let cr = compile::compile(m, &ir, &br).unwrap();
+            if known.as_ref().is_some_and(|k| {
+                !cr.retire_now.is_empty() && cr.retire_now.iter().all(|id| k.contains_key(id))
+            }) {
+                deleted_by_record += 1;
+            }
+            write_generation(&mut rec, &cr, &[(7, 1)], &cfg, known.as_ref()).unwrap();
+            known = Some(keys_for_next(&cr, known.as_ref()));
+            br = cr.book.clone();
+            assert_eq!(walk.maps, rec.maps, "after apply {g}");
+        }
+        assert!(
+            deleted_by_record >= 2,
+            "the record was used {deleted_by_record} times"
+        );
     }
 
     #[test]

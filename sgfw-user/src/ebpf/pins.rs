@@ -453,6 +453,7 @@ impl EbpfBackend {
     pub(super) fn teardown_unlocked(&self) -> Result<(), EbpfError> {
         // The fence first: with the links gone every port is "not attached".
         let _ = std::fs::remove_file(self.state_path.with_extension("fence"));
+        let _ = std::fs::remove_file(self.keys_path());
         let table = self.fence_table();
         let _ = sys::RealHost.nft(
             &["-f", "-"],

@@ -134,7 +134,7 @@ impl TestDataplane {
         let mut config = config_for(model, self.generation, 0);
         config.time_override_ns = self.config.time_override_ns;
         let ports = self.bound_ports(model);
-        write_generation(&mut self.maps, &compiled, &ports, &config)?;
+        write_generation(&mut self.maps, &compiled, &ports, &config, None)?;
         self.book = compiled.book.clone();
         config.slot = super::slot_in_force(&mut self.maps)?;
         self.config = config;

@@ -125,6 +125,7 @@ pub fn write_generation(
     c: &Compiled,
     ports: &[(u32, u32)],
     config: &Config,
+    known: Option<&ObjectKeys>,
 ) -> Result<(), SysError> {
     let new = slot_in_force(maps)? ^ 1;
     // Port bindings are not halved (instance indices are stable): keep them
@@ -140,7 +141,13 @@ pub fn write_generation(
     // The half about to be written held the generation before last, the only
     // one that still named the ids the last apply retired: both go now.
     let result = clear_slot(maps, new)
-        .and_then(|()| delete_ids(maps, &c.retire_now, &c.retire_now_kinds))
+        .and_then(
+            |()| match known.filter(|k| c.retire_now.iter().all(|id| k.contains_key(id))) {
+                // Every retired object's keys are known: delete exactly those.
+                Some(k) => delete_keys(maps, &c.retire_now, k),
+                None => delete_ids(maps, &c.retire_now, &c.retire_now_kinds),
+            },
+        )
         .and_then(|()| write_and_switch(maps, c, ports, &config, new));
     if let Err(e) = result {
         // Roll back: the half in force was never touched.
@@ -203,6 +210,79 @@ pub(super) fn delete_ids(
         for id in ids {
             maps.delete(mn::NACL_META, &id.to_ne_bytes())?;
         }
+    }
+    Ok(())
+}
+
+/// Every LPM key of every object a compile holds, by object id (ids of
+/// objects without entries map to nothing): what a later apply deletes when
+/// those objects retire, without walking the tries for them (a walk of a
+/// 1,000-instance model's 87,000 SG prefix keys took ≈115 ms). A key is
+/// `(index into GENERATIONAL, key bytes)`; each names its own id, so a stale
+/// record can only miss entries (left for a sweep), never delete a live one.
+pub type ObjectKeys = BTreeMap<u32, Vec<(u8, Vec<u8>)>>;
+
+/// The [`ObjectKeys`] of a compile: every object of its book.
+pub fn object_keys(c: &Compiled) -> ObjectKeys {
+    let mut out: ObjectKeys = c.book.ids.values().map(|id| (*id, Vec::new())).collect();
+    let rows = lpm_rows(mn::SG_CIDR_V4, &c.sg_cidr_v4, |_| true)
+        .chain(lpm_rows(mn::SG_CIDR_V6, &c.sg_cidr_v6, |_| true))
+        .chain(lpm_rows(mn::SG_PORTS, &c.sg_ports, |_| true))
+        .chain(lpm_rows(mn::NACL_CIDR_V4, &c.nacl_cidr_v4, |_| true))
+        .chain(lpm_rows(mn::NACL_CIDR_V6, &c.nacl_cidr_v6, |_| true))
+        .chain(lpm_rows(mn::NACL_PORTS, &c.nacl_ports, |_| true));
+    for (map, k, _) in rows {
+        let Some(gi) = GENERATIONAL.iter().position(|g| g.0 == map) else {
+            continue;
+        };
+        let off = GENERATIONAL[gi].2;
+        let Some(idb) = k.get(off..off + 4) else {
+            continue;
+        };
+        let id = u32::from_be_bytes([idb[0], idb[1], idb[2], idb[3]]);
+        out.entry(id).or_default().push((gi as u8, k));
+    }
+    out
+}
+
+/// What an apply records for the next one: the keys of every object of its
+/// compile, and — carried over from `known`, the record it read — those of
+/// the objects it retired, which the next apply deletes.
+pub fn keys_for_next(c: &Compiled, known: Option<&ObjectKeys>) -> ObjectKeys {
+    let mut keys = object_keys(c);
+    if let Some(k) = known {
+        for id in c.book.retiring.values().flatten() {
+            if let Some(v) = k.get(id) {
+                keys.insert(*id, v.clone());
+            }
+        }
+    }
+    keys
+}
+
+/// Deletes the recorded keys of `ids` (and their NACL metadata), checking
+/// that each key names the id it is recorded under.
+pub(super) fn delete_keys(
+    maps: &mut dyn MapOps,
+    ids: &BTreeSet<u32>,
+    known: &ObjectKeys,
+) -> Result<(), SysError> {
+    for id in ids {
+        for (gi, k) in known.get(id).into_iter().flatten() {
+            let Some((map, ks, off)) = GENERATIONAL.get(usize::from(*gi)) else {
+                continue;
+            };
+            let named = k
+                .get(*off..off + 4)
+                .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+            if k.len() != *ks || named != Some(*id) {
+                continue;
+            }
+            maps.delete(map, k)?;
+        }
+        // NACL tables' metadata is keyed by id alone (absent for other
+        // kinds: deleting it is a no-op).
+        maps.delete(mn::NACL_META, &id.to_ne_bytes())?;
     }
     Ok(())
 }
