@@ -156,111 +156,64 @@ fn shape(p: &IpPermission) -> (String, Option<i64>, Option<i64>) {
     }
 }
 
-/// Each remote of a permission, as a one-remote permission.
-fn singles(p: &IpPermission) -> Vec<IpPermission> {
-    let bare = IpPermission {
-        ip_ranges: vec![],
-        ipv6_ranges: vec![],
-        user_id_group_pairs: vec![],
-        prefix_list_ids: vec![],
-        ..p.clone()
-    };
-    let mut v = Vec::new();
-    for r in &p.ip_ranges {
-        v.push(IpPermission {
-            ip_ranges: vec![r.clone()],
-            ..bare.clone()
-        });
-    }
-    for r in &p.ipv6_ranges {
-        v.push(IpPermission {
-            ipv6_ranges: vec![r.clone()],
-            ..bare.clone()
-        });
-    }
-    for r in &p.user_id_group_pairs {
-        v.push(IpPermission {
-            user_id_group_pairs: vec![r.clone()],
-            ..bare.clone()
-        });
-    }
-    for r in &p.prefix_list_ids {
-        v.push(IpPermission {
-            prefix_list_ids: vec![r.clone()],
-            ..bare.clone()
-        });
-    }
-    v
+/// One remote of a permission, by the text EC2 names it with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Remote {
+    V4(String),
+    V6(String),
+    Group(String),
+    List(String),
 }
 
-fn describe(p: &IpPermission) -> String {
-    let (proto, lo, hi) = shape(p);
-    let remote = p
-        .ip_ranges
-        .iter()
-        .map(|r| r.cidr_ip.clone())
-        .chain(p.ipv6_ranges.iter().map(|r| r.cidr_ipv6.clone()))
-        .chain(p.user_id_group_pairs.iter().map(|g| g.group_id.clone()))
-        .chain(p.prefix_list_ids.iter().map(|l| l.prefix_list_id.clone()))
-        .collect::<Vec<_>>()
-        .join(",");
-    match (lo, hi) {
-        (Some(lo), Some(hi)) => format!("protocol {proto} ports {lo}-{hi} from/to {remote}"),
-        _ => format!("protocol {proto} from/to {remote}"),
+impl Remote {
+    fn name(&self) -> &str {
+        match self {
+            Remote::V4(s) | Remote::V6(s) | Remote::Group(s) | Remote::List(s) => s,
+        }
     }
 }
 
-/// Whether permission `p` has the one remote of `single`.
-fn has_remote(p: &IpPermission, single: &IpPermission) -> bool {
-    single
-        .ip_ranges
+/// Every remote of a permission.
+fn remotes(p: &IpPermission) -> Vec<Remote> {
+    p.ip_ranges
         .iter()
-        .all(|r| p.ip_ranges.iter().any(|x| x.cidr_ip == r.cidr_ip))
-        && single
-            .ipv6_ranges
-            .iter()
-            .all(|r| p.ipv6_ranges.iter().any(|x| x.cidr_ipv6 == r.cidr_ipv6))
-        && single.user_id_group_pairs.iter().all(|r| {
+        .map(|r| Remote::V4(r.cidr_ip.clone()))
+        .chain(
+            p.ipv6_ranges
+                .iter()
+                .map(|r| Remote::V6(r.cidr_ipv6.clone())),
+        )
+        .chain(
             p.user_id_group_pairs
                 .iter()
-                .any(|x| x.group_id == r.group_id)
-        })
-        && single.prefix_list_ids.iter().all(|r| {
+                .map(|g| Remote::Group(g.group_id.clone())),
+        )
+        .chain(
             p.prefix_list_ids
                 .iter()
-                .any(|x| x.prefix_list_id == r.prefix_list_id)
-        })
+                .map(|l| Remote::List(l.prefix_list_id.clone())),
+        )
+        .collect()
 }
 
-/// Removes the one remote of `single` from `p`.
-fn remove_remote(p: &mut IpPermission, single: &IpPermission) {
-    p.ip_ranges
-        .retain(|x| !single.ip_ranges.iter().any(|r| r.cidr_ip == x.cidr_ip));
-    p.ipv6_ranges.retain(|x| {
-        !single
-            .ipv6_ranges
-            .iter()
-            .any(|r| r.cidr_ipv6 == x.cidr_ipv6)
-    });
-    p.user_id_group_pairs.retain(|x| {
-        !single
-            .user_id_group_pairs
-            .iter()
-            .any(|r| r.group_id == x.group_id)
-    });
-    p.prefix_list_ids.retain(|x| {
-        !single
-            .prefix_list_ids
-            .iter()
-            .any(|r| r.prefix_list_id == x.prefix_list_id)
-    });
+/// Removes one remote from a permission.
+fn remove_remote(p: &mut IpPermission, r: &Remote) {
+    match r {
+        Remote::V4(c) => p.ip_ranges.retain(|x| &x.cidr_ip != c),
+        Remote::V6(c) => p.ipv6_ranges.retain(|x| &x.cidr_ipv6 != c),
+        Remote::Group(g) => p.user_id_group_pairs.retain(|x| &x.group_id != g),
+        Remote::List(l) => p.prefix_list_ids.retain(|x| &x.prefix_list_id != l),
+    }
 }
 
-fn no_remotes(p: &IpPermission) -> bool {
-    p.ip_ranges.is_empty()
-        && p.ipv6_ranges.is_empty()
-        && p.user_id_group_pairs.is_empty()
-        && p.prefix_list_ids.is_empty()
+/// One rule (a permission's protocol and ports, one remote) for a message.
+fn describe(p: &IpPermission, r: &Remote) -> String {
+    match shape(p) {
+        (proto, Some(lo), Some(hi)) => {
+            format!("protocol {proto} ports {lo}-{hi} from/to {}", r.name())
+        }
+        (proto, _, _) => format!("protocol {proto} from/to {}", r.name()),
+    }
 }
 
 /// A group's ingress or egress permissions.
@@ -310,15 +263,15 @@ pub fn change(model: &Model, delta: &Delta) -> Result<Model, VpcError> {
         } => {
             let perms = permissions_of(&mut m, group_id, *egress)?;
             for p in permissions {
-                for s in singles(p) {
+                for r in remotes(p) {
                     if perms
                         .iter()
-                        .any(|q| shape(q) == shape(&s) && has_remote(q, &s))
+                        .any(|q| shape(q) == shape(p) && remotes(q).contains(&r))
                     {
                         return Err(VpcError::Duplicate {
                             group_id: group_id.clone(),
                             direction: dir(*egress),
-                            rule: describe(&s),
+                            rule: describe(p, &r),
                         });
                     }
                 }
@@ -334,11 +287,11 @@ pub fn change(model: &Model, delta: &Delta) -> Result<Model, VpcError> {
         } => {
             let perms = permissions_of(&mut m, group_id, *egress)?;
             for p in permissions {
-                for s in singles(p) {
+                for r in remotes(p) {
                     let mut found = false;
                     for q in perms.iter_mut() {
-                        if shape(q) == shape(&s) && has_remote(q, &s) {
-                            remove_remote(q, &s);
+                        if shape(q) == shape(p) && remotes(q).contains(&r) {
+                            remove_remote(q, &r);
                             found = true;
                         }
                     }
@@ -346,12 +299,12 @@ pub fn change(model: &Model, delta: &Delta) -> Result<Model, VpcError> {
                         return Err(VpcError::PermissionNotFound {
                             group_id: group_id.clone(),
                             direction: dir(*egress),
-                            rule: describe(&s),
+                            rule: describe(p, &r),
                         });
                     }
                 }
             }
-            perms.retain(|q| !no_remotes(q));
+            perms.retain(|q| !remotes(q).is_empty());
         }
         Delta::AddInstance(inst) => {
             if m.instances

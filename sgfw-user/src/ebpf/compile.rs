@@ -226,11 +226,12 @@ impl std::hash::Hasher for Bytes {
 }
 
 /// A keyed 128-bit hash of a value (XXH3-128 with the book's seed) over the
-/// bytes its `Hash` feeds: the content address of a compiled object.
-fn hash128(seed: u64, kind: char, v: &impl std::hash::Hash) -> String {
+/// bytes its `Hash` feeds (collected in `b`): the content address of a
+/// compiled object.
+fn hash128(b: &mut Bytes, seed: u64, kind: char, v: &impl std::hash::Hash) -> String {
     use std::hash::Hash;
-    let mut b = Bytes(Vec::with_capacity(256));
-    (kind, v).hash(&mut b);
+    b.0.clear();
+    (kind, v).hash(b);
     format!(
         "{kind}{:032x}",
         xxhash_rust::xxh3::xxh3_128_with_seed(&b.0, seed)
@@ -242,6 +243,8 @@ struct Ids<'a> {
     old: &'a IdBook,
     book: IdBook,
     fresh: BTreeSet<u32>,
+    /// Scratch for [`hash128`], reused by every intern.
+    scratch: Bytes,
 }
 
 impl<'a> Ids<'a> {
@@ -259,6 +262,7 @@ impl<'a> Ids<'a> {
                 },
             },
             fresh: BTreeSet::new(),
+            scratch: Bytes(Vec::with_capacity(4096)),
         }
     }
 
@@ -269,7 +273,7 @@ impl<'a> Ids<'a> {
         kind: char,
         v: &impl std::hash::Hash,
     ) -> Result<(u32, bool), CompileError> {
-        let key = hash128(self.book.seed, kind, v);
+        let key = hash128(&mut self.scratch, self.book.seed, kind, v);
         if let Some(id) = self.book.ids.get(&key) {
             return Ok((*id, false));
         }

@@ -41,7 +41,7 @@ use sgfw::model::{IpPermission, Model, SecurityGroup};
 use sgfw::sys::RealHost;
 
 use super::BenchArgs;
-use super::measure::{Lab, Spread, cpu_busy_ns};
+use super::measure::{Lab, Spread, cpu_busy_ns, interleaved};
 use crate::cli::Failure;
 
 /// UDP payload of a flood frame: 14 (Ethernet) + 20 (IPv4) + 8 (UDP) + 18
@@ -280,34 +280,29 @@ pub fn run(a: &BenchArgs) -> Result<(String, FloodFigures), Failure> {
         .with_context(|| format!("connecting the flood socket to {target}"))?;
     let mut samples: [Vec<Sample>; 3] = Default::default();
     let modes = [Mode::None, Mode::Tc, Mode::Xdp];
-    for round in 0..ROUNDS {
-        let mut order: Vec<usize> = (0..3).collect();
-        if round % 2 == 1 {
-            order.reverse();
-        }
-        for i in order {
-            let mode = modes[i];
-            eprintln!(
-                "bench:   flood round {}/{ROUNDS}: {}",
-                round + 1,
-                mode.label()
-            );
-            match mode {
-                Mode::None => ebpf.teardown().context("eBPF teardown")?,
-                Mode::Tc | Mode::Xdp => {
-                    let opts = ApplyOptions {
-                        dataplane: if mode == Mode::Xdp {
-                            Dataplane::Xdp
-                        } else {
-                            Dataplane::Tc
-                        },
-                        ..ApplyOptions::default()
-                    };
-                    ebpf.apply(&flat, &RealHost, &opts).context("eBPF apply")?;
-                }
+    for (round, i) in interleaved(modes.len(), ROUNDS) {
+        let mode = modes[i];
+        eprintln!(
+            "bench:   flood round {}/{ROUNDS}: {}",
+            round + 1,
+            mode.label()
+        );
+        let dataplane = match mode {
+            Mode::None => None,
+            Mode::Tc => Some(Dataplane::Tc),
+            Mode::Xdp => Some(Dataplane::Xdp),
+        };
+        match dataplane {
+            None => ebpf.teardown().context("eBPF teardown")?,
+            Some(dataplane) => {
+                let opts = ApplyOptions {
+                    dataplane,
+                    ..ApplyOptions::default()
+                };
+                ebpf.apply(&flat, &RealHost, &opts).context("eBPF apply")?;
             }
-            samples[i].push(window(bed, mode, &attacker, a.seconds)?);
         }
+        samples[i].push(window(bed, mode, &attacker, a.seconds)?);
     }
     ebpf.teardown().context("eBPF teardown")?;
     drop(lab);

@@ -54,6 +54,13 @@ impl Spread {
     }
 }
 
+/// The order the interleaved measurements run in: every one of `n` once
+/// per round, the order reversed every other round (drift on a shared
+/// machine then hits them all alike); yields (round, index).
+pub fn interleaved(n: usize, rounds: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..rounds).flat_map(move |r| (0..n).map(move |i| (r, if r % 2 == 1 { n - 1 - i } else { i })))
+}
+
 /// Busy time of all CPUs so far, in ns: user, nice, system, irq, softirq
 /// and steal jiffies of the `cpu` line of `/proc/stat` (idle and iowait are
 /// not busy).

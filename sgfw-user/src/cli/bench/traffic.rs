@@ -25,7 +25,7 @@ use sgfw::model::{IpPermission, Model, SecurityGroup};
 use sgfw::nft::NftBackend;
 use sgfw::sys::{Host, RealHost};
 
-use super::measure::{Lab, Spread, cpu_busy_ns};
+use super::measure::{Lab, Spread, cpu_busy_ns, interleaved};
 use super::{BenchArgs, chart};
 use crate::cli::Failure;
 
@@ -289,20 +289,14 @@ pub fn run(a: &BenchArgs) -> Result<(String, TrafficFigures), Failure> {
         planes.extend([Plane::Ebpf(n), Plane::Nft(n), Plane::Linear(n)]);
     }
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); planes.len()];
-    for round in 0..ROUNDS {
-        let mut order: Vec<usize> = (0..planes.len()).collect();
-        if round % 2 == 1 {
-            order.reverse();
-        }
-        for i in order {
-            eprintln!(
-                "bench:   traffic round {}/{ROUNDS}: {}",
-                round + 1,
-                planes[i].label()
-            );
-            switch(planes[i], &flats, ebpf)?;
-            samples[i].push(measure(bed, a.seconds)?);
-        }
+    for (round, i) in interleaved(planes.len(), ROUNDS) {
+        eprintln!(
+            "bench:   traffic round {}/{ROUNDS}: {}",
+            round + 1,
+            planes[i].label()
+        );
+        switch(planes[i], &flats, ebpf)?;
+        samples[i].push(measure(bed, a.seconds)?);
     }
     switch(Plane::None, &flats, ebpf)?;
     drop(lab);
