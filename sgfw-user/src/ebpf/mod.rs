@@ -638,6 +638,22 @@ mod tests {
         ids
     }
 
+    /// The conntrack capacity follows the model unless a flag sets it.
+    #[test]
+    fn conntrack_capacity_comes_from_the_model_unless_set() {
+        assert_eq!(conntrack_capacity_for(0), CONNTRACK_MIN);
+        assert_eq!(conntrack_capacity_for(20), CONNTRACK_MIN);
+        assert_eq!(conntrack_capacity_for(100), 262_144);
+        assert_eq!(conntrack_capacity_for(1_000), CONNTRACK_MAX);
+        assert_eq!(conntrack_capacity_for(usize::MAX), CONNTRACK_MAX);
+        let a = flat(A);
+        let mut idx = Indices::default();
+        idx.update(&a);
+        let c = compile::compile(&a, &idx, &IdBook::default()).unwrap();
+        assert_eq!(capacities(&c, 0)[mn::CONNTRACK], CONNTRACK_MIN);
+        assert_eq!(capacities(&c, 12_345)[mn::CONNTRACK], 12_345);
+    }
+
     /// Deleting retired objects by the keys the previous apply recorded
     /// leaves the maps exactly as walking the tries does, apply after apply,
     /// and the recorded path is the one taken once a record exists.
