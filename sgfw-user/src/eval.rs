@@ -801,7 +801,12 @@ mod tests {
     fn semantics_sg_ipv4_cidr_never_matches_ipv6() {
         let mut m = fixture();
         let web1 = inst_mut(&mut m, "i-web1");
-        web1.ingress.retain(|r| r.remote.addr().is_ipv4());
+        web1.ingress = web1
+            .ingress
+            .iter()
+            .filter(|r| r.remote.addr().is_ipv4())
+            .cloned()
+            .collect();
         // 0.0.0.0/0 tcp 443 remains; IPv6 traffic must not match it.
         let v = explain_new_flow(
             &m,
@@ -842,7 +847,8 @@ mod tests {
                     permission: 1,
                 },
             },
-        ];
+        ]
+        .into();
         assert!(
             !explain_new_flow(
                 &m,
@@ -1042,7 +1048,7 @@ mod tests {
     #[test]
     fn icmp_error_sent_by_instance_about_inbound_flow_is_related() {
         let mut m = fixture();
-        inst_mut(&mut m, "i-web1").egress.clear();
+        inst_mut(&mut m, "i-web1").egress = Vec::new().into();
         let mut ct = Conntrack::new();
         let inbound = syn(OUT, WEB1, 443);
         assert!(evaluate(&m, &mut ct, &inbound, 0).allowed);
@@ -1083,8 +1089,8 @@ mod tests {
         let p = syn(OUT, WEB1, 443);
         assert!(evaluate(&m, &mut ct, &p, 0).allowed);
         assert!(evaluate(&m, &mut ct, &p.reply(), SEC).allowed);
-        inst_mut(&mut m, "i-web1").ingress.clear();
-        inst_mut(&mut m, "i-web1").egress.clear();
+        inst_mut(&mut m, "i-web1").ingress = Vec::new().into();
+        inst_mut(&mut m, "i-web1").egress = Vec::new().into();
         let data = Packet::tcp(ip(OUT), ip(WEB1), 40000, 443, TcpFlags::ACK);
         assert_eq!(
             evaluate(&m, &mut ct, &data, 2 * SEC).stages[1].by,
@@ -1301,15 +1307,15 @@ mod tests {
             },
         };
         let web1 = inst_mut(&mut m, "i-web1");
-        web1.ingress = vec![open(Direction::Ingress, "sg-open")];
-        web1.egress = vec![open(Direction::Egress, "sg-open")];
+        web1.ingress = vec![open(Direction::Ingress, "sg-open")].into();
+        web1.egress = vec![open(Direction::Egress, "sg-open")].into();
         let mut ct = Conntrack::new();
         assert!(evaluate(&m, &mut ct, &syn(OUT, WEB1, 22), 0).allowed);
         assert_eq!(ct.len(), 1);
         // And so it survives closing the group.
         let web1 = inst_mut(&mut m, "i-web1");
-        web1.ingress.clear();
-        web1.egress.clear();
+        web1.ingress = Vec::new().into();
+        web1.egress = Vec::new().into();
         assert!(evaluate(&m, &mut ct, &syn(OUT, WEB1, 22).reply(), SEC).allowed);
     }
 
@@ -1338,7 +1344,7 @@ mod tests {
             Stage::SgIngress
         );
         // ... and B's ingress alone is not enough when A's egress denies.
-        inst_mut(&mut m, "i-web1").egress.clear();
+        inst_mut(&mut m, "i-web1").egress = Vec::new().into();
         let v = evaluate(
             &m,
             &mut ct,
@@ -1661,7 +1667,7 @@ mod tests {
     #[test]
     fn semantics_passthrough_dhcp() {
         let mut m = fixture();
-        inst_mut(&mut m, "i-web1").egress.clear();
+        inst_mut(&mut m, "i-web1").egress = Vec::new().into();
         let discover = Packet::udp(ip("0.0.0.0"), ip("255.255.255.255"), 68, 67);
         assert_eq!(is_passthrough(&m, &discover), Some(PassthroughClass::Dhcp));
         let mut ct = Conntrack::new();
@@ -1697,7 +1703,7 @@ mod tests {
     #[test]
     fn semantics_passthrough_metadata() {
         let mut m = fixture();
-        inst_mut(&mut m, "i-web1").egress.clear();
+        inst_mut(&mut m, "i-web1").egress = Vec::new().into();
         let p = Packet::tcp(ip(WEB1), ip("169.254.169.254"), 40000, 80, TcpFlags::SYN);
         let v = explain_new_flow(&m, &p);
         assert_eq!(
@@ -1714,7 +1720,7 @@ mod tests {
     #[test]
     fn semantics_passthrough_subnet_dns() {
         let mut m = fixture();
-        inst_mut(&mut m, "i-web1").egress.clear();
+        inst_mut(&mut m, "i-web1").egress = Vec::new().into();
         let q = Packet::udp(ip(WEB1), ip("10.0.0.2"), 5353, 53);
         assert_eq!(
             explain_new_flow(&m, &q).passthrough,
@@ -1920,7 +1926,9 @@ mod props {
             let mut m2 = m;
             let list = if egress { &mut m2.instances[who].egress } else { &mut m2.instances[who].ingress };
             let at = pos.min(list.len());
-            list.insert(at, extra);
+            let mut v = list.to_vec();
+            v.insert(at, extra);
+            *list = v.into();
             let after = explain_new_flow(&m2, &p);
             prop_assert!(!before.allowed || after.allowed, "before {before:?}\nafter {after:?}");
         }
@@ -2004,13 +2012,15 @@ mod props {
             // Whatever rules there were, one of them lets the first packet out and in.
             for inst in &mut m.instances {
                 for (dir, list) in [(Direction::Ingress, &mut inst.ingress), (Direction::Egress, &mut inst.egress)] {
+                    let mut v = list.to_vec();
                     for net in ["0.0.0.0/0", "::/0"] {
-                        list.push(FirewallRule {
+                        v.push(FirewallRule {
                             remote: net.parse().unwrap(),
                             matcher: Match::All,
                             origin: RuleOrigin { group_id: "sg-open".into(), direction: dir, permission: 0 },
                         });
                     }
+                    *list = v.into();
                 }
             }
             let mut ct = Conntrack::new();

@@ -13,6 +13,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use serde::Serialize;
@@ -47,9 +48,14 @@ pub struct InstanceRules {
     /// Host end of its veth, when bound.
     pub interface: Option<String>,
     /// Allow rules for traffic delivered to it.
-    pub ingress: Vec<FirewallRule>,
-    /// Allow rules for traffic it sends.
-    pub egress: Vec<FirewallRule>,
+    ///
+    /// Shared: the rules follow from the instance's group list alone, so
+    /// every instance with the same list holds the same allocation (one
+    /// flatten per distinct list, and compile content-hashes each shared
+    /// list once; see [`RuleMemo`]).
+    pub ingress: Arc<[FirewallRule]>,
+    /// Allow rules for traffic it sends (shared as `ingress` is).
+    pub egress: Arc<[FirewallRule]>,
 }
 
 /// One resolved security-group allow rule.
@@ -245,10 +251,11 @@ fn subnet_indices(model: &ValidModel) -> BTreeMap<&str, usize> {
 pub fn flatten(model: &ValidModel) -> FlatModel {
     let subnet_index = subnet_indices(model);
     let members = members(model);
+    let mut memo = RuleMemo::default();
     let instances = model
         .instances
         .iter()
-        .map(|inst| flatten_instance(inst, &members, model, &subnet_index))
+        .map(|inst| flatten_instance(inst, &members, model, &subnet_index, &mut memo))
         .collect();
     FlatModel {
         subnets: model.subnets.clone(),
@@ -299,6 +306,7 @@ pub fn reflatten(old: &ValidModel, old_flat: FlatModel, new: &ValidModel) -> Fla
         .into_iter()
         .map(|i| (i.id.clone(), i))
         .collect();
+    let mut memo = RuleMemo::default();
     let instances = new
         .instances
         .iter()
@@ -306,14 +314,21 @@ pub fn reflatten(old: &ValidModel, old_flat: FlatModel, new: &ValidModel) -> Fla
             let same = old_inst.get(inst.id.as_str()) == Some(&inst)
                 && !inst.groups.iter().any(|g| dirty.contains(g.as_str()));
             match old_rules.remove(&inst.id) {
-                Some(r) if same => InstanceRules {
-                    subnet_index: subnet_index
-                        .get(inst.subnet_id.as_str())
-                        .copied()
-                        .unwrap_or(usize::MAX),
-                    ..r
-                },
-                _ => flatten_instance(inst, &new_members, new, &subnet_index),
+                Some(r) if same => {
+                    // Clean groups: the carried lists hold under `new`, and
+                    // instances flattened afresh with the same list share them.
+                    memo.lists
+                        .entry(inst.groups.clone())
+                        .or_insert_with(|| (Arc::clone(&r.ingress), Arc::clone(&r.egress)));
+                    InstanceRules {
+                        subnet_index: subnet_index
+                            .get(inst.subnet_id.as_str())
+                            .copied()
+                            .unwrap_or(usize::MAX),
+                        ..r
+                    }
+                }
+                _ => flatten_instance(inst, &new_members, new, &subnet_index, &mut memo),
             }
         })
         .collect();
@@ -324,15 +339,51 @@ pub fn reflatten(old: &ValidModel, old_flat: FlatModel, new: &ValidModel) -> Fla
     }
 }
 
+/// The rule lists of one flatten, by group list: an instance's rules are a
+/// function of its groups (in order) and the model alone, never of the
+/// instance itself, so instances with the same list share one allocation.
+#[derive(Default)]
+struct RuleMemo {
+    lists: BTreeMap<Vec<String>, RuleLists>,
+}
+
+/// An instance's (ingress, egress) rules.
+type RuleLists = (Arc<[FirewallRule]>, Arc<[FirewallRule]>);
+
 fn flatten_instance(
     inst: &ValidInstance,
     members: &Members<'_>,
     model: &ValidModel,
     subnet_index: &BTreeMap<&str, usize>,
+    memo: &mut RuleMemo,
 ) -> InstanceRules {
+    let (ingress, egress) = match memo.lists.get(&inst.groups) {
+        Some((i, e)) => (Arc::clone(i), Arc::clone(e)),
+        None => {
+            let lists = group_rules(&inst.groups, members, model);
+            memo.lists.insert(inst.groups.clone(), lists.clone());
+            lists
+        }
+    };
+    InstanceRules {
+        id: inst.id.clone(),
+        subnet_id: inst.subnet_id.clone(),
+        subnet_index: subnet_index
+            .get(inst.subnet_id.as_str())
+            .copied()
+            .unwrap_or(usize::MAX),
+        addrs: inst.addrs.clone(),
+        interface: inst.interface.clone(),
+        ingress,
+        egress,
+    }
+}
+
+/// The effective rules of a group list.
+fn group_rules(groups: &[String], members: &Members<'_>, model: &ValidModel) -> RuleLists {
     let mut ingress = BTreeMap::new();
     let mut egress = BTreeMap::new();
-    for gid in &inst.groups {
+    for gid in groups {
         let Some(group) = model.groups.get(gid) else {
             continue;
         };
@@ -361,18 +412,7 @@ fn flatten_instance(
             }
         }
     }
-    InstanceRules {
-        id: inst.id.clone(),
-        subnet_id: inst.subnet_id.clone(),
-        subnet_index: subnet_index
-            .get(inst.subnet_id.as_str())
-            .copied()
-            .unwrap_or(usize::MAX),
-        addrs: inst.addrs.clone(),
-        interface: inst.interface.clone(),
-        ingress: sorted_rules(ingress),
-        egress: sorted_rules(egress),
-    }
+    (sorted_rules(ingress).into(), sorted_rules(egress).into())
 }
 
 fn resolve_remotes(
@@ -787,9 +827,9 @@ mod tests {
             prop_assert_eq!(&f1, &v1.flatten());
             prop_assert_eq!(&f1, &f2);
             for inst in &f1.instances {
-                let mut sorted = inst.ingress.clone();
+                let mut sorted = inst.ingress.to_vec();
                 sorted.sort_by(|a, b| (&a.origin, a.remote, a.matcher).cmp(&(&b.origin, b.remote, b.matcher)));
-                prop_assert_eq!(&sorted, &inst.ingress);
+                prop_assert_eq!(&sorted[..], &inst.ingress[..]);
                 let keys: std::collections::BTreeSet<_> = inst.ingress.iter().map(|r| (r.remote, r.matcher)).collect();
                 prop_assert_eq!(keys.len(), inst.ingress.len(), "duplicates merged");
             }

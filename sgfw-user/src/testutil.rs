@@ -252,8 +252,8 @@ pub(crate) fn arb_model() -> impl Strategy<Value = FlatModel> {
             s.outbound = nacl_of(&mut d);
         }
         for inst in &mut m.instances {
-            inst.ingress = rules_of(&mut d, Direction::Ingress);
-            inst.egress = rules_of(&mut d, Direction::Egress);
+            inst.ingress = rules_of(&mut d, Direction::Ingress).into();
+            inst.egress = rules_of(&mut d, Direction::Egress).into();
         }
         m
     })
@@ -283,8 +283,8 @@ static BASE_MODEL: std::sync::LazyLock<FlatModel> = std::sync::LazyLock::new(|| 
             subnet_index: *subnet_index,
             addrs: std::iter::once(ip(v4)).chain(v6.map(ip)).collect(),
             interface: None,
-            ingress: vec![],
-            egress: vec![],
+            ingress: Vec::new().into(),
+            egress: Vec::new().into(),
         })
         .collect(),
     timeouts: ConntrackTimeouts::default(),

@@ -399,6 +399,7 @@ pub fn compile(model: &FlatModel, idx: &Indices, book: &IdBook) -> Result<Compil
     model.ownership()?;
     let mut out = Compiled::default();
     let mut ids = Ids::new(book);
+    let mut shared: std::collections::HashMap<usize, u32> = std::collections::HashMap::new();
 
     // Subnets and their NACL tables.
     for s in &model.subnets {
@@ -503,11 +504,22 @@ pub fn compile(model: &FlatModel, idx: &Indices, book: &IdBook) -> Result<Compil
         }
         let mut policy_ids = [0u32; 2];
         for (slot, rules) in [&inst.ingress, &inst.egress].into_iter().enumerate() {
-            let (pid, new) = ids.intern('p', rules)?;
+            // A list shared by several instances (same group list) is
+            // content-hashed once; the address is a valid key while `model`
+            // is borrowed, and equal addresses mean equal contents.
+            let at = rules.as_ptr() as usize;
+            let pid = match shared.get(&at) {
+                Some(pid) => *pid,
+                None => {
+                    let (pid, new) = ids.intern('p', rules)?;
+                    if new {
+                        emit_policy(&mut out, pid, rules, &mut ids)?;
+                    }
+                    shared.insert(at, pid);
+                    pid
+                }
+            };
             policy_ids[slot] = pid;
-            if new {
-                emit_policy(&mut out, pid, rules, &mut ids)?;
-            }
         }
         out.instances.push((
             iidx,

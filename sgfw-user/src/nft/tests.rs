@@ -547,7 +547,7 @@ fn hostile_ids_in_a_flat_model_are_rendered_inert() {
         m.instances[i].id = format!("i{p}");
         m.instances[i].subnet_id = format!("subnet{p}");
         m.instances[i].interface = None;
-        if let Some(r) = m.instances[i].ingress.first_mut() {
+        if let Some(r) = std::sync::Arc::make_mut(&mut m.instances[i].ingress).first_mut() {
             r.origin.group_id = format!("sg{p}");
         }
         let text = render(&m).unwrap();
