@@ -25,6 +25,7 @@
 //! and then retires the ids nothing uses any more.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -142,6 +143,11 @@ pub struct LpmEntry<K, V> {
 pub struct Compiled {
     /// Ids handed out by this compile: only their entries need writing.
     pub fresh: BTreeSet<u32>,
+    /// Ids of policies and port sets that the maps hold already and that
+    /// this compile carried from the previous book without emitting their
+    /// entries (the `sg_*` rows hold only what was emitted; see
+    /// [`IdBook::parts`] and [`Compiled::entry_counts`]).
+    pub carried: BTreeSet<u32>,
     /// Ids of the previous book that nothing uses any more.
     pub retired: BTreeSet<u32>,
     /// Kinds of the fresh and of the retired ids (`p` policy, `s` port set,
@@ -187,8 +193,8 @@ pub struct Compiled {
 /// Ids of compiled objects by content, kept across applies in the state.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct IdBook {
-    /// Kind letter + 128-bit content hash (hex) → id.
-    pub ids: BTreeMap<String, u32>,
+    /// Kind letter + 128-bit content hash → id.
+    pub ids: BTreeMap<IdKey, u32>,
     /// The next id to hand out (ids are never reused while sgfw is loaded).
     pub next: u32,
     /// Ids the compile of this book retired (kind letter → ids): the half of
@@ -202,6 +208,23 @@ pub struct IdBook {
     /// craft two policies that hash alike without knowing it.
     #[serde(default)]
     pub seed: u64,
+    /// Per SG policy and port set: the port sets it names and how many
+    /// entries it has in each SG map. What lets a later compile carry an
+    /// unchanged policy (same content, so same id, already in the maps)
+    /// without emitting its entries again: one Authorize touches the
+    /// policies of the group lists that hold the group, not all of them.
+    /// A book without it (older state, a sweep) makes the compile emit all.
+    #[serde(default)]
+    pub parts: BTreeMap<u32, Part>,
+}
+
+/// What [`IdBook::parts`] records of one SG policy or port set.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Part {
+    /// The port sets a policy's prefixes name (empty for a port set).
+    pub names: Vec<u32>,
+    /// Its entries in `SG_CIDR_V4`, `SG_CIDR_V6` and `SG_PORTS`.
+    pub entries: [u32; 3],
 }
 
 /// A random non-zero seed for a new book (from the process's random hasher
@@ -228,14 +251,59 @@ impl std::hash::Hasher for Bytes {
 /// A keyed 128-bit hash of a value (XXH3-128 with the book's seed) over the
 /// bytes its `Hash` feeds (collected in `b`): the content address of a
 /// compiled object.
-fn hash128(b: &mut Bytes, seed: u64, kind: char, v: &impl std::hash::Hash) -> String {
+fn hash128(b: &mut Bytes, seed: u64, kind: char, v: &impl std::hash::Hash) -> IdKey {
     use std::hash::Hash;
     b.0.clear();
     (kind, v).hash(b);
-    format!(
-        "{kind}{:032x}",
-        xxhash_rust::xxh3::xxh3_128_with_seed(&b.0, seed)
-    )
+    IdKey {
+        kind,
+        hash: xxhash_rust::xxh3::xxh3_128_with_seed(&b.0, seed),
+    }
+}
+
+/// The content address of a compiled object: its kind letter and the
+/// 128-bit hash of its content ([`hash128`]). Compared as numbers (a
+/// compile makes tens of thousands of lookups); written in the state as
+/// the letter and 32 hex digits, which sort the same way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct IdKey {
+    /// `p` policy, `s` port set, `n` NACL table, `r` rule.
+    pub kind: char,
+    /// The keyed content hash.
+    pub hash: u128,
+}
+
+impl fmt::Display for IdKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}{:032x}", self.kind, self.hash)
+    }
+}
+
+impl std::str::FromStr for IdKey {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut chars = s.chars();
+        let kind = chars.next().ok_or("an empty object key")?;
+        let hex = chars.as_str();
+        if hex.len() != 32 {
+            return Err(format!("object key {s:?}: not a letter and 32 hex digits"));
+        }
+        let hash = u128::from_str_radix(hex, 16).map_err(|e| format!("object key {s:?}: {e}"))?;
+        Ok(IdKey { kind, hash })
+    }
+}
+
+impl serde::Serialize for IdKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for IdKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 /// Hands out ids for one compile from the previous book.
@@ -245,6 +313,10 @@ struct Ids<'a> {
     fresh: BTreeSet<u32>,
     /// Scratch for [`hash128`], reused by every intern.
     scratch: Bytes,
+    /// The old book by id (built on the first [`Ids::carry`]).
+    old_keys: Option<std::collections::HashMap<u32, IdKey>>,
+    /// Ids carried without emitting.
+    carried: BTreeSet<u32>,
 }
 
 impl<'a> Ids<'a> {
@@ -255,6 +327,7 @@ impl<'a> Ids<'a> {
                 ids: BTreeMap::new(),
                 next: old.next.max(1),
                 retiring: BTreeMap::new(),
+                parts: BTreeMap::new(),
                 seed: if old.seed == 0 {
                     random_seed()
                 } else {
@@ -263,7 +336,44 @@ impl<'a> Ids<'a> {
             },
             fresh: BTreeSet::new(),
             scratch: Bytes(Vec::with_capacity(4096)),
+            old_keys: None,
+            carried: BTreeSet::new(),
         }
+    }
+
+    /// Takes the policy `pid` over from the old book without emitting it:
+    /// it must be an id the maps hold already (in the old book, not fresh)
+    /// whose parts the old book recorded, with every port set it names;
+    /// those join this book with it. False (nothing changed) otherwise:
+    /// then the caller emits the policy.
+    fn carry(&mut self, pid: u32) -> bool {
+        if self.fresh.contains(&pid) {
+            return false;
+        }
+        let old = self.old;
+        let Some(part) = old.parts.get(&pid) else {
+            return false;
+        };
+        let rev = self
+            .old_keys
+            .get_or_insert_with(|| old.ids.iter().map(|(k, v)| (*v, *k)).collect());
+        let mut names = Vec::with_capacity(part.names.len());
+        for sid in &part.names {
+            match (rev.get(sid), old.parts.get(sid)) {
+                (Some(key), Some(sp)) => names.push((*key, *sid, sp)),
+                _ => return false,
+            }
+        }
+        for (key, sid, sp) in names {
+            if !self.book.ids.contains_key(&key) {
+                self.book.ids.insert(key, sid);
+                self.book.parts.insert(sid, sp.clone());
+                self.carried.insert(sid);
+            }
+        }
+        self.book.parts.insert(pid, part.clone());
+        self.carried.insert(pid);
+        true
     }
 
     /// The id of `v` of kind `kind`, and whether this compile sees it for
@@ -400,6 +510,7 @@ pub fn compile(model: &FlatModel, idx: &Indices, book: &IdBook) -> Result<Compil
     let mut out = Compiled::default();
     let mut ids = Ids::new(book);
     let mut shared: std::collections::HashMap<usize, u32> = std::collections::HashMap::new();
+    let mut emitted_names: Vec<(u32, BTreeSet<u32>)> = Vec::new();
 
     // Subnets and their NACL tables.
     for s in &model.subnets {
@@ -513,7 +624,17 @@ pub fn compile(model: &FlatModel, idx: &Indices, book: &IdBook) -> Result<Compil
                 None => {
                     let (pid, new) = ids.intern('p', rules)?;
                     if new {
-                        emit_policy(&mut out, pid, rules, &mut ids)?;
+                        if ids.carry(pid) {
+                            // Unchanged and in the maps: only its rule
+                            // references are named again.
+                            for r in rules.iter() {
+                                let (rref, _) = ids.intern('r', &r.origin)?;
+                                out.rule_refs.insert(rref, r.origin.clone());
+                            }
+                        } else {
+                            let names = emit_policy(&mut out, pid, rules, &mut ids)?;
+                            emitted_names.push((pid, names));
+                        }
                     }
                     shared.insert(at, pid);
                     pid
@@ -535,10 +656,8 @@ pub fn compile(model: &FlatModel, idx: &Indices, book: &IdBook) -> Result<Compil
     for (key, id) in &book.ids {
         if !in_use.contains(id) {
             out.retired.insert(*id);
-            out.retired_kinds.extend(key.chars().next());
-            if let Some(kind) = key.chars().next() {
-                ids.book.retiring.entry(kind).or_default().insert(*id);
-            }
+            out.retired_kinds.insert(key.kind);
+            ids.book.retiring.entry(key.kind).or_default().insert(*id);
         }
     }
     // What the previous apply retired goes now (see `IdBook::retiring`).
@@ -548,10 +667,11 @@ pub fn compile(model: &FlatModel, idx: &Indices, book: &IdBook) -> Result<Compil
     }
     for (key, id) in &ids.book.ids {
         if ids.fresh.contains(id) {
-            out.fresh_kinds.extend(key.chars().next());
+            out.fresh_kinds.insert(key.kind);
         }
     }
     out.fresh = ids.fresh;
+    out.carried = ids.carried;
     out.book = ids.book;
     out.addrs.sort_by_key(|a| (a.0.family, a.0.addr));
     // Identities in address order (deterministic for a model):
@@ -572,7 +692,64 @@ pub fn compile(model: &FlatModel, idx: &Indices, book: &IdBook) -> Result<Compil
     }
     // Two rules of one set may produce the same key: keep one (any is a match).
     dedup_lpm(&mut out.sg_ports);
+    // The parts of what was emitted (carried objects brought theirs).
+    for e in &out.sg_cidr_v4 {
+        out.book
+            .parts
+            .entry(key_id(e.key.table))
+            .or_default()
+            .entries[0] += 1;
+    }
+    for e in &out.sg_cidr_v6 {
+        out.book
+            .parts
+            .entry(key_id(e.key.table))
+            .or_default()
+            .entries[1] += 1;
+    }
+    for e in &out.sg_ports {
+        out.book.parts.entry(key_id(e.key.set)).or_default().entries[2] += 1;
+    }
+    for (pid, names) in emitted_names {
+        let part = out.book.parts.entry(pid).or_default();
+        part.names = names.into_iter().collect();
+    }
     Ok(out)
+}
+
+/// The id an LPM key's data starts with (big-endian).
+pub fn key_id(b: [u8; 4]) -> u32 {
+    u32::from_be_bytes(b)
+}
+
+impl Compiled {
+    /// Entries each id-keyed and per-object map holds for this model once it
+    /// is written: SG maps from the parts of every policy and port set of
+    /// the book (emitted or carried), the others from the rows.
+    pub fn entry_counts(&self) -> [(&'static str, usize); 6] {
+        let mut sg = [0usize; 3];
+        for id in self.book.ids.values() {
+            if let Some(p) = self.book.parts.get(id) {
+                for (n, e) in sg.iter_mut().zip(p.entries) {
+                    *n += e as usize;
+                }
+            }
+        }
+        [
+            (sgfw_common::map_names::SG_CIDR_V4, sg[0]),
+            (sgfw_common::map_names::SG_CIDR_V6, sg[1]),
+            (sgfw_common::map_names::SG_PORTS, sg[2]),
+            (
+                sgfw_common::map_names::NACL_CIDR_V4,
+                self.nacl_cidr_v4.len(),
+            ),
+            (
+                sgfw_common::map_names::NACL_CIDR_V6,
+                self.nacl_cidr_v6.len(),
+            ),
+            (sgfw_common::map_names::NACL_PORTS, self.nacl_ports.len()),
+        ]
+    }
 }
 
 fn nacl_table(entries: &[NaclEntry], v6: bool) -> NaclTable {
@@ -731,7 +908,8 @@ fn emit_policy(
     pid: u32,
     rules: &[FirewallRule],
     ids: &mut Ids<'_>,
-) -> Result<(), CompileError> {
+) -> Result<BTreeSet<u32>, CompileError> {
+    let mut names = BTreeSet::new();
     // Rules by remote prefix, their references, and the prefix lengths that
     // occur: a prefix's containing prefixes are its truncations to those
     // lengths, so folding costs a few map lookups per prefix, not a pass
@@ -767,6 +945,7 @@ fn emit_policy(
         }
         let set: Vec<(Span, u32)> = set.into_iter().collect();
         let (sid, new) = ids.intern('s', &set)?;
+        names.insert(sid);
         if new {
             for (s, rref) in &set {
                 match *s {
@@ -811,7 +990,7 @@ fn emit_policy(
             }
         }
     }
-    Ok(())
+    Ok(names)
 }
 
 fn dedup_lpm<K: Copy + bytemuck::Pod, V: Copy + Ord>(v: &mut Vec<LpmEntry<K, V>>) {
@@ -928,6 +1107,32 @@ mod tests {
     /// Interning: the same content gets the same id in a later compile, new
     /// content a fresh id above every id handed out, and a retired id is
     /// never handed out again.
+    /// The book's keys are written as a letter and 32 hex digits (the
+    /// state file's shape), read back exactly, and a malformed key is an
+    /// error naming it.
+    #[test]
+    fn object_keys_round_trip_through_the_state_file() {
+        let mut book = IdBook {
+            seed: 7,
+            ..IdBook::default()
+        };
+        for (i, kind) in ['p', 's', 'n', 'r'].into_iter().enumerate() {
+            let hash = u128::MAX / (i as u128 + 1);
+            book.ids.insert(IdKey { kind, hash }, i as u32 + 1);
+        }
+        let json = serde_json::to_string(&book).unwrap();
+        assert!(
+            json.contains(&format!("\"p{:032x}\":1", u128::MAX)),
+            "{json}"
+        );
+        let back: IdBook = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, book);
+        for bad in ["\"p12\"", "\"\"", "\"pzz000000000000000000000000000000\""] {
+            let err = serde_json::from_str::<IdKey>(bad).unwrap_err().to_string();
+            assert!(err.contains("key"), "{bad}: {err}");
+        }
+    }
+
     #[test]
     fn interning_is_stable_and_never_reuses_an_id() {
         let book = IdBook::default();

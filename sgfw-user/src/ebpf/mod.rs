@@ -285,15 +285,18 @@ impl EbpfBackend {
                 "the last apply did not finish; rewriting every object under new ids and removing the rest"
             );
             state.book.ids.clear();
+            state.book.parts.clear();
         }
         let t = std::time::Instant::now();
         let compiled = compile::compile(model, &state.indices, &state.book)?;
+        let counts = compiled.entry_counts();
         tracing::info!(
-            "compiled {} instances: {} SG prefixes, {} port-set entries, {} NACL tables ({} ms)",
+            "compiled {} instances: {} SG prefixes, {} port-set entries, {} NACL tables ({} emitted, {} ms)",
             compiled.instances.len(),
-            compiled.sg_cidr_v4.len() + compiled.sg_cidr_v6.len(),
-            compiled.sg_ports.len(),
+            counts[0].1 + counts[1].1,
+            counts[2].1,
             compiled.nacl_meta.len(),
+            compiled.sg_cidr_v4.len() + compiled.sg_cidr_v6.len() + compiled.sg_ports.len(),
             t.elapsed().as_millis()
         );
         let mut report = ApplyReport::default();
@@ -437,15 +440,10 @@ impl EbpfBackend {
             (mn::ADDRS, compiled.addrs.len()),
             (mn::INSTANCES, compiled.instances.len()),
             (mn::SUBNETS, compiled.subnets.len()),
-            (mn::SG_CIDR_V4, compiled.sg_cidr_v4.len()),
-            (mn::SG_CIDR_V6, compiled.sg_cidr_v6.len()),
-            (mn::SG_PORTS, compiled.sg_ports.len()),
-            (mn::NACL_CIDR_V4, compiled.nacl_cidr_v4.len()),
-            (mn::NACL_CIDR_V6, compiled.nacl_cidr_v6.len()),
-            (mn::NACL_PORTS, compiled.nacl_ports.len()),
             (mn::NACL_META, compiled.nacl_meta.len()),
         ]
         .into_iter()
+        .chain(counts)
         .map(|(k, v)| (k.to_string(), v))
         .collect();
         // The maps now hold exactly this model's entries.
@@ -687,6 +685,93 @@ mod tests {
             deleted_by_record >= 2,
             "the record was used {deleted_by_record} times"
         );
+    }
+
+    /// C: A with sg-2 widened by one permission; sg-1 (i-1's) unchanged.
+    const C: &str = r#"{"Subnets":[{"SubnetId":"subnet-a","CidrBlock":"10.0.0.0/24","Ipv6CidrBlock":"fd00::/64","Bridge":"bra"},
+        {"SubnetId":"subnet-b","CidrBlock":"10.0.1.0/24","Bridge":"brb"}],
+      "Instances":[{"InstanceId":"i-1","SubnetId":"subnet-a","PrivateIpAddress":"10.0.0.5","Ipv6Addresses":["fd00::5"],"SecurityGroupIds":["sg-1"]},
+        {"InstanceId":"i-2","SubnetId":"subnet-b","PrivateIpAddress":"10.0.1.5","SecurityGroupIds":["sg-2"]},
+        {"InstanceId":"i-4","SubnetId":"subnet-b","PrivateIpAddress":"10.0.1.9","SecurityGroupIds":["sg-1"]}],
+      "SecurityGroups":[{"GroupId":"sg-1","IpPermissions":[{"IpProtocol":"tcp","FromPort":80,"ToPort":90,"IpRanges":[{"CidrIp":"0.0.0.0/0"}]}],
+          "IpPermissionsEgress":[{"IpProtocol":"-1","IpRanges":[{"CidrIp":"0.0.0.0/0"}]}]},
+        {"GroupId":"sg-2","IpPermissions":[{"IpProtocol":"udp","FromPort":53,"ToPort":53,"UserIdGroupPairs":[{"GroupId":"sg-1"}]},
+          {"IpProtocol":"tcp","FromPort":1000,"ToPort":2000,"IpRanges":[{"CidrIp":"192.0.2.0/24"},{"CidrIp":"0.0.0.0/0"}],"Ipv6Ranges":[{"CidrIpv6":"::/0"}]}]}],
+      "NetworkAcls":[{"NetworkAclId":"acl-b","IsDefault":false,"Associations":[{"SubnetId":"subnet-b"}],
+        "Entries":[{"RuleNumber":10,"Protocol":"6","RuleAction":"deny","Egress":false,"CidrBlock":"10.0.0.0/24","PortRange":{"From":22,"To":22}},
+                   {"RuleNumber":20,"Protocol":"-1","RuleAction":"allow","Egress":false,"CidrBlock":"0.0.0.0/0"}]}]}"#;
+
+    /// A compile that carries unchanged policies (and their port sets)
+    /// without emitting them leaves the maps, the book's ids and the entry
+    /// counts exactly as one that emits everything, apply after apply,
+    /// whether retired objects are deleted by their recorded keys or by
+    /// walking the tries; and it does carry.
+    #[test]
+    fn carrying_unchanged_policies_writes_exactly_what_emitting_all_writes() {
+        let models: Vec<FlatModel> = [A, C, A, B, C, C, A, C].iter().map(|j| flat(j)).collect();
+        let start = IdBook {
+            seed: 42,
+            ..IdBook::default()
+        };
+        // (maps, indices, book, recorded keys) for: emit all, carry with a
+        // record, carry walking.
+        let mut runs: Vec<(FakeMaps, Indices, IdBook, Option<ObjectKeys>)> = (0..3)
+            .map(|_| (FakeMaps::default(), Indices::default(), start.clone(), None))
+            .collect();
+        let mut carried = 0;
+        for (g, m) in models.iter().enumerate() {
+            let cfg = config_for(m, g as u32 + 1, 0);
+            let mut compiled = Vec::new();
+            for (r, (maps, idx, book, known)) in runs.iter_mut().enumerate() {
+                idx.update(m);
+                let from = if r == 0 {
+                    IdBook {
+                        parts: BTreeMap::new(),
+                        ..book.clone()
+                    }
+                } else {
+                    book.clone()
+                };
+                let c = compile::compile(m, idx, &from).unwrap();
+                let rec = if r == 2 { None } else { known.as_ref() };
+                if r == 1 && g > 0 {
+                    // The record names everything retiring (carried objects
+                    // included): no apply falls back to walking the tries.
+                    assert!(
+                        rec.is_some_and(|k| c.retire_now.iter().all(|id| k.contains_key(id))),
+                        "apply {g} would walk the tries"
+                    );
+                }
+                write_generation(maps, &c, &[(7, 1)], &cfg, rec).unwrap();
+                *known = Some(keys_for_next(&c, rec));
+                *book = c.book.clone();
+                compiled.push(c);
+            }
+            let full = &compiled[0];
+            assert!(full.carried.is_empty());
+            let rows = [
+                full.sg_cidr_v4.len(),
+                full.sg_cidr_v6.len(),
+                full.sg_ports.len(),
+            ];
+            for (r, c) in compiled.iter().enumerate().skip(1) {
+                assert_eq!(
+                    runs[0].0.maps, runs[r].0.maps,
+                    "maps after apply {g}, run {r}"
+                );
+                assert_eq!(full.book.ids, c.book.ids, "ids after apply {g}, run {r}");
+                assert_eq!(full.rule_refs, c.rule_refs, "rule refs after apply {g}");
+                assert_eq!(
+                    c.entry_counts().map(|(_, n)| n)[..3],
+                    rows,
+                    "entry counts after apply {g}, run {r}"
+                );
+                assert_eq!(full.fresh, c.fresh);
+                assert_eq!(full.retired, c.retired);
+            }
+            carried += compiled[1].carried.len();
+        }
+        assert!(carried >= 4, "carried {carried} objects in all");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! any failure before the switch.
 
 use super::*;
+pub(super) use compile::key_id;
 
 pub(super) fn lpm_bytes<K: bytemuck::Pod>(prefix_len: u32, key: &K) -> Vec<u8> {
     let mut v = prefix_len.to_ne_bytes().to_vec();
@@ -222,9 +223,16 @@ pub(super) fn delete_ids(
 /// record can only miss entries (left for a sweep), never delete a live one.
 pub type ObjectKeys = BTreeMap<u32, Vec<(u8, Vec<u8>)>>;
 
-/// The [`ObjectKeys`] of a compile: every object of its book.
+/// The [`ObjectKeys`] of a compile: every object of its book it emitted
+/// (carried objects have no rows here: see [`keys_for_next`]).
 pub fn object_keys(c: &Compiled) -> ObjectKeys {
-    let mut out: ObjectKeys = c.book.ids.values().map(|id| (*id, Vec::new())).collect();
+    let mut out: ObjectKeys = c
+        .book
+        .ids
+        .values()
+        .filter(|id| !c.carried.contains(id))
+        .map(|id| (*id, Vec::new()))
+        .collect();
     let rows = lpm_rows(mn::SG_CIDR_V4, &c.sg_cidr_v4, |_| true)
         .chain(lpm_rows(mn::SG_CIDR_V6, &c.sg_cidr_v6, |_| true))
         .chain(lpm_rows(mn::SG_PORTS, &c.sg_ports, |_| true))
@@ -247,11 +255,13 @@ pub fn object_keys(c: &Compiled) -> ObjectKeys {
 
 /// What an apply records for the next one: the keys of every object of its
 /// compile, and — carried over from `known`, the record it read — those of
-/// the objects it retired, which the next apply deletes.
+/// the objects it carried without emitting and of those it retired, which
+/// the next apply deletes. An object whose keys are not known is left out,
+/// so that deleting it walks the tries.
 pub fn keys_for_next(c: &Compiled, known: Option<&ObjectKeys>) -> ObjectKeys {
     let mut keys = object_keys(c);
     if let Some(k) = known {
-        for id in c.book.retiring.values().flatten() {
+        for id in c.book.retiring.values().flatten().chain(&c.carried) {
             if let Some(v) = k.get(id) {
                 keys.insert(*id, v.clone());
             }
@@ -306,11 +316,6 @@ pub(super) fn sweep_ids(maps: &mut dyn MapOps, book: &IdBook) -> Result<(), SysE
         }
     }
     Ok(())
-}
-
-/// The id inside an LPM key's data (big-endian, first 4 bytes).
-pub(super) fn key_id(table: [u8; 4]) -> u32 {
-    u32::from_be_bytes(table)
 }
 
 pub(super) fn write_and_switch(
