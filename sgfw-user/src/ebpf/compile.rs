@@ -365,8 +365,8 @@ impl<'a> Ids<'a> {
             }
         }
         for (key, sid, sp) in names {
-            if !self.book.ids.contains_key(&key) {
-                self.book.ids.insert(key, sid);
+            if let std::collections::btree_map::Entry::Vacant(e) = self.book.ids.entry(key) {
+                e.insert(sid);
                 self.book.parts.insert(sid, sp.clone());
                 self.carried.insert(sid);
             }
