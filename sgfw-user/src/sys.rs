@@ -345,6 +345,22 @@ pub trait MapOps {
         key: &[u8],
         value_size: usize,
     ) -> Result<Option<Vec<u8>>, SysError>;
+    /// Inserts or replaces every element of `rows` (keys of one size,
+    /// values of one size), in order; on an error the elements before the
+    /// failing one are written, as a loop of [`MapOps::update`] leaves them.
+    fn update_many(&mut self, map: &str, rows: &[(&[u8], &[u8])]) -> Result<(), SysError> {
+        for (k, v) in rows {
+            self.update(map, k, v)?;
+        }
+        Ok(())
+    }
+    /// Deletes every key of `keys` (one size); missing keys are no error.
+    fn delete_many(&mut self, map: &str, keys: &[&[u8]]) -> Result<(), SysError> {
+        for k in keys {
+            self.delete(map, k)?;
+        }
+        Ok(())
+    }
 }
 
 /// Real maps, by file descriptor.
@@ -357,6 +373,116 @@ const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+
+/// Elements per batch syscall: bounds the kernel buffer and one call's time.
+const BATCH: usize = 4096;
+
+/// `union bpf_attr` as the `BPF_MAP_*_BATCH` commands read it.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// One batch command; `Ok` or the error with how many elements it did.
+fn bpf_batch(cmd: libc::c_long, attr: &mut BatchAttr) -> Result<(), (io::Error, usize)> {
+    // SAFETY: `attr` is a valid bpf_attr prefix for the batch commands; the
+    // key and value buffers it points to hold `count` elements and outlive
+    // the call; the kernel writes back only `count`.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut BatchAttr,
+            size_of::<BatchAttr>() as libc::c_uint,
+        )
+    };
+    if r < 0 {
+        Err((io::Error::last_os_error(), attr.count as usize))
+    } else {
+        Ok(())
+    }
+}
+
+/// `union bpf_attr` for `BPF_OBJ_GET_INFO_BY_FD`.
+#[repr(C)]
+#[derive(Default)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// The head of `struct bpf_map_info`.
+#[repr(C)]
+#[derive(Default)]
+struct MapInfoHead {
+    map_type: u32,
+    id: u32,
+    key_size: u32,
+    value_size: u32,
+}
+
+/// A map's key and value sizes, from the kernel.
+fn map_sizes(fd: u32) -> io::Result<(usize, usize)> {
+    let mut info = MapInfoHead::default();
+    let attr = InfoAttr {
+        bpf_fd: fd,
+        info_len: size_of::<MapInfoHead>() as u32,
+        info: &raw mut info as u64,
+    };
+    // SAFETY: `attr` is a valid bpf_attr prefix for BPF_OBJ_GET_INFO_BY_FD;
+    // the kernel writes at most `info_len` bytes into `info`, which outlives
+    // the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &raw const attr,
+            size_of::<InfoAttr>() as libc::c_uint,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((info.key_size as usize, info.value_size as usize))
+}
+
+/// Whether a batch command failed because the kernel or the map type lacks
+/// it (then the elements are written one by one).
+fn batch_unsupported(e: &io::Error, done: usize) -> bool {
+    // 524 = ENOTSUPP, the kernel-internal code a missing map op returns.
+    done == 0
+        && matches!(
+            e.raw_os_error(),
+            Some(libc::EINVAL | libc::EOPNOTSUPP | 524)
+        )
+}
+
+/// Keys (or values) of one size back to back, or `None` when the sizes differ.
+fn packed(items: impl Iterator<Item = impl AsRef<[u8]>>) -> Option<(Vec<u8>, usize)> {
+    let mut out = Vec::new();
+    let mut size = None;
+    for it in items {
+        let b = it.as_ref();
+        if *size.get_or_insert(b.len()) != b.len() {
+            return None;
+        }
+        out.extend_from_slice(b);
+    }
+    Some((out, size.unwrap_or(0)))
+}
 
 /// `union bpf_attr` as the map element commands read it.
 #[repr(C)]
@@ -473,8 +599,92 @@ impl MapOps for KernelMaps {
         }
     }
 
+    fn update_many(&mut self, map: &str, rows: &[(&[u8], &[u8])]) -> Result<(), SysError> {
+        let fd = self.fd(map)?;
+        for chunk in rows.chunks(BATCH) {
+            let (Some((keys, _)), Some((values, _))) = (
+                packed(chunk.iter().map(|r| r.0)),
+                packed(chunk.iter().map(|r| r.1)),
+            ) else {
+                for (k, v) in chunk {
+                    self.update(map, k, v)?;
+                }
+                continue;
+            };
+            // A kill lands between batches: the kernel does one whole.
+            crash_point();
+            let mut attr = BatchAttr {
+                keys: keys.as_ptr() as u64,
+                values: values.as_ptr() as u64,
+                count: chunk.len() as u32,
+                map_fd: fd,
+                ..BatchAttr::default()
+            };
+            match bpf_batch(BPF_MAP_UPDATE_BATCH, &mut attr) {
+                Ok(()) => {}
+                Err((e, done)) if batch_unsupported(&e, done) => {
+                    for (k, v) in chunk {
+                        self.update(map, k, v)?;
+                    }
+                }
+                Err((source, _)) => {
+                    return Err(SysError::Bpf {
+                        cmd: "BPF_MAP_UPDATE_BATCH",
+                        map: map.to_string(),
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn delete_many(&mut self, map: &str, keys: &[&[u8]]) -> Result<(), SysError> {
+        let fd = self.fd(map)?;
+        for chunk in keys.chunks(BATCH) {
+            let Some((packed_keys, ks)) = packed(chunk.iter()) else {
+                for k in chunk {
+                    self.delete(map, k)?;
+                }
+                continue;
+            };
+            crash_point();
+            // The kernel stops at the first missing key: skip it, go on.
+            let mut from = 0;
+            while from < chunk.len() {
+                let mut attr = BatchAttr {
+                    keys: packed_keys[from * ks..].as_ptr() as u64,
+                    count: (chunk.len() - from) as u32,
+                    map_fd: fd,
+                    ..BatchAttr::default()
+                };
+                match bpf_batch(BPF_MAP_DELETE_BATCH, &mut attr) {
+                    Ok(()) => break,
+                    Err((e, done)) if e.raw_os_error() == Some(libc::ENOENT) => from += done + 1,
+                    Err((e, done)) if batch_unsupported(&e, done) => {
+                        for k in &chunk[from..] {
+                            self.delete(map, k)?;
+                        }
+                        break;
+                    }
+                    Err((source, _)) => {
+                        return Err(SysError::Bpf {
+                            cmd: "BPF_MAP_DELETE_BATCH",
+                            map: map.to_string(),
+                            source,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn keys(&mut self, map: &str, key_size: usize) -> Result<Vec<Vec<u8>>, SysError> {
         let fd = self.fd(map)?;
+        if let Some(keys) = keys_batched(fd, map, key_size)? {
+            return Ok(keys);
+        }
         let mut out = Vec::new();
         let mut cur: Option<Vec<u8>> = None;
         loop {
@@ -524,6 +734,56 @@ impl MapOps for KernelMaps {
                 source,
             }),
         }
+    }
+}
+
+/// Every key of a map by `BPF_MAP_LOOKUP_BATCH` (a few syscalls, not one
+/// per key); `None` when the kernel or map type lacks it, or the sizes are
+/// not what the caller expects (then the caller walks the keys).
+fn keys_batched(fd: u32, map: &str, key_size: usize) -> Result<Option<Vec<Vec<u8>>>, SysError> {
+    let Ok((ks, vs)) = map_sizes(fd) else {
+        return Ok(None);
+    };
+    if ks != key_size || vs == 0 {
+        return Ok(None);
+    }
+    let mut out = Vec::new();
+    // The resume token: a key for tries and arrays, a bucket index for hashes.
+    let mut token_in = vec![0u8; ks.max(8)];
+    let mut token_out = vec![0u8; ks.max(8)];
+    let mut keys = vec![0u8; BATCH * ks];
+    let mut values = vec![0u8; BATCH * vs];
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { token_in.as_ptr() as u64 },
+            out_batch: token_out.as_mut_ptr() as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: BATCH as u32,
+            map_fd: fd,
+            ..BatchAttr::default()
+        };
+        let r = bpf_batch(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let n = (attr.count as usize).min(BATCH);
+        let last = match r {
+            Ok(()) => n == 0,
+            Err((e, _)) if e.raw_os_error() == Some(libc::ENOENT) => true,
+            Err((e, done)) if first && batch_unsupported(&e, done) => return Ok(None),
+            Err((source, _)) => {
+                return Err(SysError::Bpf {
+                    cmd: "BPF_MAP_LOOKUP_BATCH",
+                    map: map.to_string(),
+                    source,
+                });
+            }
+        };
+        out.extend(keys[..n * ks].chunks_exact(ks).map(<[u8]>::to_vec));
+        if last {
+            return Ok(Some(out));
+        }
+        token_in.copy_from_slice(&token_out);
+        first = false;
     }
 }
 

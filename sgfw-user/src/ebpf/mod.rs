@@ -263,7 +263,8 @@ impl EbpfBackend {
         opts: &ApplyOptions,
     ) -> Result<ApplyReport, EbpfError> {
         let _lock = self.lock()?;
-        if self.is_applied() && self.state()?.is_none() {
+        let mut on_file = self.state()?;
+        if self.is_applied() && on_file.is_none() {
             // Pins without their state (the state directory was cleared):
             // the numbering they were written with is lost, so start afresh.
             tracing::warn!(
@@ -272,8 +273,9 @@ impl EbpfBackend {
                 self.state_path.display()
             );
             self.teardown_unlocked()?;
+            on_file = self.state()?;
         }
-        let prev = self.state()?.filter(|_| self.is_applied());
+        let prev = on_file.filter(|_| self.is_applied());
         let mut state = prev.clone().unwrap_or_default();
         state.indices.update(model);
         // After an apply that did not finish, no object of the book may be
@@ -451,6 +453,7 @@ impl EbpfBackend {
         state.unsettled = false;
         state.dataplane = opts.dataplane;
         state.save(&self.state_path)?;
+        lap("state saved");
         // Best effort: without it the next apply walks the tries. The next
         // apply deletes what this one retired: their keys are carried over
         // from the record this apply read.
@@ -459,7 +462,7 @@ impl EbpfBackend {
             tracing::debug!("recording the objects' keys: {e}");
             let _ = std::fs::remove_file(self.keys_path());
         }
-        lap("state");
+        lap("object keys recorded");
 
         report.attached = self.attach_ports_unlocked(host)?;
         lap("attach");

@@ -73,7 +73,7 @@ impl State {
     pub(super) fn save(&self, path: &Path) -> Result<(), EbpfError> {
         parent_dir(path)?;
         let tmp = path.with_extension("json.tmp");
-        let bytes = serde_json::to_vec_pretty(self).map_err(|source| EbpfError::State {
+        let bytes = serde_json::to_vec(self).map_err(|source| EbpfError::State {
             path: path.to_path_buf(),
             source,
         })?;

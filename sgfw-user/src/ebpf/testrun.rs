@@ -152,6 +152,11 @@ impl TestDataplane {
         Ok(())
     }
 
+    /// The loaded object's maps, for tests of the map operations themselves.
+    pub fn maps_mut(&mut self) -> &mut KernelMaps {
+        &mut self.maps
+    }
+
     /// Sets the dataplane clock (ns); 0 returns to the kernel clock.
     pub fn set_time(&mut self, now_ns: u64) -> Result<(), EbpfError> {
         self.update_config(|c| c.time_override_ns = now_ns)

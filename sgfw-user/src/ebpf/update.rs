@@ -95,11 +95,13 @@ pub(super) fn slot_of(map: &str, key: &[u8]) -> u32 {
 /// Empties one half of every [`SLOTTED`] map.
 pub(super) fn clear_slot(maps: &mut dyn MapOps, slot: u32) -> Result<(), SysError> {
     for (map, ks, _) in SLOTTED {
-        for k in maps.keys(map, ks)? {
-            if slot_of(map, &k) == slot {
-                maps.delete(map, &k)?;
-            }
-        }
+        let keys = maps.keys(map, ks)?;
+        let half: Vec<&[u8]> = keys
+            .iter()
+            .filter(|k| slot_of(map, k) == slot)
+            .map(Vec::as_slice)
+            .collect();
+        maps.delete_many(map, &half)?;
     }
     Ok(())
 }
@@ -200,17 +202,25 @@ pub(super) fn delete_ids(
         _ => kinds.contains(&'n'),
     };
     for (map, ks, off) in GENERATIONAL.iter().filter(|g| holds(g.0)) {
-        for k in maps.keys(map, *ks)? {
-            let id = u32::from_be_bytes([k[*off], k[off + 1], k[off + 2], k[off + 3]]);
-            if ids.contains(&id) {
-                maps.delete(map, &k)?;
-            }
-        }
+        let keys = maps.keys(map, *ks)?;
+        let theirs: Vec<&[u8]> = keys
+            .iter()
+            .filter(|k| {
+                ids.contains(&u32::from_be_bytes([
+                    k[*off],
+                    k[off + 1],
+                    k[off + 2],
+                    k[off + 3],
+                ]))
+            })
+            .map(Vec::as_slice)
+            .collect();
+        maps.delete_many(map, &theirs)?;
     }
     if kinds.contains(&'n') {
-        for id in ids {
-            maps.delete(mn::NACL_META, &id.to_ne_bytes())?;
-        }
+        let keys: Vec<[u8; 4]> = ids.iter().map(|id| id.to_ne_bytes()).collect();
+        let keys: Vec<&[u8]> = keys.iter().map(|k| k.as_slice()).collect();
+        maps.delete_many(mn::NACL_META, &keys)?;
     }
     Ok(())
 }
@@ -277,9 +287,10 @@ pub(super) fn delete_keys(
     ids: &BTreeSet<u32>,
     known: &ObjectKeys,
 ) -> Result<(), SysError> {
+    let mut by_map: Vec<Vec<&[u8]>> = vec![Vec::new(); GENERATIONAL.len()];
     for id in ids {
         for (gi, k) in known.get(id).into_iter().flatten() {
-            let Some((map, ks, off)) = GENERATIONAL.get(usize::from(*gi)) else {
+            let Some((_, ks, off)) = GENERATIONAL.get(usize::from(*gi)) else {
                 continue;
             };
             let named = k
@@ -288,12 +299,17 @@ pub(super) fn delete_keys(
             if k.len() != *ks || named != Some(*id) {
                 continue;
             }
-            maps.delete(map, k)?;
+            by_map[usize::from(*gi)].push(k);
         }
-        // NACL tables' metadata is keyed by id alone (absent for other
-        // kinds: deleting it is a no-op).
-        maps.delete(mn::NACL_META, &id.to_ne_bytes())?;
     }
+    for ((map, _, _), keys) in GENERATIONAL.iter().zip(&by_map) {
+        maps.delete_many(map, keys)?;
+    }
+    // NACL tables' metadata is keyed by id alone (absent for other kinds:
+    // deleting it is a no-op).
+    let meta: Vec<[u8; 4]> = ids.iter().map(|id| id.to_ne_bytes()).collect();
+    let meta: Vec<&[u8]> = meta.iter().map(|k| k.as_slice()).collect();
+    maps.delete_many(mn::NACL_META, &meta)?;
     Ok(())
 }
 
@@ -317,6 +333,9 @@ pub(super) fn sweep_ids(maps: &mut dyn MapOps, book: &IdBook) -> Result<(), SysE
     }
     Ok(())
 }
+
+/// One element to write: key bytes, value bytes.
+type Row = (Vec<u8>, Vec<u8>);
 
 pub(super) fn write_and_switch(
     maps: &mut dyn MapOps,
@@ -344,45 +363,80 @@ pub(super) fn write_and_switch(
         .chain(lpm_rows(mn::NACL_PORTS, &c.nacl_ports, |k| {
             fresh(key_id(k.set))
         }));
+    // Batched per map: nothing in force names these objects before the switch.
+    let mut by_map: Vec<(&'static str, Vec<Row>)> = Vec::new();
     let mut written = 0usize;
     for (map, k, v) in rows {
-        maps.update(map, &k, &v)?;
+        match by_map.last_mut() {
+            Some((m, rows)) if *m == map => rows.push((k, v)),
+            _ => by_map.push((map, vec![(k, v)])),
+        }
         written += 1;
     }
-    tracing::debug!("apply: {written} lookup entries of new objects written");
-    for (id, meta) in c.nacl_meta.iter().filter(|(id, _)| fresh(*id)) {
-        maps.update(
-            mn::NACL_META,
-            &id.to_ne_bytes(),
-            bytemuck::bytes_of::<NaclMeta>(meta),
-        )?;
+    let batch = |maps: &mut dyn MapOps, map: &str, rows: &[Row]| {
+        let refs: Vec<(&[u8], &[u8])> = rows
+            .iter()
+            .map(|(k, v)| (k.as_slice(), v.as_slice()))
+            .collect();
+        maps.update_many(map, &refs)
+    };
+    for (map, rows) in &by_map {
+        batch(maps, map, rows)?;
     }
+    tracing::debug!("apply: {written} lookup entries of new objects written");
+    let meta: Vec<Row> = c
+        .nacl_meta
+        .iter()
+        .filter(|(id, _)| fresh(*id))
+        .map(|(id, meta)| {
+            (
+                id.to_ne_bytes().to_vec(),
+                bytemuck::bytes_of::<NaclMeta>(meta).to_vec(),
+            )
+        })
+        .collect();
+    batch(maps, mn::NACL_META, &meta)?;
     // 2. The half not in force: subnets, instances, identities, addresses.
-    let key = |i: u32| sgfw_common::slotted(i, slot).to_ne_bytes();
+    let key = |i: u32| sgfw_common::slotted(i, slot).to_ne_bytes().to_vec();
     let in_slot = |k: &AddrKey| AddrKey {
         slot: slot as u8,
         ..*k
     };
-    for (idx, sp) in &c.subnets {
-        maps.update(mn::SUBNETS, &key(*idx), bytemuck::bytes_of(sp))?;
-    }
-    for (idx, ip) in &c.instances {
-        maps.update(mn::INSTANCES, &key(*idx), bytemuck::bytes_of(ip))?;
-    }
-    for (id, k) in &c.identities {
-        maps.update(mn::IDENTITIES, &key(*id), bytemuck::bytes_of(&in_slot(k)))?;
-    }
-    for (k, v) in &c.addrs {
-        maps.update(
-            mn::ADDRS,
-            bytemuck::bytes_of(&in_slot(k)),
-            bytemuck::bytes_of(v),
-        )?;
-    }
+    let subnets: Vec<_> = c
+        .subnets
+        .iter()
+        .map(|(idx, sp)| (key(*idx), bytemuck::bytes_of(sp).to_vec()))
+        .collect();
+    batch(maps, mn::SUBNETS, &subnets)?;
+    let instances: Vec<_> = c
+        .instances
+        .iter()
+        .map(|(idx, ip)| (key(*idx), bytemuck::bytes_of(ip).to_vec()))
+        .collect();
+    batch(maps, mn::INSTANCES, &instances)?;
+    let identities: Vec<_> = c
+        .identities
+        .iter()
+        .map(|(id, k)| (key(*id), bytemuck::bytes_of(&in_slot(k)).to_vec()))
+        .collect();
+    batch(maps, mn::IDENTITIES, &identities)?;
+    let addrs: Vec<_> = c
+        .addrs
+        .iter()
+        .map(|(k, v)| {
+            (
+                bytemuck::bytes_of(&in_slot(k)).to_vec(),
+                bytemuck::bytes_of(v).to_vec(),
+            )
+        })
+        .collect();
+    batch(maps, mn::ADDRS, &addrs)?;
     // Bindings of bound ports (instance indices are the same in both halves).
-    for (ifx, inst) in ports {
-        maps.update(mn::PORTS, &ifx.to_ne_bytes(), &inst.to_ne_bytes())?;
-    }
+    let bound: Vec<_> = ports
+        .iter()
+        .map(|(ifx, inst)| (ifx.to_ne_bytes().to_vec(), inst.to_ne_bytes().to_vec()))
+        .collect();
+    batch(maps, mn::PORTS, &bound)?;
     // 3. The switch: one array write makes the new half, and a new
     //    generation (every conntrack fast-path cache is re-validated), in
     //    force for every hook at once.
