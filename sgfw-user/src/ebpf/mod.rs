@@ -457,7 +457,7 @@ impl EbpfBackend {
         // Best effort: without it the next apply walks the tries. The next
         // apply deletes what this one retired: their keys are carried over
         // from the record this apply read.
-        let keys = keys_for_next(&compiled, known.as_ref());
+        let keys = keys_for_next(&compiled, known);
         if let Err(e) = keys_file::save(&self.keys_path(), generation, &keys) {
             tracing::debug!("recording the objects' keys: {e}");
             let _ = std::fs::remove_file(self.keys_path());
@@ -680,7 +680,7 @@ mod tests {
                 deleted_by_record += 1;
             }
             write_generation(&mut rec, &cr, &[(7, 1)], &cfg, known.as_ref()).unwrap();
-            known = Some(keys_for_next(&cr, known.as_ref()));
+            known = Some(keys_for_next(&cr, known.take()));
             br = cr.book.clone();
             assert_eq!(walk.maps, rec.maps, "after apply {g}");
         }
@@ -746,7 +746,7 @@ mod tests {
                     );
                 }
                 write_generation(maps, &c, &[(7, 1)], &cfg, rec).unwrap();
-                *known = Some(keys_for_next(&c, rec));
+                *known = Some(keys_for_next(&c, rec.cloned()));
                 *book = c.book.clone();
                 compiled.push(c);
             }

@@ -268,12 +268,12 @@ pub fn object_keys(c: &Compiled) -> ObjectKeys {
 /// the objects it carried without emitting and of those it retired, which
 /// the next apply deletes. An object whose keys are not known is left out,
 /// so that deleting it walks the tries.
-pub fn keys_for_next(c: &Compiled, known: Option<&ObjectKeys>) -> ObjectKeys {
+pub fn keys_for_next(c: &Compiled, known: Option<ObjectKeys>) -> ObjectKeys {
     let mut keys = object_keys(c);
-    if let Some(k) = known {
+    if let Some(mut k) = known {
         for id in c.book.retiring.values().flatten().chain(&c.carried) {
-            if let Some(v) = k.get(id) {
-                keys.insert(*id, v.clone());
+            if let Some(v) = k.remove(id) {
+                keys.insert(*id, v);
             }
         }
     }
