@@ -327,6 +327,8 @@ fn deltas_take_effect_at_once_on_the_ebpf_backend() {
         let be = ebpf.clone();
         bed.on_drop(move || {
             let _ = be.teardown();
+            // The lock file stays with a backend; this state path is the test's own.
+            let _ = std::fs::remove_file(be.state_path.with_extension("lock"));
         });
     }
     bed.serve("server", &[80, 443], &[]).unwrap();

@@ -142,6 +142,8 @@ impl Lab {
             // SAFETY: kill(2) of our own child.
             unsafe { libc::kill(server_pid as i32, libc::SIGTERM) };
             let _ = be.teardown();
+            // The lock file stays with a backend; this state path is the bench's own.
+            let _ = std::fs::remove_file(be.state_path.with_extension("lock"));
             cleanup();
         });
         std::thread::sleep(std::time::Duration::from_millis(500));
