@@ -602,37 +602,37 @@ impl MapOps for KernelMaps {
     fn update_many(&mut self, map: &str, rows: &[(&[u8], &[u8])]) -> Result<(), SysError> {
         let fd = self.fd(map)?;
         for chunk in rows.chunks(BATCH) {
-            let (Some((keys, _)), Some((values, _))) = (
+            let batched = match (
                 packed(chunk.iter().map(|r| r.0)),
                 packed(chunk.iter().map(|r| r.1)),
-            ) else {
-                for (k, v) in chunk {
-                    self.update(map, k, v)?;
-                }
-                continue;
-            };
-            // A kill lands between batches: the kernel does one whole.
-            crash_point();
-            let mut attr = BatchAttr {
-                keys: keys.as_ptr() as u64,
-                values: values.as_ptr() as u64,
-                count: chunk.len() as u32,
-                map_fd: fd,
-                ..BatchAttr::default()
-            };
-            match bpf_batch(BPF_MAP_UPDATE_BATCH, &mut attr) {
-                Ok(()) => {}
-                Err((e, done)) if batch_unsupported(&e, done) => {
-                    for (k, v) in chunk {
-                        self.update(map, k, v)?;
+            ) {
+                (Some((keys, _)), Some((values, _))) => {
+                    // A kill lands between batches: the kernel does one whole.
+                    crash_point();
+                    let mut attr = BatchAttr {
+                        keys: keys.as_ptr() as u64,
+                        values: values.as_ptr() as u64,
+                        count: chunk.len() as u32,
+                        map_fd: fd,
+                        ..BatchAttr::default()
+                    };
+                    match bpf_batch(BPF_MAP_UPDATE_BATCH, &mut attr) {
+                        Ok(()) => true,
+                        Err((e, done)) if batch_unsupported(&e, done) => false,
+                        Err((source, _)) => {
+                            return Err(SysError::Bpf {
+                                cmd: "BPF_MAP_UPDATE_BATCH",
+                                map: map.to_string(),
+                                source,
+                            });
+                        }
                     }
                 }
-                Err((source, _)) => {
-                    return Err(SysError::Bpf {
-                        cmd: "BPF_MAP_UPDATE_BATCH",
-                        map: map.to_string(),
-                        source,
-                    });
+                _ => false,
+            };
+            if !batched {
+                for (k, v) in chunk {
+                    self.update(map, k, v)?;
                 }
             }
         }

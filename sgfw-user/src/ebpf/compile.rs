@@ -693,23 +693,12 @@ pub fn compile(model: &FlatModel, idx: &Indices, book: &IdBook) -> Result<Compil
     // Two rules of one set may produce the same key: keep one (any is a match).
     dedup_lpm(&mut out.sg_ports);
     // The parts of what was emitted (carried objects brought theirs).
-    for e in &out.sg_cidr_v4 {
-        out.book
-            .parts
-            .entry(key_id(e.key.table))
-            .or_default()
-            .entries[0] += 1;
-    }
-    for e in &out.sg_cidr_v6 {
-        out.book
-            .parts
-            .entry(key_id(e.key.table))
-            .or_default()
-            .entries[1] += 1;
-    }
-    for e in &out.sg_ports {
-        out.book.parts.entry(key_id(e.key.set)).or_default().entries[2] += 1;
-    }
+    let mut count = |id: [u8; 4], map: usize| {
+        out.book.parts.entry(key_id(id)).or_default().entries[map] += 1;
+    };
+    out.sg_cidr_v4.iter().for_each(|e| count(e.key.table, 0));
+    out.sg_cidr_v6.iter().for_each(|e| count(e.key.table, 1));
+    out.sg_ports.iter().for_each(|e| count(e.key.set, 2));
     for (pid, names) in emitted_names {
         let part = out.book.parts.entry(pid).or_default();
         part.names = names.into_iter().collect();
@@ -1104,9 +1093,6 @@ mod tests {
         }
     }
 
-    /// Interning: the same content gets the same id in a later compile, new
-    /// content a fresh id above every id handed out, and a retired id is
-    /// never handed out again.
     /// The book's keys are written as a letter and 32 hex digits (the
     /// state file's shape), read back exactly, and a malformed key is an
     /// error naming it.
@@ -1133,6 +1119,9 @@ mod tests {
         }
     }
 
+    /// Interning: the same content gets the same id in a later compile, new
+    /// content a fresh id above every id handed out, and a retired id is
+    /// never handed out again.
     #[test]
     fn interning_is_stable_and_never_reuses_an_id() {
         let book = IdBook::default();
