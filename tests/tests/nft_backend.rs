@@ -89,6 +89,199 @@ fn exclusive(test: &str) -> Option<File> {
     Some(lock)
 }
 
+/// Both of sgfw's tables as `nft -j` lists them, made comparable: no
+/// handles, no counter values, no generation guard set, set elements
+/// sorted (a hash set lists in the kernel's order, which follows the
+/// order elements were added in).
+fn tables_json() -> serde_json::Value {
+    fn scrub(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for k in ["handle", "packets", "bytes"] {
+                    m.remove(k);
+                }
+                if let Some(serde_json::Value::Array(elems)) = m.get_mut("elem") {
+                    elems.sort_by_key(|e| e.to_string());
+                }
+                m.values_mut().for_each(scrub);
+            }
+            serde_json::Value::Array(a) => a.iter_mut().for_each(scrub),
+            _ => {}
+        }
+    }
+    // Objects in any order (nft lists them in the order they were made);
+    // each chain's rules in their order.
+    let mut objects = std::collections::BTreeSet::new();
+    let mut rules: std::collections::BTreeMap<String, Vec<serde_json::Value>> =
+        std::collections::BTreeMap::new();
+    for family in ["inet", "bridge"] {
+        let text = RealHost
+            .nft(&["-j", "list", "table", family, "sgfw"], None)
+            .unwrap();
+        let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        scrub(&mut v);
+        for item in v["nftables"].as_array().cloned().unwrap_or_default() {
+            if item.get("metainfo").is_some()
+                || item["set"]["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("generation_"))
+            {
+                continue;
+            }
+            if let Some(r) = item.get("rule") {
+                let chain = format!("{family} {}", r["chain"]);
+                rules.entry(chain).or_default().push(r.clone());
+            } else {
+                objects.insert(item.to_string());
+            }
+        }
+    }
+    serde_json::json!({ "objects": objects, "rules": rules })
+}
+
+/// What a fresh apply of `m` (tables replaced whole) leaves.
+fn fresh(m: &FlatModel) -> serde_json::Value {
+    let backend = NftBackend::new(&RealHost);
+    backend.teardown().unwrap();
+    let report = backend.apply(m).unwrap();
+    assert!(!report.incremental);
+    tables_json()
+}
+
+/// Models one after another, each a change of the one before: the golden
+/// models (whole subnets, groups and bound ports come and go) and small
+/// edits of one (an instance added, removed, moved to other groups; a rule
+/// and a NACL entry changed; a port bound).
+fn model_walk() -> Vec<(String, FlatModel)> {
+    let mut names: Vec<String> = std::fs::read_dir(golden_dir())
+        .unwrap()
+        .filter_map(|e| {
+            let p = e.unwrap().path();
+            (p.extension().is_some_and(|x| x == "json"))
+                .then(|| p.file_stem().unwrap().to_string_lossy().into_owned())
+        })
+        .collect();
+    names.sort();
+    let mut walk: Vec<(String, FlatModel)> =
+        names.iter().map(|n| (n.clone(), flat_of(n))).collect();
+    let base = flat_of("referenced-groups");
+    let mut m = base.clone();
+    walk.push(("referenced-groups".into(), m.clone()));
+    let mut extra = m.instances[0].clone();
+    extra.id = "i-extra".into();
+    extra.addrs = vec!["10.10.0.99".parse().unwrap()];
+    m.instances.push(extra);
+    m.instances.sort_by(|a, b| a.id.cmp(&b.id));
+    walk.push(("+ i-extra".into(), m.clone()));
+    let last = m.instances.len() - 1;
+    m.instances[last].ingress = m.instances[last].egress.clone();
+    walk.push(("other rules for one instance".into(), m.clone()));
+    let was = m.instances[0].ingress.clone();
+    let revoked: std::sync::Arc<[_]> = was.iter().skip(1).cloned().collect();
+    for i in &mut m.instances {
+        if i.ingress == was {
+            i.ingress = revoked.clone();
+        }
+    }
+    walk.push(("one rule revoked".into(), m.clone()));
+    if let Some(e) = m.subnets[0].inbound.first_mut() {
+        e.rule_number += 1;
+    }
+    walk.push(("a NACL entry renumbered".into(), m.clone()));
+    m.instances[0].interface = Some("sgfwtest0".into());
+    walk.push(("a port bound".into(), m.clone()));
+    m.instances.retain(|i| i.id != "i-extra");
+    walk.push(("- i-extra".into(), m.clone()));
+    walk.push(("back to the start".into(), base));
+    walk
+}
+
+#[test]
+fn nft_in_place_updates_leave_what_a_fresh_apply_leaves() {
+    let Some(_lock) = exclusive("nft_in_place_updates_leave_what_a_fresh_apply_leaves") else {
+        return;
+    };
+    let _cleanup = Cleanup;
+    let backend = NftBackend::new(&RealHost);
+    let walk = model_walk();
+    let mut incremental = 0;
+    for (name, m) in &walk {
+        let report = backend.apply(m).unwrap_or_else(|e| panic!("{name}: {e}"));
+        incremental += usize::from(report.incremental);
+        let got = tables_json();
+        let want = fresh(m);
+        assert!(
+            got == want,
+            "{name}: the in-place update differs from a fresh apply:\n{}",
+            diff(&got, &want)
+        );
+    }
+    // Every step after the first went in place (each fresh apply above is
+    // a replace, and the next step starts from it).
+    assert_eq!(incremental, walk.len() - 1);
+    // Nothing changed (the tables are the last step's fresh apply): the
+    // transaction is the guard alone.
+    let report = backend.apply(&walk[walk.len() - 1].1).unwrap();
+    assert!(
+        report.incremental && report.objects_changed == 0,
+        "{report:?}"
+    );
+}
+
+/// The lines of `got` that `want` lacks and back, as pretty JSON.
+fn diff(got: &serde_json::Value, want: &serde_json::Value) -> String {
+    let g = serde_json::to_string_pretty(got).unwrap();
+    let w = serde_json::to_string_pretty(want).unwrap();
+    let gl: std::collections::BTreeSet<&str> = g.lines().collect();
+    let wl: std::collections::BTreeSet<&str> = w.lines().collect();
+    let mut out = String::new();
+    for l in gl.difference(&wl).take(20) {
+        out.push_str(&format!("+ {l}\n"));
+    }
+    for l in wl.difference(&gl).take(20) {
+        out.push_str(&format!("- {l}\n"));
+    }
+    out
+}
+
+#[test]
+fn nft_tables_changed_behind_sgfws_back_are_replaced_not_patched() {
+    let Some(_lock) = exclusive("nft_tables_changed_behind_sgfws_back_are_replaced_not_patched")
+    else {
+        return;
+    };
+    let _cleanup = Cleanup;
+    let backend = NftBackend::new(&RealHost);
+    let a = flat_of("two-subnets");
+    backend.apply(&a).unwrap();
+    // Someone loads other tables of the same shape (a rule of i-db's group
+    // differs) by hand, or an sgfw with another state directory does.
+    let mut other = a.clone();
+    for i in &mut other.instances {
+        let kept: Vec<_> = i.ingress.iter().skip(1).cloned().collect();
+        i.ingress = kept.into();
+    }
+    let text = sgfw::nft::render(&other).unwrap();
+    RealHost
+        .nft(&["-f", "-"], Some(&transaction(&text)))
+        .unwrap();
+    // The next apply must not patch those tables as if they were its own:
+    // it replaces them, and the result is what a fresh apply leaves.
+    let mut next = a.clone();
+    next.instances[0].egress = next.instances[0].ingress.clone();
+    let report = backend.apply(&next).unwrap();
+    assert!(!report.incremental, "{report:?}");
+    let got = tables_json();
+    assert!(got == fresh(&next), "patched tables it did not own");
+    // A table deleted behind its back: replaced too.
+    RealHost
+        .nft(&["delete", "table", "bridge", "sgfw"], None)
+        .unwrap();
+    let report = backend.apply(&a).unwrap();
+    assert!(!report.incremental, "{report:?}");
+    assert!(tables_json() == fresh(&a));
+}
+
 /// The real host, except that every `nft -f` transaction gets one more
 /// command that the kernel rejects: the whole transaction must then fail.
 struct BreakingHost;
@@ -167,8 +360,11 @@ fn nft_backend_apply_reapply_failed_apply_and_teardown() {
     assert_eq!(report.instances, 3);
     assert!(backend.is_applied().unwrap());
     let listed_a = list_ours();
-    assert!(listed_a.contains("chain sg_in_0"), "{listed_a}");
-    assert!(listed_a.contains("10.0.1.10 : jump sg_out_1"), "{listed_a}");
+    assert!(listed_a.contains("chain sg_in_i-db"), "{listed_a}");
+    assert!(
+        listed_a.contains("10.0.1.10 : goto sg_out_i-web1"),
+        "{listed_a}"
+    );
     let counters = backend.counters().unwrap();
     // passthrough, tracked, not-carried; vlan, non-ip, source-check,
     // not-for-instance; allow/drop per NACL stage and subnet, SG stage and instance.
@@ -178,13 +374,14 @@ fn nft_backend_apply_reapply_failed_apply_and_teardown() {
     );
     assert!(counters.iter().any(|c| c.label == "i-db"));
 
-    // Re-apply a different model: replaced whole.
+    // Re-apply a different model: changed in place.
     let b = flat_of("ipv6");
-    backend.apply(&b).unwrap();
+    let report = backend.apply(&b).unwrap();
+    assert!(report.incremental, "{report:?}");
     let listed_b = list_ours();
     assert!(listed_b.contains("2001:db8:6::10"), "{listed_b}");
     assert!(!listed_b.contains("10.0.2.20"), "{listed_b}");
-    assert!(!listed_b.contains("chain sg_in_2"), "{listed_b}");
+    assert!(!listed_b.contains("chain sg_in_i-db"), "{listed_b}");
 
     // A transaction the kernel rejects leaves the previous ruleset in force.
     let err = NftBackend::new(&BreakingHost).apply(&a).unwrap_err();

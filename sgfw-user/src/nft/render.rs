@@ -25,13 +25,13 @@
 //!      bridges drop; NACLs, every packet: `ip saddr vmap @nacl_out_v4` →
 //!      `nacl_out_<subnet>`, `ip daddr vmap @nacl_in_v4` → `nacl_in_<subnet>`
 //!      (and `ip6`); `ct state established,related` / `ct status confirmed`:
-//!      accept; SGs: `ip saddr vmap @sg_out_v4` → `sg_out_<instance>`, `ip
-//!      daddr vmap @sg_in_v4` → `sg_in_<instance>`, each chain `return`s on
-//!      its first match and ends in `drop`; a new flow that passed
-//!      everything: conntrack timeouts.
+//!      accept; SGs: `ip saddr vmap @sg_out_v4` → `sg_out_<instance>`
+//!      (jumps to its groups' `grp_out_<group>`, a match goes on to
+//!      `sg_out_pass` → `sg_ingress`; no match: `drop`), then `ip daddr vmap
+//!      @sg_in_v4` → `sg_in_<instance>` likewise → `sg_in_pass` →
+//!      `sg_done`: conntrack timeouts of a new flow, `accept`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt::Display;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -43,6 +43,7 @@ mod sets;
 use chains::*;
 use sets::*;
 
+use super::ruleset::{Kind, Obj, Ruleset, Table};
 use crate::flat::{FirewallRule, FlatModel, Owner, Ownership, OwnershipError};
 use crate::policy::{
     Direction, Family, Match, NaclEntry, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
@@ -143,6 +144,17 @@ pub enum RenderError {
         subnet: String,
         /// The name.
         name: String,
+    },
+    /// Two ids of one kind that name their objects alike ([`key_of`]: two
+    /// ids hashing to the same 64 bits); refused rather than merged.
+    #[error("{what} ids {id:?} and {other:?} would name the same nft objects")]
+    Name {
+        /// Subnet, instance or security group.
+        what: &'static str,
+        /// One id.
+        id: String,
+        /// The other.
+        other: String,
     },
     /// A port found on one of the model's bridges whose name cannot be
     /// written into the ruleset: refused, since the port could not be checked.
@@ -289,25 +301,6 @@ impl NftStage for Stage {
     }
 }
 
-/// Text with tab indentation, one statement per line.
-#[derive(Default)]
-struct Out {
-    text: String,
-}
-
-impl Out {
-    fn line(&mut self, depth: usize, s: impl Display) {
-        for _ in 0..depth {
-            self.text.push('\t');
-        }
-        self.text.push_str(&s.to_string());
-        self.text.push('\n');
-    }
-    fn blank(&mut self) {
-        self.text.push('\n');
-    }
-}
-
 /// Renders the model as the text of `table inet sgfw` and `table bridge
 /// sgfw`, with the port-level checks at the model's bound interfaces only
 /// (see [`render_with_ports`]). Deterministic: the same model always gives
@@ -320,10 +313,25 @@ pub fn render(model: &FlatModel) -> Result<String, RenderError> {
     render_with_ports(model, &[])
 }
 
-/// Renders the model; `ports` are the ports found on the model's bridges
-/// (the host ends of the instances' veths), which get the port-level checks
-/// of `table bridge sgfw` beside the model's bound interfaces.
-/// Deterministic: the same model and ports always give byte-identical text.
+/// Renders the model as text; `ports` are the ports found on the model's
+/// bridges (the host ends of the instances' veths), which get the
+/// port-level checks of `table bridge sgfw` beside the model's bound
+/// interfaces. Deterministic: the same model and ports always give
+/// byte-identical text.
+///
+/// # Errors
+///
+/// As [`ruleset`].
+pub fn render_with_ports(model: &FlatModel, ports: &[String]) -> Result<String, RenderError> {
+    Ok(ruleset(model, ports)?.text())
+}
+
+/// The model as sgfw's two tables of named objects ([`Ruleset::text`] is
+/// what [`render_with_ports`] returns).
+///
+/// Objects are named by the ids of their subnet, instance or group
+/// ([`key_of`]), never by a position in the model, so adding or removing
+/// one changes only its own objects and the set elements that name it.
 ///
 /// # Errors
 ///
@@ -332,7 +340,7 @@ pub fn render(model: &FlatModel) -> Result<String, RenderError> {
 /// expressed exactly, or an interface, bridge or port name cannot be
 /// written safely; validated, flattened models never are (but ports found on
 /// the host can be).
-pub fn render_with_ports(model: &FlatModel, ports: &[String]) -> Result<String, RenderError> {
+pub fn ruleset(model: &FlatModel, ports: &[String]) -> Result<Ruleset, RenderError> {
     let ix = Index::new(model)?;
     for s in &model.subnets {
         if !ifname_ok(&s.bridge) {
@@ -342,56 +350,41 @@ pub fn render_with_ports(model: &FlatModel, ports: &[String]) -> Result<String, 
             });
         }
     }
-    let mut out = Out::default();
-    out.line(
-        0,
-        "# sgfw: AWS VPC security groups and network ACLs (generated; do not edit).",
-    );
-    out.line(0, "# Decision order: frame and port checks (table bridge sgfw), passthrough, not carried, NACLs (every packet), tracked flows, SG egress, SG ingress.");
+    let mut header = vec![
+        "# sgfw: AWS VPC security groups and network ACLs (generated; do not edit).".to_string(),
+        "# Decision order: frame and port checks (table bridge sgfw), passthrough, not carried, NACLs (every packet), tracked flows, SG egress, SG ingress.".to_string(),
+        "# Conntrack timeouts of SEMANTICS.md are set on each new flow sgfw allowed (chain ct_new); ICMP and other protocols keep the kernel's (nft cannot set them per flow here).".to_string(),
+    ];
+    for (s, key) in model.subnets.iter().zip(&ix.subnet_key) {
+        header.push(format!(
+            "# subnet {key}: {} (nacl {})",
+            sanitize(&s.id),
+            sanitize(&s.nacl_id)
+        ));
+    }
+    let mut t = Table::new(TABLE);
+    render_timeouts(&mut t, model);
+    render_counters(&mut t, &ix);
+    render_sets(&mut t, &ix);
+    render_entry(&mut t);
     for (i, s) in model.subnets.iter().enumerate() {
-        out.line(
-            0,
-            format!(
-                "# subnet {i}: {} (nacl {})",
-                sanitize(&s.id),
-                sanitize(&s.nacl_id)
-            ),
-        );
+        t.push(render_nacl_chain(&ix, Stage::NaclOut, i, &s.outbound)?);
+        t.push(render_nacl_chain(&ix, Stage::NaclIn, i, &s.inbound)?);
     }
-    for (i, inst) in model.instances.iter().enumerate() {
-        out.line(
-            0,
-            format!(
-                "# instance {i}: {} (subnet {})",
-                sanitize(&inst.id),
-                inst.subnet_index
-            ),
-        );
+    for ((dir, group), rules) in &ix.group_rules {
+        if let Some(gkey) = ix.group_key.get(group) {
+            t.push(render_group_chain(*dir, group, gkey, rules)?);
+        }
     }
-    out.line(0, format!("table {TABLE} {{"));
-
-    render_timeouts(&mut out, model);
-    out.blank();
-    render_counters(&mut out, model);
-    out.blank();
-    render_sets(&mut out, &ix);
-    out.blank();
-    render_entry(&mut out);
-    for (i, s) in model.subnets.iter().enumerate() {
-        out.blank();
-        render_nacl_chain(&mut out, &ix, Stage::NaclOut, i, &s.outbound)?;
-        out.blank();
-        render_nacl_chain(&mut out, &ix, Stage::NaclIn, i, &s.inbound)?;
+    for i in 0..model.instances.len() {
+        t.push(render_sg_chain(&ix, Stage::SgEgress, i));
+        t.push(render_sg_chain(&ix, Stage::SgIngress, i));
     }
-    for (i, inst) in model.instances.iter().enumerate() {
-        out.blank();
-        render_sg_chain(&mut out, Stage::SgEgress, i, &inst.egress)?;
-        out.blank();
-        render_sg_chain(&mut out, Stage::SgIngress, i, &inst.ingress)?;
-    }
-    out.line(0, "}");
-    render_bridge_table(&mut out, model, ports)?;
-    Ok(out.text)
+    let bridge = render_bridge_table(&ix, ports)?;
+    Ok(Ruleset {
+        header,
+        tables: vec![t, bridge],
+    })
 }
 
 #[cfg(test)]

@@ -153,46 +153,95 @@ fn render_is_sgfws_two_tables_only() {
 }
 
 #[test]
-fn sg_chains_return_never_accept_and_end_in_drop() {
+fn instance_chains_try_their_groups_and_end_in_drop() {
     let m = fixture();
     let text = render(&m).unwrap();
-    for (i, _) in m.instances.iter().enumerate() {
-        for kind in ["sg_out", "sg_in"] {
-            let body = chain(&text, &format!("{kind}_{i}"));
+    for inst in &m.instances {
+        for (kind, dir) in [("sg_out", "grp_out_"), ("sg_in", "grp_in_")] {
+            let body = chain(&text, &format!("{kind}_{}", inst.id));
+            let (last, jumps) = body.split_last().unwrap();
             assert!(
-                body.iter().all(|l| !l.contains("accept")),
-                "{kind}_{i}: {body:?}"
-            );
-            let last = body.last().unwrap();
-            assert!(
-                last.starts_with("counter name") && last.ends_with(" drop"),
+                last.starts_with(&format!("counter name \"{kind}_{}_drop\"", inst.id))
+                    && last.ends_with(" drop"),
                 "{last}"
             );
-            for l in &body[..body.len() - 1] {
-                assert!(l.ends_with(" return"), "{l}");
+            for l in jumps {
+                assert!(l.starts_with(&format!("jump {dir}")), "{l}");
             }
         }
     }
+    // i-web1's ingress comes from sg-web alone.
+    assert_eq!(chain(&text, "sg_in_i-web1")[..1], ["jump grp_in_sg-web"]);
+}
+
+#[test]
+fn group_chains_go_on_to_the_next_stage_and_never_accept_or_return() {
+    let text = render(&fixture()).unwrap();
+    let mut seen = 0;
+    for (prefix, next) in [
+        ("grp_in_", "goto sg_in_pass"),
+        ("grp_out_", "goto sg_out_pass"),
+    ] {
+        for head in text
+            .lines()
+            .filter(|l| l.starts_with(&format!("\tchain {prefix}")))
+        {
+            let name = head
+                .trim()
+                .trim_start_matches("chain ")
+                .trim_end_matches(" {");
+            let body = chain(&text, name);
+            for l in body.iter().filter(|l| !l.starts_with('#')) {
+                assert!(l.ends_with(next), "{name}: {l}");
+                assert!(
+                    !l.contains("accept") && !l.contains("return"),
+                    "{name}: {l}"
+                );
+            }
+            seen += 1;
+        }
+    }
+    assert!(seen >= 3, "{seen} group chains");
 }
 
 #[test]
 fn egress_allow_cannot_skip_ingress_check() {
-    // The decide chain reaches SG ingress after SG egress for every packet
-    // that is not tracked: no verdict between them other than the vmaps.
+    // Every way out of SG egress leads to SG ingress: the decide chain goes
+    // there when the sender is no instance, an instance's allow goes there
+    // through sg_out_pass; only sg_ingress leads on to sg_done.
     let text = render(&fixture()).unwrap();
-    let body = chain(&text, "decide");
-    let eg = body
-        .iter()
-        .position(|l| l.contains("vmap @sg_out_v4"))
-        .unwrap();
-    let ing = body
-        .iter()
-        .position(|l| l.contains("vmap @sg_in_v4"))
-        .unwrap();
-    assert!(eg < ing);
-    for l in &body[eg..ing] {
-        assert!(l.contains(" vmap @sg_out_"), "{l}");
+    let decide = chain(&text, "decide");
+    let tail: Vec<&str> = decide[decide.len() - 3..].to_vec();
+    assert_eq!(
+        tail,
+        [
+            "ip saddr vmap @sg_out_v4",
+            "ip6 saddr vmap @sg_out_v6",
+            "goto sg_ingress"
+        ]
+    );
+    assert_eq!(chain(&text, "sg_out_pass").last(), Some(&"goto sg_ingress"));
+    assert_eq!(
+        chain(&text, "sg_ingress"),
+        [
+            "ip daddr vmap @sg_in_v4",
+            "ip6 daddr vmap @sg_in_v6",
+            "goto sg_done"
+        ]
+    );
+    assert_eq!(chain(&text, "sg_in_pass").last(), Some(&"goto sg_done"));
+    // No chain on the path can fall off its end back into an instance's
+    // chain (which would go on to its next group, then drop) or into the
+    // base chain's policy.
+    for c in ["sg_done", "ct_new"] {
+        assert_eq!(chain(&text, c).last(), Some(&"accept"), "{c}");
     }
+    assert_eq!(chain(&text, "leg_in").last(), Some(&"goto sg_ingress"));
+    assert_eq!(chain(&text, "leg_out").last(), Some(&"goto sg_done"));
+    // The instances' SG chains are reached by goto (nothing to return to).
+    assert!(text.contains("10.0.1.10 : goto sg_out_i-web1"));
+    assert!(text.contains("10.0.1.10 : goto sg_in_i-web1"));
+    assert!(!text.contains(": jump sg_"));
 }
 
 #[test]
@@ -210,14 +259,14 @@ fn nacl_chain_is_per_subnet_and_skips_same_subnet() {
     let m = fixture();
     let text = render(&m).unwrap();
     // web1 (10.0.1.10) in subnet 0, db (10.0.2.20) in subnet 1.
-    assert!(text.contains("10.0.1.10 : jump nacl_out_0"));
-    assert!(text.contains("10.0.2.20 : jump nacl_out_1"));
-    assert!(text.contains("10.0.2.20 : jump nacl_in_1"));
-    let out0 = chain(&text, "nacl_out_0");
-    assert_eq!(out0[1], "ip daddr @subnet_0_v4 return");
-    assert_eq!(out0[2], "ip6 daddr @subnet_0_v6 return");
-    let in1 = chain(&text, "nacl_in_1");
-    assert!(in1.contains(&"ip saddr @subnet_1_v4 return"));
+    assert!(text.contains("10.0.1.10 : jump nacl_out_subnet-a"));
+    assert!(text.contains("10.0.2.20 : jump nacl_out_subnet-b"));
+    assert!(text.contains("10.0.2.20 : jump nacl_in_subnet-b"));
+    let out0 = chain(&text, "nacl_out_subnet-a");
+    assert_eq!(out0[1], "ip daddr @subnet_subnet-a_v4 return");
+    assert_eq!(out0[2], "ip6 daddr @subnet_subnet-a_v6 return");
+    let in1 = chain(&text, "nacl_in_subnet-b");
+    assert!(in1.contains(&"ip saddr @subnet_subnet-b_v4 return"));
     assert!(in1.last().unwrap().contains("drop # rule *"));
 }
 
@@ -225,7 +274,7 @@ fn nacl_chain_is_per_subnet_and_skips_same_subnet() {
 fn nacl_entries_keep_rule_order_and_deny_below_allow() {
     let m = flat(&golden_model("nacl-deny-below-allow"));
     let text = render(&m).unwrap();
-    let body = chain(&text, "nacl_in_0");
+    let body = chain(&text, "nacl_in_subnet-a");
     let rules: Vec<&str> = body
         .iter()
         .filter_map(|l| l.rsplit_once("# rule ").map(|(_, n)| n))
@@ -276,12 +325,12 @@ fn unknown_subnet_and_duplicate_address_are_refused() {
 
 // ---------- docs/semantics.md: frames, source check, passthrough, not carried ----------
 
-/// The fixture with i-web1 bound to `veth-web1`, and its index.
-fn bound_fixture() -> (FlatModel, usize) {
+/// The fixture with i-web1 bound to `veth-web1`, and its object name.
+fn bound_fixture() -> (FlatModel, &'static str) {
     let mut m = fixture();
     let i = m.instances.iter().position(|i| i.id == "i-web1").unwrap();
     m.instances[i].interface = Some("veth-web1".into());
-    (m, i)
+    (m, "i-web1")
 }
 
 /// The body of a chain of `table bridge sgfw`.
@@ -505,23 +554,17 @@ fn dhcp_is_passthrough_for_one_leg_only() {
     };
     assert_eq!(
         vmaps("leg_in"),
-        [
-            "ip daddr vmap @nacl_in_v4",
-            "ip6 daddr vmap @nacl_in_v6",
-            "ip daddr vmap @sg_in_v4",
-            "ip6 daddr vmap @sg_in_v6"
-        ]
+        ["ip daddr vmap @nacl_in_v4", "ip6 daddr vmap @nacl_in_v6"]
     );
-    // 67->68: the receiver's leg is passed, the sender's SG egress and NACL-out judge it.
+    assert_eq!(chain(&text, "leg_in").last(), Some(&"goto sg_ingress"));
+    // 67->68: the receiver's leg is passed, the sender's NACL-out judges it
+    // (its SG egress cannot: the sender is no instance, so it goes straight
+    // on to the new-flow timeouts, never through SG ingress).
     assert_eq!(
         vmaps("leg_out"),
-        [
-            "ip saddr vmap @nacl_out_v4",
-            "ip6 saddr vmap @nacl_out_v6",
-            "ip saddr vmap @sg_out_v4",
-            "ip6 saddr vmap @sg_out_v6"
-        ]
+        ["ip saddr vmap @nacl_out_v4", "ip6 saddr vmap @nacl_out_v6"]
     );
+    assert_eq!(chain(&text, "leg_out").last(), Some(&"goto sg_done"));
 }
 
 // ---------- no injection ----------
@@ -620,7 +663,10 @@ fn apply_is_one_transaction_replacing_only_our_table() {
     assert_eq!(calls[0].0, ["-f", "-"]);
     let stdin = calls[0].1.as_deref().unwrap();
     assert!(stdin.starts_with("add table inet sgfw\ndelete table inet sgfw\n"));
-    assert!(stdin.ends_with(&render(&fixture()).unwrap()));
+    let (rest, guard) = stdin.split_at(stdin.find("add set inet sgfw generation_").unwrap());
+    assert!(rest.ends_with(&render(&fixture()).unwrap()));
+    assert!(guard.contains("add set bridge sgfw generation_"), "{guard}");
+    assert!(!report.incremental);
     assert_eq!(report.instances, 3);
     assert!(report.sysctls_set.is_empty());
     assert!(report.notes.is_empty());
@@ -785,7 +831,7 @@ fn counters_parse_nft_json() {
         c[0].kind,
         CounterKind::Stage {
             stage: Stage::NaclOut,
-            index: 0,
+            key: "0".into(),
             allowed: true
         }
     );
@@ -856,4 +902,17 @@ fn golden_rulesets() {
         }
     }
     assert!(failed.is_empty(), "{failed:#?}");
+}
+
+#[test]
+fn a_rule_list_shared_by_both_directions_gets_both_group_chains() {
+    // Rule lists are split by group once per list; the same allocation in
+    // another direction is another list (every jump has its chain).
+    let mut m = fixture();
+    m.instances[0].egress = m.instances[0].ingress.clone();
+    let text = render(&m).unwrap();
+    for l in text.lines().filter_map(|l| l.trim().strip_prefix("jump ")) {
+        assert!(text.contains(&format!("\tchain {l} {{")), "no chain {l}");
+    }
+    assert!(text.contains("\tchain grp_out_sg-db {"));
 }

@@ -1,6 +1,7 @@
 //! The chains of the ruleset: the bridge table's port checks, the inet
-//! table's entry chain and legs, the per-subnet NACL chains and the
-//! per-instance SG chains, and the matchers they are written with. It must
+//! table's entry chain, legs and SG stage chains, the per-subnet NACL
+//! chains, the per-instance SG chains (a jump per group) and the per-group
+//! rule chains, and the matchers they are written with. It must
 //! never widen a matcher: one it cannot write exactly is an error.
 
 use super::*;
@@ -78,36 +79,33 @@ pub(super) fn join_nonempty(parts: &[&str]) -> String {
         .join(" ")
 }
 
-pub(super) fn counter_name(kind: Stage, index: usize, allowed: bool) -> String {
+pub(super) fn counter_name(kind: Stage, key: &str, allowed: bool) -> String {
     format!(
-        "{}_{index}_{}",
+        "{}_{key}_{}",
         kind.prefix(),
         if allowed { "allow" } else { "drop" }
     )
 }
 
-pub(super) fn log_drop(kind: Stage, index: usize, rule: Option<u16>) -> String {
+pub(super) fn log_drop(kind: Stage, key: &str, rule: Option<u16>) -> String {
     let rule = rule.map_or_else(|| "*".to_string(), |n| format!("r{n}"));
     format!(
-        "log prefix \"sgfw drop {} {}{index} {rule} \" group {NFLOG_GROUP}",
+        "log prefix \"sgfw drop {} {}{key} {rule} \" group {NFLOG_GROUP}",
         kind.name(),
         kind.who()
     )
 }
 
-/// The verdict-map jumps to the chains of one stage, both families.
-pub(super) fn dispatch(out: &mut Out, kind: Stage) {
+/// The verdict-map dispatch to the chains of one stage, both families.
+pub(super) fn dispatch(c: &mut Obj, kind: Stage) {
     for f in Family::ALL {
-        out.line(
-            2,
-            format!(
-                "{} {} vmap @{}_{}",
-                f.l3(),
-                kind.key_side().word(),
-                kind.prefix(),
-                f.suffix()
-            ),
-        );
+        c.rule(format!(
+            "{} {} vmap @{}_{}",
+            f.l3(),
+            kind.key_side().word(),
+            kind.prefix(),
+            f.suffix()
+        ));
     }
 }
 
@@ -141,11 +139,8 @@ pub(super) const INET_DROPS: [&str; 1] = ["not-carried"];
 /// in a DHCP-client or NDP packet) and the destination check of what it is
 /// handed (the instance's addresses, fe80::/10, or a group or broadcast
 /// address, which `table inet sgfw` then judges as not carried).
-pub(super) fn render_bridge_table(
-    out: &mut Out,
-    model: &FlatModel,
-    ports: &[String],
-) -> Result<(), RenderError> {
+pub(super) fn render_bridge_table(ix: &Index<'_>, ports: &[String]) -> Result<Table, RenderError> {
+    let model = ix.model;
     let mut bound = Vec::new();
     for (i, inst) in model.instances.iter().enumerate() {
         if let Some(name) = &inst.interface {
@@ -155,7 +150,7 @@ pub(super) fn render_bridge_table(
                     name: name.clone(),
                 });
             }
-            bound.push((i, name.as_str(), inst));
+            bound.push((ix.inst_key[i].as_str(), name.as_str(), inst));
         }
     }
     let mut all_ports: BTreeSet<&str> = bound.iter().map(|(_, n, _)| *n).collect();
@@ -165,73 +160,62 @@ pub(super) fn render_bridge_table(
         }
         all_ports.insert(p);
     }
-    out.line(0, format!("table {BRIDGE_TABLE} {{"));
+    let mut t = Table::new(BRIDGE_TABLE);
     for reason in BRIDGE_DROPS {
-        out.line(
-            1,
-            format!(
-                "counter drop_{} {{ comment \"{reason}\"; }}",
-                reason.replace('-', "_")
-            ),
-        );
+        t.push(counter(
+            format!("drop_{}", reason.replace('-', "_")),
+            reason,
+        ));
     }
-    out.blank();
     let quoted: Vec<String> = all_ports.iter().map(|n| format!("\"{n}\"")).collect();
-    declare(out, "set", "ports", "ifname", &quoted);
+    t.push(declare(Kind::Set, "ports", &["type ifname"], quoted));
     for (map, chain) in [
         ("bound_from", "source_check"),
         ("bound_to", "receive_check"),
     ] {
         let elems: Vec<String> = bound
             .iter()
-            .map(|(i, name, _)| format!("\"{name}\" : jump {chain}_{i}"))
+            .map(|(key, name, _)| format!("\"{name}\" : jump {chain}_{key}"))
             .collect();
-        declare(out, "map", map, "ifname : verdict", &elems);
+        t.push(declare(Kind::Map, map, &["type ifname : verdict"], elems));
     }
     for (hook, side, chain) in [
         ("prerouting", "iifname", "from_port"),
         ("forward", "oifname", "to_port"),
         ("output", "oifname", "to_port"),
     ] {
-        out.blank();
-        out.line(1, format!("chain {hook} {{"));
-        out.line(
-            2,
-            format!("type filter hook {hook} priority {HOOK_PRIORITY}; policy accept;"),
-        );
-        out.line(2, format!("{side} @ports jump {chain}"));
-        out.line(1, "}");
+        let mut c = Obj::chain(hook);
+        c.decl.push(format!(
+            "type filter hook {hook} priority {HOOK_PRIORITY}; policy accept;"
+        ));
+        c.rule(format!("{side} @ports jump {chain}"));
+        t.push(c);
     }
     for (chain, side, map, what) in [
         ("from_port", "iifname", "bound_from", "What a port sends"),
         ("to_port", "oifname", "bound_to", "What a port is handed"),
     ] {
-        out.blank();
-        out.line(1, format!("chain {chain} {{"));
-        out.line(
-            2,
-            format!("# {what}: VLAN-tagged frames drop, ARP and IP pass, other frames drop."),
-        );
-        out.line(
-            2,
-            format!("ether type {{ 8021q, 8021ad }} {}", drop_as("vlan", "-")),
-        );
-        out.line(
-            2,
-            format!(
-                "ether type != {{ ip, ip6, arp }} {}",
-                drop_as("non-ip", "-")
-            ),
-        );
-        out.line(2, format!("{side} vmap @{map}"));
-        out.line(1, "}");
+        let mut c = Obj::chain(chain);
+        c.rule(format!(
+            "# {what}: VLAN-tagged frames drop, ARP and IP pass, other frames drop."
+        ));
+        c.rule(format!(
+            "ether type {{ 8021q, 8021ad }} {}",
+            drop_as("vlan", "-")
+        ));
+        c.rule(format!(
+            "ether type != {{ ip, ip6, arp }} {}",
+            drop_as("non-ip", "-")
+        ));
+        c.rule(format!("{side} vmap @{map}"));
+        t.push(c);
     }
     let broadcasts: Vec<IpNet> = model
         .subnets
         .iter()
         .map(|s| IpNet::V4(Ipv4Net::from(s.cidr_v4.broadcast())))
         .collect();
-    for (i, name, inst) in &bound {
+    for (key, name, inst) in &bound {
         let own = |f: Family| -> Vec<String> {
             inst.addrs
                 .iter()
@@ -239,45 +223,35 @@ pub(super) fn render_bridge_table(
                 .map(ToString::to_string)
                 .collect()
         };
-        out.blank();
-        out.line(1, format!("chain source_check_{i} {{"));
-        out.line(
-            2,
-            format!("# What {name} sends: only from the instance's addresses (before any passthrough class)."),
-        );
-        out.line(2, "ether type arp return");
+        let mut c = Obj::chain(format!("source_check_{key}"));
+        c.rule(format!(
+            "# What {name} sends: only from the instance's addresses (before any passthrough class)."
+        ));
+        c.rule("ether type arp return");
         let v4 = own(Family::V4);
         if !v4.is_empty() {
-            out.line(2, format!("ip saddr {} return", set_text(&v4)));
+            c.rule(format!("ip saddr {} return", set_text(&v4)));
         }
         let mut v6 = own(Family::V6);
         v6.push(LINK_LOCAL_V6.to_string());
-        out.line(2, format!("ip6 saddr {} return", set_text(&v6)));
-        out.line(
-            2,
-            format!(
-                "ip saddr {} udp sport {DHCP_CLIENT_PORT} udp dport {DHCP_SERVER_PORT} return",
-                Ipv4Addr::UNSPECIFIED
-            ),
-        );
-        out.line(
-            2,
-            format!(
-                "ip6 saddr {} icmpv6 type {}-{} return",
-                Ipv6Addr::UNSPECIFIED,
-                NDP_TYPES.0,
-                NDP_TYPES.1
-            ),
-        );
-        out.line(2, drop_as("source-check", &format!("i{i}")));
-        out.line(1, "}");
-        out.blank();
-        out.line(1, format!("chain receive_check_{i} {{"));
-        out.line(
-            2,
-            format!("# What {name} is handed: only to the instance's addresses, or to a group or broadcast address."),
-        );
-        out.line(2, "ether type arp return");
+        c.rule(format!("ip6 saddr {} return", set_text(&v6)));
+        c.rule(format!(
+            "ip saddr {} udp sport {DHCP_CLIENT_PORT} udp dport {DHCP_SERVER_PORT} return",
+            Ipv4Addr::UNSPECIFIED
+        ));
+        c.rule(format!(
+            "ip6 saddr {} icmpv6 type {}-{} return",
+            Ipv6Addr::UNSPECIFIED,
+            NDP_TYPES.0,
+            NDP_TYPES.1
+        ));
+        c.rule(drop_as("source-check", &format!("i{key}")));
+        t.push(c);
+        let mut c = Obj::chain(format!("receive_check_{key}"));
+        c.rule(format!(
+            "# What {name} is handed: only to the instance's addresses, or to a group or broadcast address."
+        ));
+        c.rule("ether type arp return");
         let mut v4: Vec<IpNet> = inst
             .addrs
             .iter()
@@ -287,7 +261,7 @@ pub(super) fn render_bridge_table(
         v4.extend([IpNet::V4(GROUP_V4), IpNet::from(IpAddr::V4(BROADCAST_V4))]);
         v4.extend(broadcasts.iter().copied());
         let v4: Vec<String> = aggregate(Family::V4, &v4).iter().map(net_text).collect();
-        out.line(2, format!("ip daddr {} return", set_text(&v4)));
+        c.rule(format!("ip daddr {} return", set_text(&v4)));
         let mut v6: Vec<IpNet> = inst
             .addrs
             .iter()
@@ -296,12 +270,11 @@ pub(super) fn render_bridge_table(
             .collect();
         v6.extend([IpNet::V6(LINK_LOCAL_V6), IpNet::V6(GROUP_V6)]);
         let v6: Vec<String> = aggregate(Family::V6, &v6).iter().map(net_text).collect();
-        out.line(2, format!("ip6 daddr {} return", set_text(&v6)));
-        out.line(2, drop_as("not-for-instance", &format!("i{i}")));
-        out.line(1, "}");
+        c.rule(format!("ip6 daddr {} return", set_text(&v6)));
+        c.rule(drop_as("not-for-instance", &format!("i{key}")));
+        t.push(c);
     }
-    out.line(0, "}");
-    Ok(())
+    Ok(t)
 }
 
 /// A leg of a packet: the sender's (what an instance sends: SG egress, the
@@ -315,8 +288,6 @@ trait NftLeg {
     fn ifname(self) -> &'static str;
     /// The leg's NACL stage.
     fn nacl(self) -> Stage;
-    /// The leg's security-group stage.
-    fn sg(self) -> Stage;
 }
 
 impl NftLeg for Direction {
@@ -332,227 +303,202 @@ impl NftLeg for Direction {
             Direction::Ingress => Stage::NaclIn,
         }
     }
-    fn sg(self) -> Stage {
-        match self {
-            Direction::Egress => Stage::SgEgress,
-            Direction::Ingress => Stage::SgIngress,
-        }
-    }
 }
 
-/// The stages of `legs`, in the order of docs/semantics.md: not carried
-/// (broadcast and multicast destinations on the model's bridges), the NACLs
-/// (every packet, before any conntrack shortcut), the tracked-flow shortcut,
-/// the SG chains (sender's egress before receiver's ingress), then the
-/// timeouts of a new flow.
-pub(super) fn render_legs(out: &mut Out, legs: &[Direction]) {
-    out.line(
-        2,
-        "# Not carried: a broadcast or multicast destination to or from a port of the model's bridges.",
-    );
+/// The stages of `legs` up to the SG stages, in the order of
+/// docs/semantics.md: not carried (broadcast and multicast destinations on
+/// the model's bridges), the NACLs (every packet, before any conntrack
+/// shortcut), the tracked-flow shortcut. The caller goes on to the SG stages.
+pub(super) fn render_legs(c: &mut Obj, legs: &[Direction]) {
+    c.rule("# Not carried: a broadcast or multicast destination to or from a port of the model's bridges.");
     for leg in legs {
         for f in Family::ALL {
-            out.line(
-                2,
-                format!(
-                    "{} @bridges {} daddr @not_carried_{} {}",
-                    leg.ifname(),
-                    f.l3(),
-                    f.suffix(),
-                    drop_as("not-carried", "-")
-                ),
-            );
+            c.rule(format!(
+                "{} @bridges {} daddr @not_carried_{} {}",
+                leg.ifname(),
+                f.l3(),
+                f.suffix(),
+                drop_as("not-carried", "-")
+            ));
         }
     }
-    out.line(
-        2,
-        "# NACLs are stateless: every packet, before any conntrack shortcut.",
-    );
+    c.rule("# NACLs are stateless: every packet, before any conntrack shortcut.");
     for leg in legs {
-        dispatch(out, leg.nacl());
+        dispatch(c, leg.nacl());
     }
-    out.line(
-        2,
-        "# A flow the kernel tracks passed its SG legs when it began: skip the SG rules.",
-    );
-    out.line(
-        2,
-        "ct state established,related counter name \"tracked\" accept",
-    );
-    out.line(2, "ct status confirmed counter name \"tracked\" accept");
-    out.line(
-        2,
-        match legs {
-            [_, _] => "# SG egress of the sender, then SG ingress of the receiver (chains return on allow).",
-            _ => "# The leg's SG chain (returns on allow).",
-        },
-    );
-    for leg in legs {
-        dispatch(out, leg.sg());
-    }
-    out.line(
-        2,
-        "# A new flow allowed by every stage: the SEMANTICS timeouts.",
-    );
-    for f in Family::ALL {
-        for side in [Side::Saddr, Side::Daddr] {
-            out.line(
-                2,
-                format!(
-                    "{} {} @instances_{} goto ct_new",
-                    f.l3(),
-                    side.word(),
-                    f.suffix()
-                ),
-            );
-        }
-    }
+    c.rule("# A flow the kernel tracks passed its SG legs when it began: skip the SG rules.");
+    c.rule("ct state established,related counter name \"tracked\" accept");
+    c.rule("ct status confirmed counter name \"tracked\" accept");
 }
 
-/// Base chains and the shared decision chain.
-pub(super) fn render_entry(out: &mut Out) {
+/// Base chains, the shared decision chain and the SG stage chains.
+///
+/// The SG stages are a chain of `goto`s, so a group's match can end one
+/// instance's leg without ending the packet's judgement (an `accept` would
+/// skip the other instance's leg; a `return` could not leave the
+/// instance's chain): `decide` → `sg_out_<instance>` (by the sender's
+/// address; it jumps to each of its groups' `grp_out_<group>` chains, then
+/// drops) → on a group's match `sg_out_pass` (counts the sender's allow) →
+/// `sg_ingress` → `sg_in_<instance>` (by the receiver's address) → on a
+/// match `sg_in_pass` → `sg_done` (the timeouts of a new flow) → `accept`.
+/// A packet whose sender (receiver) is no instance skips that leg's vmap.
+/// Every chain on this path ends in a verdict or a `goto`, so no path can
+/// fall back into an instance's chain and none can end in the base chain's
+/// policy without passing both legs.
+pub(super) fn render_entry(t: &mut Table) {
     for hook in ["forward", "input", "output"] {
-        out.line(1, format!("chain {hook} {{"));
-        out.line(
-            2,
-            format!("type filter hook {hook} priority {HOOK_PRIORITY}; policy accept;"),
-        );
-        out.line(2, "jump decide");
-        out.line(1, "}");
-        out.blank();
+        let mut c = Obj::chain(hook);
+        c.decl.push(format!(
+            "type filter hook {hook} priority {HOOK_PRIORITY}; policy accept;"
+        ));
+        c.rule("jump decide");
+        t.push(c);
     }
     let pass = "counter name \"passthrough\" accept";
-    out.line(1, "chain decide {");
-    out.line(
-        2,
-        "# 1. Passthrough, either leg: NDP (not redirects), the service addresses, the subnet's DNS.",
-    );
-    out.line(
-        2,
-        format!("icmpv6 type {}-{} {pass}", NDP_TYPES.0, NDP_TYPES.1),
-    );
+    let mut c = Obj::chain("decide");
+    c.rule("# 1. Passthrough, either leg: NDP (not redirects), the service addresses, the subnet's DNS.");
+    c.rule(format!(
+        "icmpv6 type {}-{} {pass}",
+        NDP_TYPES.0, NDP_TYPES.1
+    ));
     let v4: Vec<String> = SERVICES.iter().map(|(_, a, _)| a.to_string()).collect();
     let v6: Vec<String> = SERVICES.iter().map(|(_, _, a)| a.to_string()).collect();
     for (f, addrs) in [(Family::V4, &v4), (Family::V6, &v6)] {
         for side in [Side::Daddr, Side::Saddr] {
-            out.line(
-                2,
-                format!("{} {} {} {pass}", f.l3(), side.word(), set_text(addrs)),
-            );
+            c.rule(format!(
+                "{} {} {} {pass}",
+                f.l3(),
+                side.word(),
+                set_text(addrs)
+            ));
         }
     }
     for f in Family::ALL {
-        out.line(
-            2,
-            format!(
-                "{l3} saddr . {l3} daddr @dns_pairs_{} {pass}",
-                f.suffix(),
-                l3 = f.l3()
-            ),
-        );
+        c.rule(format!(
+            "{l3} saddr . {l3} daddr @dns_pairs_{} {pass}",
+            f.suffix(),
+            l3 = f.l3()
+        ));
     }
-    out.line(
-        2,
-        "# 2. Not carried: ICMPv6 redirects to or from a port of the model's bridges.",
-    );
+    c.rule("# 2. Not carried: ICMPv6 redirects to or from a port of the model's bridges.");
     for leg in [Direction::Egress, Direction::Ingress] {
-        out.line(
-            2,
-            format!(
-                "{} @bridges icmpv6 type {ICMPV6_REDIRECT} {}",
-                leg.ifname(),
-                drop_as("not-carried", "-")
-            ),
-        );
+        c.rule(format!(
+            "{} @bridges icmpv6 type {ICMPV6_REDIRECT} {}",
+            leg.ifname(),
+            drop_as("not-carried", "-")
+        ));
     }
-    out.line(
-        2,
-        "# 3. DHCP in its client shape, with a peer that is no instance, is passthrough for one leg: the other leg still judges it.",
-    );
-    out.line(
-        2,
-        format!(
-            "meta nfproto ipv4 udp sport {DHCP_CLIENT_PORT} udp dport {DHCP_SERVER_PORT} ip daddr != @instances_v4 goto leg_in"
-        ),
-    );
-    out.line(
-        2,
-        format!(
-            "meta nfproto ipv4 udp sport {DHCP_SERVER_PORT} udp dport {DHCP_CLIENT_PORT} ip saddr != @instances_v4 goto leg_out"
-        ),
-    );
-    out.line(2, "# 4. Both legs.");
-    render_legs(out, &[Direction::Egress, Direction::Ingress]);
-    out.line(1, "}");
-    for (name, leg, what) in [
-        (
-            "leg_out",
-            Direction::Egress,
-            "DHCP 67->68: passthrough where it is delivered; the sender's leg judges it",
-        ),
-        (
-            "leg_in",
-            Direction::Ingress,
-            "DHCP 68->67: passthrough where it is sent; the receiver's leg judges it",
-        ),
-    ] {
-        out.blank();
-        out.line(1, format!("chain {name} {{"));
-        out.line(2, format!("# {what}."));
-        render_legs(out, &[leg]);
-        out.line(1, "}");
+    c.rule("# 3. DHCP in its client shape, with a peer that is no instance, is passthrough for one leg: the other leg still judges it.");
+    c.rule(format!(
+        "meta nfproto ipv4 udp sport {DHCP_CLIENT_PORT} udp dport {DHCP_SERVER_PORT} ip daddr != @instances_v4 goto leg_in"
+    ));
+    c.rule(format!(
+        "meta nfproto ipv4 udp sport {DHCP_SERVER_PORT} udp dport {DHCP_CLIENT_PORT} ip saddr != @instances_v4 goto leg_out"
+    ));
+    c.rule("# 4. Both legs.");
+    render_legs(&mut c, &[Direction::Egress, Direction::Ingress]);
+    c.rule("# SG egress of the sender (its chain goes on to SG ingress on a match), then SG ingress of the receiver.");
+    dispatch(&mut c, Stage::SgEgress);
+    c.rule("goto sg_ingress");
+    t.push(c);
+    // DHCP 67->68 from an address of no instance: passthrough where it is
+    // delivered; the sender's leg judges it (its SG egress vmap cannot
+    // match: the sender is no instance).
+    let mut c = Obj::chain("leg_out");
+    c.rule("# DHCP 67->68: passthrough where it is delivered; the sender's leg judges it.");
+    render_legs(&mut c, &[Direction::Egress]);
+    c.rule("goto sg_done");
+    t.push(c);
+    let mut c = Obj::chain("leg_in");
+    c.rule("# DHCP 68->67: passthrough where it is sent; the receiver's leg judges it.");
+    render_legs(&mut c, &[Direction::Ingress]);
+    c.rule("goto sg_ingress");
+    t.push(c);
+    let mut c = Obj::chain("sg_out_pass");
+    c.rule("# The sender's SG egress allowed it: count, then the receiver's SG ingress.");
+    for f in Family::ALL {
+        c.rule(format!(
+            "counter name {} saddr map @sg_out_allow_{}",
+            f.l3(),
+            f.suffix()
+        ));
     }
-    out.blank();
-    out.line(1, "chain ct_new {");
+    c.rule("goto sg_ingress");
+    t.push(c);
+    let mut c = Obj::chain("sg_ingress");
+    dispatch(&mut c, Stage::SgIngress);
+    c.rule("goto sg_done");
+    t.push(c);
+    let mut c = Obj::chain("sg_in_pass");
+    c.rule("# The receiver's SG ingress allowed it: count, then done.");
+    for f in Family::ALL {
+        c.rule(format!(
+            "counter name {} daddr map @sg_in_allow_{}",
+            f.l3(),
+            f.suffix()
+        ));
+    }
+    c.rule("goto sg_done");
+    t.push(c);
+    let mut c = Obj::chain("sg_done");
+    c.rule("# A new flow allowed by every stage: the SEMANTICS timeouts.");
+    for f in Family::ALL {
+        for side in [Side::Saddr, Side::Daddr] {
+            c.rule(format!(
+                "{} {} @instances_{} goto ct_new",
+                f.l3(),
+                side.word(),
+                f.suffix()
+            ));
+        }
+    }
+    c.rule("accept");
+    t.push(c);
+    let mut c = Obj::chain("ct_new");
     for f in Family::ALL {
         for proto in ["tcp", "udp"] {
-            out.line(
-                2,
-                format!(
-                    "meta nfproto {} meta l4proto {proto} ct timeout set \"{proto}_{}\"",
-                    f.nfproto(),
-                    f.suffix()
-                ),
-            );
+            c.rule(format!(
+                "meta nfproto {} meta l4proto {proto} ct timeout set \"{proto}_{}\"",
+                f.nfproto(),
+                f.suffix()
+            ));
         }
     }
-    out.line(1, "}");
+    c.rule("accept");
+    t.push(c);
 }
 
 /// One subnet's NACL in one direction: same-subnet traffic returns at once;
 /// then the entries in rule-number order, first match decides; then deny.
 pub(super) fn render_nacl_chain(
-    out: &mut Out,
     ix: &Index<'_>,
     kind: Stage,
     subnet: usize,
     entries: &[NaclEntry],
-) -> Result<(), RenderError> {
+) -> Result<Obj, RenderError> {
     let side = kind.remote_side();
-    out.line(1, format!("chain {}_{subnet} {{", kind.prefix()));
-    out.line(2, "# Two instances of one subnet never see its NACL.");
+    let key = &ix.subnet_key[subnet];
+    let mut c = Obj::chain(format!("{}_{key}", kind.prefix()));
+    c.rule("# Two instances of one subnet never see its NACL.");
     for f in Family::ALL {
         if ix.subnet_addrs.contains_key(&(f, subnet)) {
-            out.line(
-                2,
-                format!(
-                    "{} {} @subnet_{subnet}_{} return",
-                    f.l3(),
-                    side.word(),
-                    f.suffix()
-                ),
-            );
+            c.rule(format!(
+                "{} {} @subnet_{key}_{} return",
+                f.l3(),
+                side.word(),
+                f.suffix()
+            ));
         }
     }
-    let allow = counter_name(kind, subnet, true);
-    let drop = counter_name(kind, subnet, false);
+    let allow = counter_name(kind, key, true);
+    let drop = counter_name(kind, key, false);
     for e in entries {
         let f = Family::of_net(&e.cidr);
         let Some(proto) = proto_match(f, &e.matcher)? else {
-            out.line(
-                2,
-                format!("# rule {}: cannot match this family", e.rule_number),
-            );
+            c.rule(format!(
+                "# rule {}: cannot match this family",
+                e.rule_number
+            ));
             continue;
         };
         let addr = addr_match(f, side, &[e.cidr]);
@@ -560,59 +506,79 @@ pub(super) fn render_nacl_chain(
             RuleAction::Allow => format!("counter name \"{allow}\" return"),
             RuleAction::Deny => format!(
                 "counter name \"{drop}\" {} drop",
-                log_drop(kind, subnet, Some(e.rule_number))
+                log_drop(kind, key, Some(e.rule_number))
             ),
         };
-        out.line(
-            2,
-            format!(
-                "{} # rule {}",
-                join_nonempty(&[&addr, &proto, &verdict]),
-                e.rule_number
-            ),
-        );
+        c.rule(format!(
+            "{} # rule {}",
+            join_nonempty(&[&addr, &proto, &verdict]),
+            e.rule_number
+        ));
     }
-    out.line(
-        2,
-        format!(
-            "counter name \"{drop}\" {} drop # rule *",
-            log_drop(kind, subnet, None)
-        ),
-    );
-    out.line(1, "}");
-    Ok(())
+    c.rule(format!(
+        "counter name \"{drop}\" {} drop # rule *",
+        log_drop(kind, key, None)
+    ));
+    Ok(c)
+}
+
+/// One instance's SG chain in one direction: a jump to the chain of each
+/// group its rules come from (a group's chain leaves by `goto` on a match,
+/// and returns here when nothing in it matched), then `drop`.
+pub(super) fn render_sg_chain(ix: &Index<'_>, kind: Stage, inst: usize) -> Obj {
+    let key = &ix.inst_key[inst];
+    let dir = kind.direction();
+    let mut c = Obj::chain(format!("{}_{key}", kind.prefix()));
+    for g in &ix.inst_groups[inst][dir_slot(dir)] {
+        if let Some(gk) = ix.group_key.get(g) {
+            c.rule(format!("jump {}_{gk}", group_prefix(dir)));
+        }
+    }
+    c.rule(format!(
+        "counter name \"{}\" {} drop",
+        counter_name(kind, key, false),
+        log_drop(kind, key, None)
+    ));
+    c
+}
+
+/// `grp_in` / `grp_out`: the chains of one group's rules.
+pub(super) const fn group_prefix(dir: Direction) -> &'static str {
+    match dir {
+        Direction::Ingress => "grp_in",
+        Direction::Egress => "grp_out",
+    }
 }
 
 /// TCP/UDP rules that share a CIDR set: (family, protocol, aggregated CIDRs).
 pub(super) type PortGroup = (Family, u8, Vec<IpNet>);
 
-/// One instance's SG rules in one direction. Rules are a union, so their
-/// order does not matter: they are grouped into as few rules as possible
-/// (one per protocol matcher, CIDRs as one set; TCP/UDP ports with the same
-/// CIDR set merged into one port set). Each match `return`s — never
-/// `accept`, which would skip the other instance's leg — and the chain ends
-/// in `drop`.
-pub(super) fn render_sg_chain(
-    out: &mut Out,
-    kind: Stage,
-    inst: usize,
-    rules: &[FirewallRule],
-) -> Result<(), RenderError> {
+/// One group's SG rules in one direction, shared by every instance in the
+/// group. Rules are a union, so their order does not matter: they are
+/// grouped into as few rules as possible (one per protocol matcher, CIDRs as
+/// one set; TCP/UDP ports with the same CIDR set merged into one port set).
+/// A match goes on to the next stage (`goto sg_out_pass` / `sg_in_pass`);
+/// no match falls back to the instance's chain, which tries its next group
+/// and ends in `drop`.
+pub(super) fn render_group_chain(
+    dir: Direction,
+    group: &str,
+    gkey: &str,
+    rules: &GroupRules,
+) -> Result<Obj, RenderError> {
+    let kind = match dir {
+        Direction::Ingress => Stage::SgIngress,
+        Direction::Egress => Stage::SgEgress,
+    };
     let side = kind.remote_side();
-    out.line(1, format!("chain {}_{inst} {{", kind.prefix()));
-    // (family, matcher) → remotes.
-    let mut by_match: BTreeMap<(Family, Match), Vec<IpNet>> = BTreeMap::new();
-    for r in rules {
-        by_match
-            .entry((Family::of_net(&r.remote), r.matcher))
-            .or_default()
-            .push(r.remote);
-    }
+    let next = format!("goto {}_pass", kind.prefix());
+    let mut c = Obj::chain(format!("{}_{gkey}", group_prefix(dir)));
+    c.rule(format!("# {} {}", sanitize(group), dir.name()));
     // Port rules with the same CIDR set share one rule: (family, proto, cidrs) → ranges.
     let mut ports: BTreeMap<PortGroup, Vec<(u16, u16)>> = BTreeMap::new();
-    let allow = counter_name(kind, inst, true);
-    for ((f, m), nets) in &by_match {
-        let nets = aggregate(*f, nets);
+    for ((f, m), nets) in rules {
+        let nets: Vec<IpNet> = nets.iter().copied().collect();
+        let nets = aggregate(*f, &nets);
         if let Match::Ports { proto, from, to } = *m {
             if l4_name(proto).is_none() {
                 return Err(RenderError::Matcher { matcher: *m });
@@ -624,31 +590,13 @@ pub(super) fn render_sg_chain(
             continue;
         };
         let addr = addr_match(*f, side, &nets);
-        out.line(
-            2,
-            join_nonempty(&[&addr, &proto, &format!("counter name \"{allow}\" return")]),
-        );
+        c.rule(join_nonempty(&[&addr, &proto, &next]));
     }
     for ((f, proto, nets), ranges) in ports {
         let addr = addr_match(f, side, &nets);
         let items: Vec<String> = merge_ports(ranges).into_iter().map(port_text).collect();
         let name = l4_name(proto).unwrap_or("th");
-        out.line(
-            2,
-            format!(
-                "{addr} {name} dport {} counter name \"{allow}\" return",
-                set_text(&items)
-            ),
-        );
+        c.rule(format!("{addr} {name} dport {} {next}", set_text(&items)));
     }
-    out.line(
-        2,
-        format!(
-            "counter name \"{}\" {} drop",
-            counter_name(kind, inst, false),
-            log_drop(kind, inst, None)
-        ),
-    );
-    out.line(1, "}");
-    Ok(())
+    Ok(c)
 }

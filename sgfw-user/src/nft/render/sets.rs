@@ -1,7 +1,10 @@
-//! The named objects of the ruleset: the checked address index, the sets
-//! and verdict maps keyed by instance and subnet addresses, the named
-//! counters and the conntrack timeout objects. It owns how an address or a
-//! prefix is written and merged; it must never write a rule.
+//! The named objects of the ruleset: the checked address index, the object
+//! names of subnets, instances and groups, the sets and maps keyed by
+//! instance and subnet addresses, the named counters and the conntrack
+//! timeout objects. It owns how an address or a prefix is written and
+//! merged, and how an id becomes a name; it must never write a rule.
+
+use std::sync::Arc;
 
 use super::*;
 
@@ -58,14 +61,80 @@ pub(super) fn addr_match(family: Family, side: Side, nets: &[IpNet]) -> String {
     format!("{} {} {}", family.l3(), side.word(), set_text(&items))
 }
 
+/// The name an id gives its objects (`sg_in_<key>`, `nacl_out_<key>`,
+/// `grp_in_<key>`): the id itself when it is 1-64 of `[A-Za-z0-9._-]` and
+/// begins with a letter or digit — so names stay readable and do not move
+/// when other instances come and go — else `h` and 16 hex digits of its
+/// xxh3 hash. A hostile id never reaches a name.
+pub(super) fn key_of(id: &str) -> String {
+    let plain = (1..=64).contains(&id.len())
+        && id.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if plain {
+        id.to_string()
+    } else {
+        format!("h{:016x}", xxhash_rust::xxh3::xxh3_64(id.as_bytes()))
+    }
+}
+
+/// Keys of a list of ids, checked to be distinct.
+fn keys_of<'i>(
+    what: &'static str,
+    ids: impl Iterator<Item = &'i str>,
+) -> Result<Vec<String>, RenderError> {
+    let mut seen = BTreeMap::new();
+    let mut keys = Vec::new();
+    for id in ids {
+        let k = key_of(id);
+        if let Some(other) = seen.insert(k.clone(), id)
+            && other != id
+        {
+            return Err(RenderError::Name {
+                what,
+                id: id.to_string(),
+                other: other.to_string(),
+            });
+        }
+        keys.push(k);
+    }
+    Ok(keys)
+}
+
+/// The security-group rules of one group and direction: (family, matcher)
+/// → remotes.
+pub(super) type GroupRules = BTreeMap<(Family, Match), BTreeSet<IpNet>>;
+
 /// Per-subnet and per-instance indices, from the one checked
-/// [`Ownership`] index.
+/// [`Ownership`] index; object names; and the rules by group.
 pub(super) struct Index<'a> {
     pub(super) model: &'a FlatModel,
     /// (family) → subnet → its instances' addresses.
     pub(super) subnet_addrs: BTreeMap<(Family, usize), BTreeSet<IpAddr>>,
     /// Every instance address → its owner.
     pub(super) owner: Ownership,
+    /// Object names of the subnets, by index.
+    pub(super) subnet_key: Vec<String>,
+    /// Object names of the instances, by index.
+    pub(super) inst_key: Vec<String>,
+    /// (direction, group id) → the group's rules in that direction, each
+    /// one a rule the flattened model gives that group (origin), so the
+    /// union over an instance's groups is exactly its rules.
+    pub(super) group_rules: BTreeMap<(Direction, &'a str), GroupRules>,
+    /// Object names of the groups.
+    pub(super) group_key: BTreeMap<&'a str, String>,
+    /// Per instance, per direction ([ingress, egress]): the groups its rules
+    /// come from, sorted.
+    pub(super) inst_groups: Vec<[Vec<&'a str>; 2]>,
+}
+
+/// Where [`Index::inst_groups`] keeps a direction.
+pub(super) const fn dir_slot(d: Direction) -> usize {
+    match d {
+        Direction::Ingress => 0,
+        Direction::Egress => 1,
+    }
 }
 
 impl<'a> Index<'a> {
@@ -78,10 +147,50 @@ impl<'a> Index<'a> {
                 .or_default()
                 .insert(*addr);
         }
+        let subnet_key = keys_of("subnet", model.subnets.iter().map(|s| s.id.as_str()))?;
+        let inst_key = keys_of("instance", model.instances.iter().map(|i| i.id.as_str()))?;
+        // Rule lists are shared between instances with the same group list
+        // (flatten's memo): each distinct list is split by origin once.
+        let mut group_rules: BTreeMap<(Direction, &'a str), GroupRules> = BTreeMap::new();
+        let mut split: BTreeMap<(Direction, *const FirewallRule), Vec<&'a str>> = BTreeMap::new();
+        let mut inst_groups = Vec::with_capacity(model.instances.len());
+        for inst in &model.instances {
+            let mut per_dir: [Vec<&'a str>; 2] = [Vec::new(), Vec::new()];
+            for (dir, rules) in [
+                (Direction::Ingress, &inst.ingress),
+                (Direction::Egress, &inst.egress),
+            ] {
+                let groups = split
+                    .entry((dir, Arc::as_ptr(rules).cast()))
+                    .or_insert_with(|| {
+                        let mut groups = BTreeSet::new();
+                        for r in rules.iter() {
+                            groups.insert(r.origin.group_id.as_str());
+                            group_rules
+                                .entry((dir, r.origin.group_id.as_str()))
+                                .or_default()
+                                .entry((Family::of_net(&r.remote), r.matcher))
+                                .or_default()
+                                .insert(r.remote);
+                        }
+                        groups.into_iter().collect()
+                    });
+                per_dir[dir_slot(dir)] = groups.clone();
+            }
+            inst_groups.push(per_dir);
+        }
+        let ids: BTreeSet<&str> = group_rules.keys().map(|(_, g)| *g).collect();
+        let keys = keys_of("security group", ids.iter().copied())?;
+        let group_key = ids.into_iter().zip(keys).collect();
         Ok(Index {
             model,
             subnet_addrs,
             owner,
+            subnet_key,
+            inst_key,
+            group_rules,
+            group_key,
+            inst_groups,
         })
     }
 
@@ -89,6 +198,15 @@ impl<'a> Index<'a> {
         self.owner
             .iter()
             .filter(move |(a, _)| Family::of_addr(a) == family)
+    }
+
+    /// The object name of the subnet or instance a stage's chain belongs to.
+    pub(super) fn key(&self, kind: Stage, o: &Owner) -> &str {
+        if kind.is_nacl() {
+            &self.subnet_key[o.subnet]
+        } else {
+            &self.inst_key[o.instance]
+        }
     }
 
     /// (instance address, DNS address of its subnet) pairs of one family.
@@ -107,94 +225,95 @@ impl<'a> Index<'a> {
     }
 }
 
-/// Writes a named set or map declaration with its elements, one per line.
-pub(super) fn declare(out: &mut Out, kind: &str, name: &str, ty: &str, elements: &[String]) {
-    out.line(1, format!("{kind} {name} {{"));
-    out.line(2, format!("type {ty}"));
-    if !elements.is_empty() {
-        out.line(2, "elements = {");
-        let last = elements.len() - 1;
-        for (i, e) in elements.iter().enumerate() {
-            out.line(3, format!("{e}{}", if i == last { "" } else { "," }));
-        }
-        out.line(2, "}");
+/// A named set or map with its elements.
+pub(super) fn declare(kind: Kind, name: &str, decl: &[&str], elements: Vec<String>) -> Obj {
+    Obj {
+        kind,
+        name: name.to_string(),
+        decl: decl.iter().map(ToString::to_string).collect(),
+        items: elements,
     }
-    out.line(1, "}");
 }
 
-pub(super) fn render_timeouts(out: &mut Out, model: &FlatModel) {
-    let t = model.timeouts;
-    out.line(
-        1,
-        "# Conntrack timeouts of SEMANTICS.md, set on each new flow sgfw allowed (chain ct_new).",
-    );
-    out.line(
-        1,
-        "# ICMP and other protocols: kernel timeouts (nft cannot set them per flow here).",
-    );
+fn one_liner(kind: Kind, name: String, body: String) -> Obj {
+    Obj {
+        kind,
+        name,
+        decl: vec![body],
+        items: Vec::new(),
+    }
+}
+
+/// A named counter with its comment.
+pub(super) fn counter(name: String, comment: &str) -> Obj {
+    one_liner(Kind::Counter, name, format!("comment \"{comment}\";"))
+}
+
+pub(super) fn render_timeouts(t: &mut Table, model: &FlatModel) {
+    let to = model.timeouts;
     for f in Family::ALL {
-        out.line(
-            1,
+        t.push(one_liner(
+            Kind::Timeout,
+            format!("tcp_{}", f.suffix()),
             format!(
-                "ct timeout tcp_{} {{ protocol tcp; l3proto {}; policy = {{ established: {}, syn_sent: {n}, syn_recv: {n}, fin_wait: {c}, close_wait: {c}, last_ack: {c}, time_wait: {c}, close: {c} }}; }}",
-                f.suffix(),
+                "protocol tcp; l3proto {}; policy = {{ established: {}, syn_sent: {n}, syn_recv: {n}, fin_wait: {c}, close_wait: {c}, last_ack: {c}, time_wait: {c}, close: {c} }};",
                 f.l3proto(),
-                t.tcp_established,
-                n = t.tcp_new,
-                c = t.tcp_closing,
+                to.tcp_established,
+                n = to.tcp_new,
+                c = to.tcp_closing,
             ),
-        );
-        out.line(
-            1,
+        ));
+        t.push(one_liner(
+            Kind::Timeout,
+            format!("udp_{}", f.suffix()),
             format!(
-                "ct timeout udp_{} {{ protocol udp; l3proto {}; policy = {{ unreplied: {}, replied: {} }}; }}",
-                f.suffix(),
+                "protocol udp; l3proto {}; policy = {{ unreplied: {}, replied: {} }};",
                 f.l3proto(),
-                t.udp,
-                t.udp_stream
+                to.udp,
+                to.udp_stream
             ),
-        );
+        ));
     }
 }
 
-pub(super) fn render_counters(out: &mut Out, model: &FlatModel) {
-    out.line(1, "counter passthrough { comment \"passthrough\"; }");
-    out.line(1, "counter tracked { comment \"tracked\"; }");
+pub(super) fn render_counters(t: &mut Table, ix: &Index<'_>) {
+    t.push(counter("passthrough".into(), "passthrough"));
+    t.push(counter("tracked".into(), "tracked"));
     for reason in INET_DROPS {
-        out.line(
-            1,
-            format!(
-                "counter drop_{} {{ comment \"{reason}\"; }}",
-                reason.replace('-', "_")
-            ),
-        );
+        t.push(counter(
+            format!("drop_{}", reason.replace('-', "_")),
+            reason,
+        ));
     }
+    let model = ix.model;
     for kind in CHAIN_ORDER {
-        let ids: Vec<&str> = match kind {
-            Stage::NaclOut | Stage::NaclIn => model.subnets.iter().map(|s| s.id.as_str()).collect(),
-            Stage::SgEgress | Stage::SgIngress => {
-                model.instances.iter().map(|i| i.id.as_str()).collect()
-            }
+        let ids: Vec<(&str, &str)> = if kind.is_nacl() {
+            model
+                .subnets
+                .iter()
+                .zip(&ix.subnet_key)
+                .map(|(s, k)| (s.id.as_str(), k.as_str()))
+                .collect()
+        } else {
+            model
+                .instances
+                .iter()
+                .zip(&ix.inst_key)
+                .map(|(i, k)| (i.id.as_str(), k.as_str()))
+                .collect()
         };
-        for (i, id) in ids.iter().enumerate() {
+        for (id, key) in ids {
             for allowed in [true, false] {
-                out.line(
-                    1,
-                    format!(
-                        "counter {} {{ comment \"{}\"; }}",
-                        counter_name(kind, i, allowed),
-                        sanitize(id)
-                    ),
-                );
+                t.push(counter(counter_name(kind, key, allowed), &sanitize(id)));
             }
         }
     }
 }
 
-pub(super) fn render_sets(out: &mut Out, ix: &Index<'_>) {
+pub(super) fn render_sets(t: &mut Table, ix: &Index<'_>) {
     let bridges: BTreeSet<&str> = ix.model.subnets.iter().map(|s| s.bridge.as_str()).collect();
     let quoted: Vec<String> = bridges.iter().map(|b| format!("\"{b}\"")).collect();
-    declare(out, "set", "bridges", "ifname", &quoted);
+    t.push(declare(Kind::Set, "bridges", &["type ifname"], quoted));
     // Destinations a VPC does not carry: IPv4 multicast, the limited
     // broadcast and every subnet's broadcast address; IPv6 multicast.
     let mut v4 = vec![IpNet::V4(GROUP_V4), IpNet::from(IpAddr::V4(BROADCAST_V4))];
@@ -206,28 +325,25 @@ pub(super) fn render_sets(out: &mut Out, ix: &Index<'_>) {
     );
     for (f, nets) in [(Family::V4, v4), (Family::V6, vec![IpNet::V6(GROUP_V6)])] {
         let elems: Vec<String> = aggregate(f, &nets).iter().map(net_text).collect();
-        out.line(1, format!("set not_carried_{} {{", f.suffix()));
-        out.line(2, format!("type {}", f.addr_type()));
-        out.line(2, "flags interval");
-        out.line(2, "elements = {");
-        let last = elems.len().saturating_sub(1);
-        for (i, e) in elems.iter().enumerate() {
-            out.line(3, format!("{e}{}", if i == last { "" } else { "," }));
-        }
-        out.line(2, "}");
-        out.line(1, "}");
+        let ty = format!("type {}", f.addr_type());
+        t.push(declare(
+            Kind::Set,
+            &format!("not_carried_{}", f.suffix()),
+            &[&ty, "flags interval"],
+            elems,
+        ));
     }
     for f in Family::ALL {
         let all: Vec<String> = ix.addrs_of(f).map(|(a, _)| a.to_string()).collect();
-        declare(
-            out,
-            "set",
+        let ty = format!("type {}", f.addr_type());
+        t.push(declare(
+            Kind::Set,
             &format!("instances_{}", f.suffix()),
-            f.addr_type(),
-            &all,
-        );
+            &[&ty],
+            all,
+        ));
     }
-    for (s, _) in ix.model.subnets.iter().enumerate() {
+    for (s, key) in ix.subnet_key.iter().enumerate() {
         for f in Family::ALL {
             let addrs: Vec<String> = ix
                 .subnet_addrs
@@ -236,13 +352,13 @@ pub(super) fn render_sets(out: &mut Out, ix: &Index<'_>) {
                 .flatten()
                 .map(ToString::to_string)
                 .collect();
-            declare(
-                out,
-                "set",
-                &format!("subnet_{s}_{}", f.suffix()),
-                f.addr_type(),
-                &addrs,
-            );
+            let ty = format!("type {}", f.addr_type());
+            t.push(declare(
+                Kind::Set,
+                &format!("subnet_{key}_{}", f.suffix()),
+                &[&ty],
+                addrs,
+            ));
         }
     }
     for f in Family::ALL {
@@ -251,32 +367,48 @@ pub(super) fn render_sets(out: &mut Out, ix: &Index<'_>) {
             .iter()
             .map(|(a, b)| format!("{a} . {b}"))
             .collect();
-        let ty = format!("{t} . {t}", t = f.addr_type());
-        declare(
-            out,
-            "set",
+        let ty = format!("type {t} . {t}", t = f.addr_type());
+        t.push(declare(
+            Kind::Set,
             &format!("dns_pairs_{}", f.suffix()),
-            &ty,
-            &pairs,
-        );
+            &[&ty],
+            pairs,
+        ));
     }
+    // Verdict maps to the stage chains: NACL chains are jumped to (they
+    // return on allow); an instance's SG chain is gone to (it ends in a
+    // verdict: its groups' chains go on to the next stage on a match).
     for kind in CHAIN_ORDER {
+        let how = if kind.is_nacl() { "jump" } else { "goto" };
         for f in Family::ALL {
             let elems: Vec<String> = ix
                 .addrs_of(f)
-                .map(|(a, o)| {
-                    let target = if kind.is_nacl() { o.subnet } else { o.instance };
-                    format!("{a} : jump {}_{target}", kind.prefix())
-                })
+                .map(|(a, o)| format!("{a} : {how} {}_{}", kind.prefix(), ix.key(kind, o)))
                 .collect();
-            let ty = format!("{} : verdict", f.addr_type());
-            declare(
-                out,
-                "map",
+            let ty = format!("type {} : verdict", f.addr_type());
+            t.push(declare(
+                Kind::Map,
                 &format!("{}_{}", kind.prefix(), f.suffix()),
-                &ty,
-                &elems,
-            );
+                &[&ty],
+                elems,
+            ));
+        }
+    }
+    // The allow counter of each instance's SG stages, picked by its address
+    // in the chain that follows a group's match.
+    for kind in [Stage::SgEgress, Stage::SgIngress] {
+        for f in Family::ALL {
+            let elems: Vec<String> = ix
+                .addrs_of(f)
+                .map(|(a, o)| format!("{a} : \"{}\"", counter_name(kind, ix.key(kind, o), true)))
+                .collect();
+            let ty = format!("type {} : counter", f.addr_type());
+            t.push(declare(
+                Kind::Map,
+                &format!("{}_allow_{}", kind.prefix(), f.suffix()),
+                &[&ty],
+                elems,
+            ));
         }
     }
 }
