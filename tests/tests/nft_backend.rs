@@ -90,7 +90,7 @@ fn exclusive(test: &str) -> Option<File> {
 }
 
 /// Both of sgfw's tables as `nft -j` lists them, made comparable: no
-/// handles, no counter values, no generation guard set, set elements
+/// handles, no counter values, no generation guard chain, set elements
 /// sorted (a hash set lists in the kernel's order, which follows the
 /// order elements were added in).
 fn tables_json() -> serde_json::Value {
@@ -122,7 +122,7 @@ fn tables_json() -> serde_json::Value {
         scrub(&mut v);
         for item in v["nftables"].as_array().cloned().unwrap_or_default() {
             if item.get("metainfo").is_some()
-                || item["set"]["name"]
+                || item["chain"]["name"]
                     .as_str()
                     .is_some_and(|n| n.starts_with("generation_"))
             {
@@ -360,11 +360,8 @@ fn nft_backend_apply_reapply_failed_apply_and_teardown() {
     assert_eq!(report.instances, 3);
     assert!(backend.is_applied().unwrap());
     let listed_a = list_ours();
-    assert!(listed_a.contains("chain sg_in_i-db"), "{listed_a}");
-    assert!(
-        listed_a.contains("10.0.1.10 : goto sg_out_i-web1"),
-        "{listed_a}"
-    );
+    assert!(listed_a.contains("chain grp_in_sg-db"), "{listed_a}");
+    assert!(listed_a.contains("10.0.1.10 : goto sg_out_l"), "{listed_a}");
     let counters = backend.counters().unwrap();
     // passthrough, tracked, not-carried; vlan, non-ip, source-check,
     // not-for-instance; allow/drop per NACL stage and subnet, SG stage and instance.
@@ -381,7 +378,7 @@ fn nft_backend_apply_reapply_failed_apply_and_teardown() {
     let listed_b = list_ours();
     assert!(listed_b.contains("2001:db8:6::10"), "{listed_b}");
     assert!(!listed_b.contains("10.0.2.20"), "{listed_b}");
-    assert!(!listed_b.contains("chain sg_in_i-db"), "{listed_b}");
+    assert!(!listed_b.contains("chain grp_in_sg-db"), "{listed_b}");
 
     // A transaction the kernel rejects leaves the previous ruleset in force.
     let err = NftBackend::new(&BreakingHost).apply(&a).unwrap_err();
@@ -1264,6 +1261,17 @@ fn nft_passthrough_is_per_leg_and_covers_every_service_address() {
         .collect();
     want.sort();
     assert_eq!(seen, want);
+    // The SG stages count per instance (`sgfw status`): "sender"'s two
+    // datagrams passed its egress and were dropped at "closed"'s ingress;
+    // "closed"'s two datagrams to "open" were dropped at its own egress.
+    for (name, at_least) in [
+        ("sg_out_i-sender_allow", 2),
+        ("sg_in_i-closed_drop", 2),
+        ("sg_out_i-closed_drop", 2),
+    ] {
+        assert!(counter(name) >= at_least, "{name}: {}", counter(name));
+    }
+    assert_eq!(counter("sg_in_i-sender_allow"), 0);
 }
 
 /// docs/semantics.md, "Fragments" (nftables): the chains judge whole

@@ -41,6 +41,7 @@ mod chains;
 mod sets;
 
 use chains::*;
+pub(crate) use sets::sg_counter_set;
 use sets::*;
 
 use super::ruleset::{Kind, Obj, Ruleset, Table};
@@ -376,9 +377,12 @@ pub fn ruleset(model: &FlatModel, ports: &[String]) -> Result<Ruleset, RenderErr
             t.push(render_group_chain(*dir, group, gkey, rules)?);
         }
     }
-    for i in 0..model.instances.len() {
-        t.push(render_sg_chain(&ix, Stage::SgEgress, i));
-        t.push(render_sg_chain(&ix, Stage::SgIngress, i));
+    for ((dir, lkey), groups) in &ix.lists {
+        let kind = match dir {
+            Direction::Ingress => Stage::SgIngress,
+            Direction::Egress => Stage::SgEgress,
+        };
+        t.push(render_sg_chain(kind, lkey, groups, &ix));
     }
     let bridge = render_bridge_table(&ix, ports)?;
     Ok(Ruleset {

@@ -122,12 +122,14 @@ impl Obj {
         push_line(out, 1, "}");
     }
 
-    /// A map's element key: what precedes ` : ` (a set's element is its key).
+    /// An element's key, what `delete element` names: what precedes ` : `
+    /// in a map, ` comment ` in a set.
     fn element_key(&self, e: &str) -> String {
-        match self.kind {
-            Kind::Map => e.split_once(" : ").map_or(e, |(k, _)| k).to_string(),
-            _ => e.to_string(),
-        }
+        let sep = match self.kind {
+            Kind::Map => " : ",
+            _ => " comment ",
+        };
+        e.split_once(sep).map_or(e, |(k, _)| k).to_string()
     }
 }
 

@@ -152,26 +152,73 @@ fn render_is_sgfws_two_tables_only() {
     assert_eq!(text.lines().last(), Some("}"));
 }
 
+/// The chain the verdict map `map` sends `addr` to.
+fn vmap_target(text: &str, map: &str, addr: &str) -> String {
+    let head = format!("\tmap {map} {{");
+    let prefix = format!("{addr} : goto ");
+    text.lines()
+        .skip_while(|l| *l != head)
+        .take_while(|l| *l != "\t}")
+        .find_map(|l| {
+            l.trim()
+                .trim_end_matches(',')
+                .strip_prefix(&prefix)
+                .map(String::from)
+        })
+        .unwrap_or_else(|| panic!("{addr} not in {map}"))
+}
+
 #[test]
-fn instance_chains_try_their_groups_and_end_in_drop() {
+fn list_chains_try_their_groups_count_the_drop_and_end_in_drop() {
     let m = fixture();
     let text = render(&m).unwrap();
-    for inst in &m.instances {
-        for (kind, dir) in [("sg_out", "grp_out_"), ("sg_in", "grp_in_")] {
-            let body = chain(&text, &format!("{kind}_{}", inst.id));
-            let (last, jumps) = body.split_last().unwrap();
-            assert!(
-                last.starts_with(&format!("counter name \"{kind}_{}_drop\"", inst.id))
-                    && last.ends_with(" drop"),
-                "{last}"
-            );
-            for l in jumps {
+    let mut seen = 0;
+    for (kind, dir, side) in [
+        ("sg_out", "grp_out_", "saddr"),
+        ("sg_in", "grp_in_", "daddr"),
+    ] {
+        for head in text
+            .lines()
+            .filter(|l| l.starts_with(&format!("\tchain {kind}_l")))
+        {
+            let name = head
+                .trim()
+                .trim_start_matches("chain ")
+                .trim_end_matches(" {");
+            let body = chain(&text, name);
+            let n = body.len();
+            assert!(body[0].starts_with('#'), "{body:?}");
+            for l in &body[1..n - 3] {
                 assert!(l.starts_with(&format!("jump {dir}")), "{l}");
             }
+            assert_eq!(body[n - 3], format!("ip {side} @{kind}_drop_v4"));
+            assert_eq!(body[n - 2], format!("ip6 {side} @{kind}_drop_v6"));
+            assert!(body[n - 1].starts_with("log prefix") && body[n - 1].ends_with(" drop"));
+            seen += 1;
         }
     }
-    // i-web1's ingress comes from sg-web alone.
-    assert_eq!(chain(&text, "sg_in_i-web1")[..1], ["jump grp_in_sg-web"]);
+    assert!(seen >= 4, "{seen}");
+    // i-web1's ingress comes from sg-web alone; i-web2 has the same list,
+    // so the same chain.
+    let web1 = vmap_target(&text, "sg_in_v4", "10.0.1.10");
+    assert_eq!(chain(&text, &web1)[1..2], ["jump grp_in_sg-web"]);
+    assert_eq!(vmap_target(&text, "sg_in_v4", "10.0.1.11"), web1);
+    assert_eq!(vmap_target(&text, "sg_in_v6", "fd00:1::10"), web1);
+    // Every instance address has its counter elements, with its id.
+    for set in [
+        "sg_in_allow_v4",
+        "sg_in_drop_v4",
+        "sg_out_allow_v4",
+        "sg_out_drop_v4",
+    ] {
+        assert!(
+            text.contains(&format!(
+                "\tset {set} {{\n\t\ttype ipv4_addr\n\t\tcounter\n"
+            )),
+            "{set}"
+        );
+    }
+    assert!(text.contains("10.0.1.10 comment \"i-web1\""));
 }
 
 #[test]
@@ -239,8 +286,8 @@ fn egress_allow_cannot_skip_ingress_check() {
     assert_eq!(chain(&text, "leg_in").last(), Some(&"goto sg_ingress"));
     assert_eq!(chain(&text, "leg_out").last(), Some(&"goto sg_done"));
     // The instances' SG chains are reached by goto (nothing to return to).
-    assert!(text.contains("10.0.1.10 : goto sg_out_i-web1"));
-    assert!(text.contains("10.0.1.10 : goto sg_in_i-web1"));
+    assert!(vmap_target(&text, "sg_out_v4", "10.0.1.10").starts_with("sg_out_l"));
+    assert!(vmap_target(&text, "sg_in_v4", "10.0.1.10").starts_with("sg_in_l"));
     assert!(!text.contains(": jump sg_"));
 }
 
@@ -603,7 +650,13 @@ fn hostile_ids_in_a_flat_model_are_rendered_inert() {
         );
         for line in text.lines().filter(|l| l.contains("evil")) {
             let t = line.trim_start();
-            assert!(t.starts_with('#') || t.starts_with("counter "), "{line}");
+            let in_comment = t
+                .split_once(" comment \"")
+                .is_some_and(|(_, c)| c.contains("evil") && c.trim_end_matches(',').ends_with('"'));
+            assert!(
+                t.starts_with('#') || t.starts_with("counter ") || in_comment,
+                "{line}"
+            );
         }
         for line in text.lines() {
             for piece in p.split('\n').filter(|x| x.len() > 1) {
@@ -663,9 +716,12 @@ fn apply_is_one_transaction_replacing_only_our_table() {
     assert_eq!(calls[0].0, ["-f", "-"]);
     let stdin = calls[0].1.as_deref().unwrap();
     assert!(stdin.starts_with("add table inet sgfw\ndelete table inet sgfw\n"));
-    let (rest, guard) = stdin.split_at(stdin.find("add set inet sgfw generation_").unwrap());
+    let (rest, guard) = stdin.split_at(stdin.find("add chain inet sgfw generation_").unwrap());
     assert!(rest.ends_with(&render(&fixture()).unwrap()));
-    assert!(guard.contains("add set bridge sgfw generation_"), "{guard}");
+    assert!(
+        guard.contains("add chain bridge sgfw generation_"),
+        "{guard}"
+    );
     assert!(!report.incremental);
     assert_eq!(report.instances, 3);
     assert!(report.sysctls_set.is_empty());

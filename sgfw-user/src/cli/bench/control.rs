@@ -42,11 +42,8 @@ struct Measured {
     delta_ms: Vec<f64>,
     /// `Vpc::replace` with a one-rule change until a probe sees it.
     vpc_replace_ms: f64,
-    /// The nftables backend: first apply of the model, then the one-rule
-    /// change (both whole transactions), and the ruleset's size.
-    nft_first_apply_ms: f64,
-    nft_one_rule_change_ms: f64,
-    nft_ruleset_bytes: usize,
+    /// The nftables backend on the 20- and the 1,000-instance model.
+    nft: Vec<NftMeasured>,
     map_entries: Vec<(String, usize)>,
     map_memory: Vec<(String, u64)>,
 }
@@ -123,17 +120,32 @@ pub fn run() -> Result<(String, serde_json::Value), Failure> {
         "| whole-model `Vpc::replace` with one rule more, until a probe sees it (what `sgfw run` does; target < 50 ms) | {:.1} ms |",
         m.vpc_replace_ms
     );
-    let _ = writeln!(
-        s,
-        "| nftables backend, 20-instance model: first apply (one transaction, {:.1} MiB ruleset) | {:.0} ms |",
-        m.nft_ruleset_bytes as f64 / 1048576.0,
-        m.nft_first_apply_ms
-    );
-    let _ = writeln!(
-        s,
-        "| nftables backend, 20-instance model: the one-rule change, validate + flatten + whole transaction (the 1,000-instance ruleset, 2.19 M rules, does not load in minutes) | {:.0} ms |",
-        m.nft_one_rule_change_ms
-    );
+    for n in &m.nft {
+        let _ = writeln!(
+            s,
+            "| nftables backend, {} instances: first apply (one transaction replacing both tables, {:.1} MiB) | {:.0} ms |",
+            n.instances,
+            n.ruleset_bytes as f64 / 1048576.0,
+            n.first_apply_ms
+        );
+        let _ = writeln!(
+            s,
+            "| nftables backend, {} instances: the one-rule change, validate + flatten + render + {} transaction of {:.1} KiB (target < 50 ms) | {:.0} ms |",
+            n.instances,
+            if n.change_incremental {
+                "an in-place"
+            } else {
+                "a replacing"
+            },
+            n.change_bytes as f64 / 1024.0,
+            n.one_rule_change_ms
+        );
+        let _ = writeln!(
+            s,
+            "| nftables backend, {} instances: the same apply again (nothing changed) | {:.0} ms |",
+            n.instances, n.reapply_same_ms
+        );
+    }
     let _ = writeln!(
         s,
         "| peak resident memory of the process | {peak_mib:.0} MiB |\n"
@@ -154,6 +166,7 @@ pub fn run() -> Result<(String, serde_json::Value), Failure> {
         let _ = writeln!(s, "| {name} | {n} | {:.1} MiB |", *bytes as f64 / 1048576.0);
     }
     let _ = writeln!(s);
+    let nft_at = |n: usize| m.nft.iter().find(|x| x.instances == n);
     let json = serde_json::json!({
         "instances": m.instances,
         "flat_rules": m.flat_rules,
@@ -163,12 +176,11 @@ pub fn run() -> Result<(String, serde_json::Value), Failure> {
         "stateless_one_rule_change_ms_1000": m.one_rule_change_ms,
         "stateless_one_rule_apply_only_ms_1000": m.one_rule_apply_only_ms,
         "delta_ms_1000": delta_ms,
-        // Not measurable here: the 1,000-instance ruleset (2.19 M rules)
-        // did not load within 9 minutes.
-        "nft_one_rule_change_ms_1000": serde_json::Value::Null,
-        "nft_first_apply_ms_20": m.nft_first_apply_ms,
-        "nft_one_rule_change_ms_20": m.nft_one_rule_change_ms,
-        "nft_ruleset_mib_20": m.nft_ruleset_bytes as f64 / 1048576.0,
+        "nft_one_rule_change_ms_1000": nft_at(1000).map(|n| n.one_rule_change_ms),
+        "nft_first_apply_ms_1000": nft_at(1000).map(|n| n.first_apply_ms),
+        "nft_ruleset_mib_1000": nft_at(1000).map(|n| n.ruleset_bytes as f64 / 1048576.0),
+        "nft_first_apply_ms_20": nft_at(20).map(|n| n.first_apply_ms),
+        "nft_one_rule_change_ms_20": nft_at(20).map(|n| n.one_rule_change_ms),
         "delta_samples_ms_1000": m.delta_ms,
         "one_rule_change_ms_20": m.small_one_rule_change_ms,
         "peak_rss_mib_1000": peak_mib,
@@ -255,9 +267,7 @@ pub fn child() -> Result<(), Failure> {
             small_one_rule_apply_only_ms: f64::NAN,
             delta_ms,
             vpc_replace_ms,
-            nft_first_apply_ms: f64::NAN,
-            nft_one_rule_change_ms: f64::NAN,
-            nft_ruleset_bytes: 0,
+            nft: Vec::new(),
             map_entries: report.entries.into_iter().collect(),
             map_memory,
         })
@@ -284,30 +294,64 @@ pub fn child() -> Result<(), Failure> {
     // The lock file is the backend's to keep; this one's state path is the bench's own.
     let _ = std::fs::remove_file(be.state_path.with_extension("lock"));
     (m.small_one_rule_change_ms, m.small_one_rule_apply_only_ms) = r?;
-    // The nftables backend on the 20-instance model, one whole transaction
-    // each (the 1,000-instance ruleset did not load in 9 minutes here).
+    // The nftables backend: the first apply replaces the tables, the
+    // one-rule change updates them in place.
+    m.nft = vec![
+        nft_changes(&small, &small_flat)?,
+        nft_changes(&parsed, &flat)?,
+    ];
+    println!("{}", serde_json::to_string(&m)?);
+    Ok(())
+}
+
+/// The nftables backend on one model.
+#[derive(Debug, Serialize, Deserialize)]
+struct NftMeasured {
+    instances: usize,
+    /// First apply: render, one transaction replacing both tables.
+    first_apply_ms: f64,
+    /// Its nft input, bytes.
+    ruleset_bytes: usize,
+    /// One rule more in sg-00: validate + flatten + render + the in-place
+    /// transaction, until nft returned (the kernel has it then).
+    one_rule_change_ms: f64,
+    /// Its transaction, bytes, and whether it went in place.
+    change_bytes: usize,
+    change_incremental: bool,
+    /// The same apply again, nothing changed.
+    reapply_same_ms: f64,
+}
+
+fn nft_changes(model: &Model, flat: &sgfw::flat::FlatModel) -> Result<NftMeasured, Failure> {
     let nft = NftBackend::new(&RealHost);
-    let r = (|| -> Result<(f64, f64, usize), Failure> {
+    let r = (|| -> Result<NftMeasured, Failure> {
         let t = Instant::now();
-        let rep = nft.apply(&small_flat).context("nft apply")?;
-        let first = ms(t);
-        let mut changed = small.clone();
+        let first = nft.apply(flat).context("nft apply")?;
+        let first_apply_ms = ms(t);
+        let mut changed = model.clone();
         changed.security_groups[0]
             .ip_permissions
             .push(IpPermission::tcp(9999, 9999).from_cidr("198.51.100.0/24"));
         let t = Instant::now();
         let (v2, _) = sgfw::validate::validate(&changed).map_err(|e| anyhow!("{e}"))?;
-        nft.apply(&v2.flatten()).context("nft one-rule apply")?;
-        Ok((first, ms(t), rep.ruleset_bytes))
+        let flat2 = v2.flatten();
+        let change = nft.apply(&flat2).context("nft one-rule apply")?;
+        let one_rule_change_ms = ms(t);
+        let t = Instant::now();
+        nft.apply(&flat2).context("nft re-apply")?;
+        let reapply_same_ms = ms(t);
+        Ok(NftMeasured {
+            instances: flat.instances.len(),
+            first_apply_ms,
+            ruleset_bytes: first.ruleset_bytes,
+            one_rule_change_ms,
+            change_bytes: change.ruleset_bytes,
+            change_incremental: change.incremental,
+            reapply_same_ms,
+        })
     })();
     let _ = nft.teardown();
-    (
-        m.nft_first_apply_ms,
-        m.nft_one_rule_change_ms,
-        m.nft_ruleset_bytes,
-    ) = r?;
-    println!("{}", serde_json::to_string(&m)?);
-    Ok(())
+    r
 }
 
 /// Through a [`Vpc`] holding the model: Authorize and Revoke of one rule of

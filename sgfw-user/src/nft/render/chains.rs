@@ -418,9 +418,9 @@ pub(super) fn render_entry(t: &mut Table) {
     c.rule("# The sender's SG egress allowed it: count, then the receiver's SG ingress.");
     for f in Family::ALL {
         c.rule(format!(
-            "counter name {} saddr map @sg_out_allow_{}",
+            "{} saddr @{}",
             f.l3(),
-            f.suffix()
+            sg_counter_set(Stage::SgEgress, true, f)
         ));
     }
     c.rule("goto sg_ingress");
@@ -433,9 +433,9 @@ pub(super) fn render_entry(t: &mut Table) {
     c.rule("# The receiver's SG ingress allowed it: count, then done.");
     for f in Family::ALL {
         c.rule(format!(
-            "counter name {} daddr map @sg_in_allow_{}",
+            "{} daddr @{}",
             f.l3(),
-            f.suffix()
+            sg_counter_set(Stage::SgIngress, true, f)
         ));
     }
     c.rule("goto sg_done");
@@ -522,22 +522,34 @@ pub(super) fn render_nacl_chain(
     Ok(c)
 }
 
-/// One instance's SG chain in one direction: a jump to the chain of each
-/// group its rules come from (a group's chain leaves by `goto` on a match,
-/// and returns here when nothing in it matched), then `drop`.
-pub(super) fn render_sg_chain(ix: &Index<'_>, kind: Stage, inst: usize) -> Obj {
-    let key = &ix.inst_key[inst];
+/// One group list's SG chain in one direction, shared by the instances
+/// with that list: a jump to the chain of each group (a group's chain
+/// leaves by `goto` on a match, and returns here when nothing in it
+/// matched), then the instance's drop counter (by its address), then
+/// `drop`.
+pub(super) fn render_sg_chain(kind: Stage, lkey: &str, groups: &[&str], ix: &Index<'_>) -> Obj {
     let dir = kind.direction();
-    let mut c = Obj::chain(format!("{}_{key}", kind.prefix()));
-    for g in &ix.inst_groups[inst][dir_slot(dir)] {
+    let mut c = Obj::chain(format!("{}_{lkey}", kind.prefix()));
+    let names: Vec<String> = groups.iter().map(|g| sanitize(g)).collect();
+    c.rule(format!("# {}: {}", dir.name(), names.join(" ")));
+    for g in groups {
         if let Some(gk) = ix.group_key.get(g) {
             c.rule(format!("jump {}_{gk}", group_prefix(dir)));
         }
     }
+    for f in Family::ALL {
+        c.rule(format!(
+            "{} {} @{}",
+            f.l3(),
+            kind.key_side().word(),
+            sg_counter_set(kind, false, f)
+        ));
+    }
+    // The drop is logged without a who: the list is no instance's (the
+    // packet's address names the instance).
     c.rule(format!(
-        "counter name \"{}\" {} drop",
-        counter_name(kind, key, false),
-        log_drop(kind, key, None)
+        "log prefix \"sgfw drop {} - * \" group {NFLOG_GROUP} drop",
+        kind.name()
     ));
     c
 }

@@ -124,9 +124,20 @@ pub(super) struct Index<'a> {
     pub(super) group_rules: BTreeMap<(Direction, &'a str), GroupRules>,
     /// Object names of the groups.
     pub(super) group_key: BTreeMap<&'a str, String>,
-    /// Per instance, per direction ([ingress, egress]): the groups its rules
-    /// come from, sorted.
-    pub(super) inst_groups: Vec<[Vec<&'a str>; 2]>,
+    /// Per instance, per direction ([ingress, egress]): the object name of
+    /// its group list (the groups its rules come from, sorted).
+    pub(super) list_key: Vec<[String; 2]>,
+    /// (direction, list name) → the groups of the list.
+    pub(super) lists: BTreeMap<(Direction, String), Vec<&'a str>>,
+}
+
+/// The object name of a group list: `l` and 16 hex digits of the xxh3 hash
+/// of its ids (a list is a set: the ids are sorted).
+fn list_key_of(groups: &[&str]) -> String {
+    format!(
+        "l{:016x}",
+        xxhash_rust::xxh3::xxh3_64(groups.join("\n").as_bytes())
+    )
 }
 
 /// Where [`Index::inst_groups`] keeps a direction.
@@ -179,6 +190,30 @@ impl<'a> Index<'a> {
             }
             inst_groups.push(per_dir);
         }
+        let mut lists: BTreeMap<(Direction, String), Vec<&'a str>> = BTreeMap::new();
+        let mut list_key = Vec::with_capacity(inst_groups.len());
+        for per_dir in &inst_groups {
+            let mut keys: [String; 2] = [String::new(), String::new()];
+            for dir in [Direction::Ingress, Direction::Egress] {
+                let groups = &per_dir[dir_slot(dir)];
+                let k = list_key_of(groups);
+                match lists.get(&(dir, k.clone())) {
+                    Some(other) if other != groups => {
+                        return Err(RenderError::Name {
+                            what: "security-group list",
+                            id: groups.join(","),
+                            other: other.join(","),
+                        });
+                    }
+                    Some(_) => {}
+                    None => {
+                        lists.insert((dir, k.clone()), groups.clone());
+                    }
+                }
+                keys[dir_slot(dir)] = k;
+            }
+            list_key.push(keys);
+        }
         let ids: BTreeSet<&str> = group_rules.keys().map(|(_, g)| *g).collect();
         let keys = keys_of("security group", ids.iter().copied())?;
         let group_key = ids.into_iter().zip(keys).collect();
@@ -190,7 +225,8 @@ impl<'a> Index<'a> {
             inst_key,
             group_rules,
             group_key,
-            inst_groups,
+            list_key,
+            lists,
         })
     }
 
@@ -200,12 +236,14 @@ impl<'a> Index<'a> {
             .filter(move |(a, _)| Family::of_addr(a) == family)
     }
 
-    /// The object name of the subnet or instance a stage's chain belongs to.
+    /// The object name of the chain a stage's verdict map picks for an
+    /// address: its subnet's (NACL stages) or its instance's group list's
+    /// (SG stages).
     pub(super) fn key(&self, kind: Stage, o: &Owner) -> &str {
         if kind.is_nacl() {
             &self.subnet_key[o.subnet]
         } else {
-            &self.inst_key[o.instance]
+            &self.list_key[o.instance][dir_slot(kind.direction())]
         }
     }
 
@@ -285,26 +323,13 @@ pub(super) fn render_counters(t: &mut Table, ix: &Index<'_>) {
             reason,
         ));
     }
-    let model = ix.model;
-    for kind in CHAIN_ORDER {
-        let ids: Vec<(&str, &str)> = if kind.is_nacl() {
-            model
-                .subnets
-                .iter()
-                .zip(&ix.subnet_key)
-                .map(|(s, k)| (s.id.as_str(), k.as_str()))
-                .collect()
-        } else {
-            model
-                .instances
-                .iter()
-                .zip(&ix.inst_key)
-                .map(|(i, k)| (i.id.as_str(), k.as_str()))
-                .collect()
-        };
-        for (id, key) in ids {
+    for kind in [Stage::NaclOut, Stage::NaclIn] {
+        for (sub, key) in ix.model.subnets.iter().zip(&ix.subnet_key) {
             for allowed in [true, false] {
-                t.push(counter(counter_name(kind, key, allowed), &sanitize(id)));
+                t.push(counter(
+                    counter_name(kind, key, allowed),
+                    &sanitize(&sub.id),
+                ));
             }
         }
     }
@@ -394,21 +419,45 @@ pub(super) fn render_sets(t: &mut Table, ix: &Index<'_>) {
             ));
         }
     }
-    // The allow counter of each instance's SG stages, picked by its address
-    // in the chain that follows a group's match.
+    // The SG stages' counters of each instance: a set per stage, verdict
+    // and family with a counter per element (an instance's address, its id
+    // as the element's comment), matched after a group's match (allow) or
+    // before its list chain's drop. Elements, not named counters: nft reads
+    // every named object of the table into its cache before it adds a rule,
+    // and thousands of them would make every in-place update slower.
     for kind in [Stage::SgEgress, Stage::SgIngress] {
-        for f in Family::ALL {
-            let elems: Vec<String> = ix
-                .addrs_of(f)
-                .map(|(a, o)| format!("{a} : \"{}\"", counter_name(kind, ix.key(kind, o), true)))
-                .collect();
-            let ty = format!("type {} : counter", f.addr_type());
-            t.push(declare(
-                Kind::Map,
-                &format!("{}_allow_{}", kind.prefix(), f.suffix()),
-                &[&ty],
-                elems,
-            ));
+        for allowed in [true, false] {
+            for f in Family::ALL {
+                let elems: Vec<String> = ix
+                    .addrs_of(f)
+                    .map(|(a, o)| {
+                        let id = ix
+                            .model
+                            .instances
+                            .get(o.instance)
+                            .map_or("", |i| i.id.as_str());
+                        format!("{a} comment \"{}\"", sanitize(id))
+                    })
+                    .collect();
+                let ty = format!("type {}", f.addr_type());
+                t.push(declare(
+                    Kind::Set,
+                    &sg_counter_set(kind, allowed, f),
+                    &[&ty, "counter"],
+                    elems,
+                ));
+            }
         }
     }
+}
+
+/// `sg_in_allow_v4`, `sg_out_drop_v6`, ...: the per-instance counters of an
+/// SG stage (set elements with a counter each).
+pub(crate) fn sg_counter_set(kind: Stage, allowed: bool, f: Family) -> String {
+    format!(
+        "{}_{}_{}",
+        kind.prefix(),
+        if allowed { "allow" } else { "drop" },
+        f.suffix()
+    )
 }
