@@ -822,6 +822,18 @@ struct JsonPackets {
     bytes: u64,
 }
 
+fn counters_json(source: serde_json::Error) -> NftError {
+    NftError::Json {
+        what: "listing counters",
+        source,
+    }
+}
+
+/// `nft -j list ...` output, for the counters.
+fn list_output(text: &str) -> Result<ListOutput, NftError> {
+    serde_json::from_str(text).map_err(counters_json)
+}
+
 /// The (comment, packets, bytes) of each element of a set with counters.
 fn parse_element_counters(text: &str) -> Result<Vec<(String, u64, u64)>, NftError> {
     #[derive(serde::Deserialize)]
@@ -831,11 +843,7 @@ fn parse_element_counters(text: &str) -> Result<Vec<(String, u64, u64)>, NftErro
         #[serde(default)]
         counter: JsonPackets,
     }
-    let json = |source| NftError::Json {
-        what: "listing counters",
-        source,
-    };
-    let list: ListOutput = serde_json::from_str(text).map_err(json)?;
+    let list = list_output(text)?;
     let mut out = Vec::new();
     for item in list.nftables {
         let Some(elems) = item.get("set").and_then(|s| s.get("elem")) else {
@@ -849,7 +857,7 @@ fn parse_element_counters(text: &str) -> Result<Vec<(String, u64, u64)>, NftErro
             let Some(inner) = e.get("elem") else {
                 continue;
             };
-            let e: Elem = serde_json::from_value(inner.clone()).map_err(json)?;
+            let e: Elem = serde_json::from_value(inner.clone()).map_err(counters_json)?;
             out.push((sanitize(&e.comment), e.counter.packets, e.counter.bytes));
         }
     }
@@ -857,17 +865,13 @@ fn parse_element_counters(text: &str) -> Result<Vec<(String, u64, u64)>, NftErro
 }
 
 fn parse_counters(text: &str) -> Result<Vec<CounterValue>, NftError> {
-    let json = |source| NftError::Json {
-        what: "listing counters",
-        source,
-    };
-    let list: ListOutput = serde_json::from_str(text).map_err(json)?;
+    let list = list_output(text)?;
     let mut out = Vec::new();
     for item in list.nftables {
         let Some(c) = item.get("counter") else {
             continue;
         };
-        let c: JsonCounter = serde_json::from_value(c.clone()).map_err(json)?;
+        let c: JsonCounter = serde_json::from_value(c.clone()).map_err(counters_json)?;
         if c.table != "sgfw" {
             continue;
         }

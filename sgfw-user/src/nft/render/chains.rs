@@ -416,13 +416,7 @@ pub(super) fn render_entry(t: &mut Table) {
     t.push(c);
     let mut c = Obj::chain("sg_out_pass");
     c.rule("# The sender's SG egress allowed it: count, then the receiver's SG ingress.");
-    for f in Family::ALL {
-        c.rule(format!(
-            "{} saddr @{}",
-            f.l3(),
-            sg_counter_set(Stage::SgEgress, true, f)
-        ));
-    }
+    count_by_address(&mut c, Stage::SgEgress, true);
     c.rule("goto sg_ingress");
     t.push(c);
     let mut c = Obj::chain("sg_ingress");
@@ -431,13 +425,7 @@ pub(super) fn render_entry(t: &mut Table) {
     t.push(c);
     let mut c = Obj::chain("sg_in_pass");
     c.rule("# The receiver's SG ingress allowed it: count, then done.");
-    for f in Family::ALL {
-        c.rule(format!(
-            "{} daddr @{}",
-            f.l3(),
-            sg_counter_set(Stage::SgIngress, true, f)
-        ));
-    }
+    count_by_address(&mut c, Stage::SgIngress, true);
     c.rule("goto sg_done");
     t.push(c);
     let mut c = Obj::chain("sg_done");
@@ -537,14 +525,7 @@ pub(super) fn render_sg_chain(kind: Stage, lkey: &str, groups: &[&str], ix: &Ind
             c.rule(format!("jump {}_{gk}", group_prefix(dir)));
         }
     }
-    for f in Family::ALL {
-        c.rule(format!(
-            "{} {} @{}",
-            f.l3(),
-            kind.key_side().word(),
-            sg_counter_set(kind, false, f)
-        ));
-    }
+    count_by_address(&mut c, kind, false);
     // The drop is logged without a who: the list is no instance's (the
     // packet's address names the instance).
     c.rule(format!(
@@ -552,6 +533,20 @@ pub(super) fn render_sg_chain(kind: Stage, lkey: &str, groups: &[&str], ix: &Ind
         kind.name()
     ));
     c
+}
+
+/// Counts a packet for the instance whose address picked the SG stage's
+/// chain (the sender's for egress, the receiver's for ingress): a match on
+/// the stage's counter set of each family, no verdict.
+fn count_by_address(c: &mut Obj, kind: Stage, allowed: bool) {
+    for f in Family::ALL {
+        c.rule(format!(
+            "{} {} @{}",
+            f.l3(),
+            kind.key_side().word(),
+            sg_counter_set(kind, allowed, f)
+        ));
+    }
 }
 
 /// `grp_in` / `grp_out`: the chains of one group's rules.
