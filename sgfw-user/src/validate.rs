@@ -92,7 +92,18 @@ impl fmt::Display for Warning {
 ///
 /// [`ValidationErrors`] with every problem found, when there is any.
 pub fn validate(model: &Model) -> Result<(ValidModel, Vec<Warning>), ValidationErrors> {
+    validate_owned(model.clone())
+}
+
+/// [`validate`] of a model the caller gives up (a [`crate::vpc::Vpc`]'s
+/// changed copy): kept as the valid model's source without another copy.
+///
+/// # Errors
+///
+/// As [`validate`].
+pub fn validate_owned(owned: Model) -> Result<(ValidModel, Vec<Warning>), ValidationErrors> {
     let mut c = Checker::default();
+    let model = &owned;
     let prefix_lists = c.prefix_lists(model);
     let group_ids: BTreeSet<&str> = model
         .security_groups
@@ -114,7 +125,7 @@ pub fn validate(model: &Model) -> Result<(ValidModel, Vec<Warning>), ValidationE
     let mut instances = instances;
     instances.sort_by(|a, b| a.id.cmp(&b.id));
     let valid = ValidModel {
-        source: model.clone(),
+        source: owned,
         subnets,
         instances,
         groups,

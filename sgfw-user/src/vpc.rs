@@ -18,7 +18,7 @@ use crate::backend::{Applied, EnforceError, Enforcer};
 use crate::flat::{FlatModel, reflatten};
 use crate::model::{Instance, IpPermission, Model, NaclAssociation, NetworkAclEntry};
 use crate::policy::ValidModel;
-use crate::validate::{ValidationErrors, validate};
+use crate::validate::{ValidationErrors, validate, validate_owned};
 
 /// Why a delta was refused; the model and the enforcement are unchanged.
 #[derive(Debug, thiserror::Error)]
@@ -447,7 +447,8 @@ impl Vpc {
     /// Any [`VpcError`]: the model and what is enforced are as before.
     pub fn apply(&mut self, delta: &Delta) -> Result<Applied, VpcError> {
         let m = change(self.valid.model(), delta)?;
-        self.replace(&m)
+        let (valid, _) = validate_owned(m).map_err(VpcError::Invalid)?;
+        self.replace_validated(valid)
     }
 
     /// Makes several changes as one: all are enforced, or none.
@@ -460,7 +461,8 @@ impl Vpc {
         for d in deltas {
             m = change(&m, d)?;
         }
-        self.replace(&m)
+        let (valid, _) = validate_owned(m).map_err(VpcError::Invalid)?;
+        self.replace_validated(valid)
     }
 
     /// Replaces the whole model (as `sgfw run` does when the model file

@@ -120,10 +120,10 @@ impl Lab {
             .first()
             .map(|i| i.netns.clone())
             .unwrap_or_default();
-        let ebpf = EbpfBackend {
-            pin_root: format!("/sys/fs/bpf/{tag}").into(),
-            state_path: format!("/run/sgfw-test/{tag}.json").into(),
-        };
+        let ebpf = EbpfBackend::at(
+            format!("/sys/fs/bpf/{tag}").into(),
+            format!("/run/sgfw-test/{tag}.json").into(),
+        );
         let mut lab = Lab {
             bed,
             backend,

@@ -319,10 +319,10 @@ fn deltas_take_effect_at_once_on_the_ebpf_backend() {
     )
     .unwrap();
     let tag = bed.instance("client").netns.clone();
-    let ebpf = sgfw::ebpf::EbpfBackend {
-        pin_root: format!("/sys/fs/bpf/{tag}").into(),
-        state_path: format!("/run/sgfw/{tag}.json").into(),
-    };
+    let ebpf = sgfw::ebpf::EbpfBackend::at(
+        format!("/sys/fs/bpf/{tag}").into(),
+        format!("/run/sgfw/{tag}.json").into(),
+    );
     {
         let be = ebpf.clone();
         bed.on_drop(move || {

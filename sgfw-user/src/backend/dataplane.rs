@@ -276,6 +276,17 @@ fn reason_label(r: Reason) -> String {
     )
 }
 
+/// What an eBPF apply did, as [`Applied`].
+pub(crate) fn applied_of(r: crate::ebpf::ApplyReport) -> Applied {
+    Applied {
+        mode: Some(EnforcementMode::Ebpf),
+        generation: Some(r.generation),
+        loaded: r.loaded,
+        attached: r.attached,
+        ..Applied::default()
+    }
+}
+
 impl Backend for EbpfBackend {
     fn mode(&self) -> EnforcementMode {
         EnforcementMode::Ebpf
@@ -284,14 +295,7 @@ impl Backend for EbpfBackend {
         self.is_applied()
     }
     fn enforce(&self, model: &FlatModel, opts: &ApplyOptions) -> Result<Applied, EnforceError> {
-        let r = self.apply(model, &RealHost, opts)?;
-        Ok(Applied {
-            mode: Some(EnforcementMode::Ebpf),
-            generation: Some(r.generation),
-            loaded: r.loaded,
-            attached: r.attached,
-            ..Applied::default()
-        })
+        Ok(applied_of(self.apply(model, &RealHost, opts)?))
     }
     fn attach(&self) -> Result<Vec<String>, EnforceError> {
         Ok(self.attach_ports(&RealHost)?)

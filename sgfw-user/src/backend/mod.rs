@@ -362,7 +362,16 @@ impl Enforcer {
     /// The backend's error, with its cause chain.
     pub fn update(&self, model: &crate::flat::FlatModel) -> Result<Applied, EnforceError> {
         let _lock = crate::hostlock::HostLock::acquire()?;
-        self.backend().enforce(model, &self.opts)
+        match self.mode {
+            // A handle applies again soon: its objects' keys are recorded
+            // when it is let go of ([`crate::ebpf::EbpfBackend::apply_deferred`]).
+            EnforcementMode::Ebpf => Ok(dataplane::applied_of(self.ebpf.apply_deferred(
+                model,
+                &crate::sys::RealHost,
+                &self.opts,
+            )?)),
+            _ => self.backend().enforce(model, &self.opts),
+        }
     }
 
     /// Attaches the eBPF classifiers to bridge ports that appeared since the

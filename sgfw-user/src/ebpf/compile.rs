@@ -383,7 +383,17 @@ impl<'a> Ids<'a> {
         kind: char,
         v: &impl std::hash::Hash,
     ) -> Result<(u32, bool), CompileError> {
-        let key = hash128(&mut self.scratch, self.book.seed, kind, v);
+        let key = self.key(kind, v);
+        self.intern_key(key)
+    }
+
+    /// The content address of `v` of kind `kind` under this book's seed.
+    fn key(&mut self, kind: char, v: &impl std::hash::Hash) -> IdKey {
+        hash128(&mut self.scratch, self.book.seed, kind, v)
+    }
+
+    /// [`Ids::intern`] of an object whose content address is known.
+    fn intern_key(&mut self, key: IdKey) -> Result<(u32, bool), CompileError> {
         if let Some(id) = self.book.ids.get(&key) {
             return Ok((*id, false));
         }
@@ -399,6 +409,104 @@ impl<'a> Ids<'a> {
         self.book.ids.insert(key, id);
         Ok((id, true))
     }
+}
+
+/// The content address of every rule list a compile interned, by the
+/// list's allocation, for the next compile in the same process (kept by the
+/// backend's session, `ebpf::session`).
+///
+/// A rule list is an `Arc<[FirewallRule]>` that [`crate::flat::reflatten`]
+/// carries unchanged from one model to the next for every instance a change
+/// cannot reach. The memo holds a clone of each list it names, so the
+/// allocation cannot be freed and reused by another list while the memo
+/// names it: the same allocation is the same content, and its content
+/// address (under the same seed) is the one computed before. What it covers
+/// is exactly that hash, and the distinct rule references of the list;
+/// whether the object is still in the maps is decided by the book
+/// ([`Ids::carry`]), as without the memo.
+#[derive(Debug, Clone, Default)]
+pub struct CompileMemo {
+    /// The seed the addresses were computed under.
+    seed: u64,
+    /// List address → what is known of it.
+    lists: std::collections::HashMap<usize, MemoList>,
+    /// Lists the last compile found here (not hashed again).
+    hits: usize,
+}
+
+/// What [`CompileMemo`] knows of one rule list.
+#[derive(Debug, Clone)]
+struct MemoList {
+    /// The list itself: keeps its allocation, and so its address, its own.
+    rules: std::sync::Arc<[FirewallRule]>,
+    /// Its content address as a policy.
+    key: IdKey,
+    /// Its distinct rule references: each one's content address, and the
+    /// index of a rule of the list it comes from.
+    refs: std::sync::Arc<[RefAt]>,
+}
+
+impl CompileMemo {
+    /// How many lists it names.
+    pub fn len(&self) -> usize {
+        self.lists.len()
+    }
+
+    /// Whether it names none.
+    pub fn is_empty(&self) -> bool {
+        self.lists.is_empty()
+    }
+
+    /// How many lists the last compile found here (and did not hash).
+    pub fn hits(&self) -> usize {
+        self.hits
+    }
+
+    fn get(&self, rules: &std::sync::Arc<[FirewallRule]>, seed: u64) -> Option<&MemoList> {
+        if self.seed != seed {
+            return None;
+        }
+        self.lists
+            .get(&(rules.as_ptr() as usize))
+            .filter(|m| std::sync::Arc::ptr_eq(&m.rules, rules))
+    }
+}
+
+/// A rule reference's content address, and the index of a rule it names.
+type RefAt = (IdKey, usize);
+
+/// The rule references of `rules`: one per rule, and the distinct ones (by
+/// content address, with the index of a rule of each); each is named in
+/// `out.rule_refs`.
+fn intern_refs(
+    out: &mut Compiled,
+    ids: &mut Ids<'_>,
+    rules: &[FirewallRule],
+) -> Result<(Vec<u32>, Vec<RefAt>), CompileError> {
+    let mut per_rule = Vec::with_capacity(rules.len());
+    let mut distinct: Vec<RefAt> = Vec::new();
+    let mut seen: std::collections::HashSet<IdKey> = std::collections::HashSet::new();
+    let mut last: Option<(&RuleOrigin, u32)> = None;
+    for (i, r) in rules.iter().enumerate() {
+        // Rules of one permission (one per remote) come together.
+        if let Some((o, rref)) = last
+            && *o == r.origin
+        {
+            per_rule.push(rref);
+            continue;
+        }
+        let key = ids.key('r', &r.origin);
+        let (rref, _) = ids.intern_key(key)?;
+        if seen.insert(key) {
+            distinct.push((key, i));
+            out.rule_refs
+                .entry(rref)
+                .or_insert_with(|| r.origin.clone());
+        }
+        last = Some((&r.origin, rref));
+        per_rule.push(rref);
+    }
+    Ok((per_rule, distinct))
 }
 
 /// What a matcher covers in the (protocol, 16-bit port) space.
@@ -504,6 +612,22 @@ struct NaclTable {
 /// Compiles `model`, reusing the ids of `book` for content it already has.
 /// Every entry is in the result; [`Compiled::fresh`] says which ids are new.
 pub fn compile(model: &FlatModel, idx: &Indices, book: &IdBook) -> Result<Compiled, CompileError> {
+    compile_with(model, idx, book, &mut CompileMemo::default())
+}
+
+/// [`compile`], reading and then updating what `memo` knows of the rule
+/// lists of the last compile: a list it names is not hashed again. The
+/// result is the one [`compile`] gives.
+///
+/// # Errors
+///
+/// As [`compile`]; `memo` is then left as it was.
+pub fn compile_with(
+    model: &FlatModel,
+    idx: &Indices,
+    book: &IdBook,
+    memo: &mut CompileMemo,
+) -> Result<Compiled, CompileError> {
     // The one ownership index: an inconsistent model is refused here, as
     // the nft renderer refuses it, never compiled with an entry skipped.
     model.ownership()?;
@@ -511,6 +635,14 @@ pub fn compile(model: &FlatModel, idx: &Indices, book: &IdBook) -> Result<Compil
     let mut ids = Ids::new(book);
     let mut shared: std::collections::HashMap<usize, u32> = std::collections::HashMap::new();
     let mut emitted_names: Vec<(u32, BTreeSet<u32>)> = Vec::new();
+    // The memo of this compile (see [`CompileMemo`]), and the references of
+    // each policy content seen so far.
+    let mut next_memo: std::collections::HashMap<usize, MemoList> =
+        std::collections::HashMap::new();
+    let mut by_key: std::collections::HashMap<IdKey, std::sync::Arc<[RefAt]>> =
+        std::collections::HashMap::new();
+    let mut refs_named: std::collections::HashSet<IdKey> = std::collections::HashSet::new();
+    let mut hits = 0;
 
     // Subnets and their NACL tables.
     for s in &model.subnets {
@@ -617,24 +749,64 @@ pub fn compile(model: &FlatModel, idx: &Indices, book: &IdBook) -> Result<Compil
         for (slot, rules) in [&inst.ingress, &inst.egress].into_iter().enumerate() {
             // A list shared by several instances (same group list) is
             // content-hashed once; the address is a valid key while `model`
-            // is borrowed, and equal addresses mean equal contents.
+            // is borrowed, and equal addresses mean equal contents. A list
+            // the last compile saw is not hashed at all ([`CompileMemo`]).
             let at = rules.as_ptr() as usize;
             let pid = match shared.get(&at) {
                 Some(pid) => *pid,
                 None => {
-                    let (pid, new) = ids.intern('p', rules)?;
+                    let known = memo.get(rules, ids.book.seed);
+                    hits += usize::from(known.is_some());
+                    let key = match known {
+                        Some(m) => m.key,
+                        None => ids.key('p', rules),
+                    };
+                    let mut refs = known.map(|m| std::sync::Arc::clone(&m.refs));
+                    let (pid, new) = ids.intern_key(key)?;
                     if new {
-                        if ids.carry(pid) {
+                        match &refs {
                             // Unchanged and in the maps: only its rule
                             // references are named again.
-                            for r in rules.iter() {
-                                let (rref, _) = ids.intern('r', &r.origin)?;
-                                out.rule_refs.insert(rref, r.origin.clone());
+                            Some(known) if ids.carry(pid) => {
+                                for (rk, i) in known.iter() {
+                                    // Lists of group lists that share a
+                                    // group share its references.
+                                    if !refs_named.insert(*rk) {
+                                        continue;
+                                    }
+                                    let (rref, _) = ids.intern_key(*rk)?;
+                                    if let Some(r) = rules.get(*i) {
+                                        out.rule_refs
+                                            .entry(rref)
+                                            .or_insert_with(|| r.origin.clone());
+                                    }
+                                }
                             }
-                        } else {
-                            let names = emit_policy(&mut out, pid, rules, &mut ids)?;
-                            emitted_names.push((pid, names));
+                            _ => {
+                                let (per_rule, distinct) = intern_refs(&mut out, &mut ids, rules)?;
+                                if !ids.carry(pid) {
+                                    let names =
+                                        emit_policy(&mut out, pid, rules, &per_rule, &mut ids)?;
+                                    emitted_names.push((pid, names));
+                                }
+                                refs = Some(distinct.into());
+                            }
                         }
+                    } else if refs.is_none() {
+                        // Same content as a list interned before in this
+                        // compile: the same references, at the same places.
+                        refs = by_key.get(&key).cloned();
+                    }
+                    if let Some(refs) = refs {
+                        by_key.insert(key, std::sync::Arc::clone(&refs));
+                        next_memo.insert(
+                            at,
+                            MemoList {
+                                rules: std::sync::Arc::clone(rules),
+                                key,
+                                refs,
+                            },
+                        );
                     }
                     shared.insert(at, pid);
                     pid
@@ -703,6 +875,11 @@ pub fn compile(model: &FlatModel, idx: &Indices, book: &IdBook) -> Result<Compil
         let part = out.book.parts.entry(pid).or_default();
         part.names = names.into_iter().collect();
     }
+    *memo = CompileMemo {
+        seed: out.book.seed,
+        lists: next_memo,
+        hits,
+    };
     Ok(out)
 }
 
@@ -896,6 +1073,7 @@ fn emit_policy(
     out: &mut Compiled,
     pid: u32,
     rules: &[FirewallRule],
+    rrefs: &[u32],
     ids: &mut Ids<'_>,
 ) -> Result<BTreeSet<u32>, CompileError> {
     let mut names = BTreeSet::new();
@@ -905,9 +1083,7 @@ fn emit_policy(
     // over every rule.
     let mut by_net: BTreeMap<IpNet, Vec<(Span, u32)>> = BTreeMap::new();
     let mut lengths: BTreeSet<(bool, u8)> = BTreeSet::new();
-    for r in rules {
-        let (rref, _) = ids.intern('r', &r.origin)?;
-        out.rule_refs.insert(rref, r.origin.clone());
+    for (r, &rref) in rules.iter().zip(rrefs) {
         by_net
             .entry(r.remote)
             .or_default()

@@ -13,6 +13,7 @@ pub mod compile;
 mod loader;
 mod pins;
 mod readout;
+mod session;
 mod state;
 #[cfg(feature = "lab")]
 pub mod testrun;
@@ -200,24 +201,51 @@ pub struct ApplyReport {
 }
 
 /// The eBPF backend, rooted at a pin directory and a state file.
+///
+/// Clones share what the backend remembers of its own last apply (the
+/// state it saved, its objects' keys, the content addresses of its rule
+/// lists: see `session`), which makes the next apply of this process cost
+/// what the change costs. That memory is trusted only while the state file
+/// is the one this process wrote.
 #[derive(Debug, Clone)]
 pub struct EbpfBackend {
     /// Pin directory (normally [`PIN_ROOT`]).
     pub pin_root: PathBuf,
     /// State file (normally [`STATE_PATH`]).
     pub state_path: PathBuf,
+    session: std::sync::Arc<session::Shared>,
 }
 
 impl Default for EbpfBackend {
     fn default() -> Self {
-        EbpfBackend {
-            pin_root: PathBuf::from(PIN_ROOT),
-            state_path: PathBuf::from(STATE_PATH),
-        }
+        EbpfBackend::at(PathBuf::from(PIN_ROOT), PathBuf::from(STATE_PATH))
     }
 }
 
 impl EbpfBackend {
+    /// The backend at other pin and state paths (tests, benchmarks,
+    /// several emulators on one host).
+    pub fn at(pin_root: PathBuf, state_path: PathBuf) -> EbpfBackend {
+        EbpfBackend {
+            pin_root,
+            state_path,
+            session: std::sync::Arc::default(),
+        }
+    }
+
+    /// The session's memory (a poisoned lock only means an apply panicked
+    /// half-way: the memory is then forgotten, never trusted).
+    fn session(&self) -> std::sync::MutexGuard<'_, session::Session> {
+        match self.session.0.lock() {
+            Ok(g) => g,
+            Err(p) => {
+                let mut g = p.into_inner();
+                g.forget();
+                g
+            }
+        }
+    }
+
     /// The state of the policy in force, if any.
     pub fn state(&self) -> Result<Option<State>, EbpfError> {
         State::load(&self.state_path)
@@ -262,8 +290,37 @@ impl EbpfBackend {
         host: &dyn Host,
         opts: &ApplyOptions,
     ) -> Result<ApplyReport, EbpfError> {
+        self.apply_with(model, host, opts, false)
+    }
+
+    /// [`EbpfBackend::apply`] for a process that applies again soon (a
+    /// [`crate::vpc::Vpc`]'s deltas): the record of the objects' keys is
+    /// written when this backend is let go of, not by every apply. Until
+    /// then an apply by another process walks the tries instead of reading
+    /// it (slower, the same result).
+    ///
+    /// # Errors
+    ///
+    /// As [`EbpfBackend::apply`].
+    pub fn apply_deferred(
+        &self,
+        model: &FlatModel,
+        host: &dyn Host,
+        opts: &ApplyOptions,
+    ) -> Result<ApplyReport, EbpfError> {
+        self.apply_with(model, host, opts, true)
+    }
+
+    fn apply_with(
+        &self,
+        model: &FlatModel,
+        host: &dyn Host,
+        opts: &ApplyOptions,
+        defer_keys: bool,
+    ) -> Result<ApplyReport, EbpfError> {
         let _lock = self.lock()?;
-        let mut on_file = self.state()?;
+        let mut session = self.session();
+        let mut on_file = session.state(&self.state_path)?;
         if self.is_applied() && on_file.is_none() {
             // Pins without their state (the state directory was cleared):
             // the numbering they were written with is lost, so start afresh.
@@ -272,11 +329,19 @@ impl EbpfBackend {
                 self.pin_root.display(),
                 self.state_path.display()
             );
+            session.forget();
             self.teardown_unlocked()?;
             on_file = self.state()?;
         }
-        let prev = on_file.filter(|_| self.is_applied());
-        let mut state = prev.clone().unwrap_or_default();
+        let applied = self.is_applied();
+        let mut state = on_file.filter(|_| applied).unwrap_or_default();
+        // What the maps hold now, as the last apply left them (nothing
+        // before the first).
+        let prev = applied.then(|| Prev {
+            generation: state.generation,
+            entry_counts: state.entry_counts.clone(),
+            capacities: state.capacities.clone(),
+        });
         state.indices.update(model);
         // After an apply that did not finish, no object of the book may be
         // trusted to be whole in the maps: compile everything fresh (under
@@ -290,7 +355,8 @@ impl EbpfBackend {
             state.book.parts.clear();
         }
         let t = std::time::Instant::now();
-        let compiled = compile::compile(model, &state.indices, &state.book)?;
+        let compiled =
+            compile::compile_with(model, &state.indices, &state.book, &mut session.memo)?;
         let counts = compiled.entry_counts();
         tracing::info!(
             "compiled {} instances: {} SG prefixes, {} port-set entries, {} NACL tables ({} emitted, {} ms)",
@@ -379,18 +445,22 @@ impl EbpfBackend {
         // The journal, before the first map write: this generation and these
         // ids are taken whatever happens next.
         if prev.is_some() {
-            let mut journal = state.clone();
-            journal.generation = generation;
-            journal.book.next = journal.book.next.max(compiled.book.next);
-            journal.unsettled = true;
-            journal.save(&self.state_path)?;
+            Journal {
+                generation,
+                next: state.book.next.max(compiled.book.next),
+                indices: state.indices.clone(),
+            }
+            .save(&self.state_path)?;
+        } else {
+            // A journal of a load before a teardown is spent.
+            let _ = std::fs::remove_file(Journal::path(&self.state_path));
         }
         lap("ports, journal");
         // The keys of the objects this apply retires, as the last apply
         // recorded them (a missing or stale record: walk the tries).
         let known = prev
             .as_ref()
-            .and_then(|p| keys_file::load(&self.keys_path(), p.generation));
+            .and_then(|p| session.keys(&self.keys_path(), p.generation));
         let written = write_generation(&mut maps, &compiled, &ports, &config, known.as_ref())
             .and_then(|()| {
                 if sweep {
@@ -458,17 +528,23 @@ impl EbpfBackend {
         // apply deletes what this one retired: their keys are carried over
         // from the record this apply read.
         let keys = keys_for_next(&compiled, known);
-        if let Err(e) = keys_file::save(&self.keys_path(), generation, &keys) {
-            tracing::debug!("recording the objects' keys: {e}");
-            let _ = std::fs::remove_file(self.keys_path());
-        }
+        drop(compiled);
         lap("object keys recorded");
 
-        report.attached = self.attach_ports_unlocked(host)?;
+        let attached = self.attach_ports_with(host, &state);
+        session.saved(&self.state_path, &self.keys_path(), state, keys, defer_keys);
+        report.attached = attached?;
         lap("attach");
         report.generation = generation;
         Ok(report)
     }
+}
+
+/// What an apply needs of the state the last apply left.
+struct Prev {
+    generation: u32,
+    entry_counts: BTreeMap<String, usize>,
+    capacities: BTreeMap<String, u32>,
 }
 
 /// The record of [`ObjectKeys`] beside the state file: `SGFWKEY1`, the
@@ -775,6 +851,46 @@ mod tests {
             carried += compiled[1].carried.len();
         }
         assert!(carried >= 4, "carried {carried} objects in all");
+    }
+
+    #[test]
+    fn the_memo_of_rule_lists_changes_nothing_a_compile_gives() {
+        let valid: Vec<crate::policy::ValidModel> = [A, C, A, B, C, C, A, C, B]
+            .iter()
+            .map(|j| {
+                let m = crate::model::Model::from_json(j).unwrap();
+                crate::validate::validate(&m).unwrap().0
+            })
+            .collect();
+        let mut memo = compile::CompileMemo::default();
+        let mut idx = Indices::default();
+        let mut book = IdBook {
+            seed: 42,
+            ..IdBook::default()
+        };
+        let mut flat = valid[0].flatten();
+        let mut hits = 0;
+        for (g, v) in valid.iter().enumerate() {
+            if g > 0 {
+                // As a Vpc does: lists the change cannot reach are carried.
+                flat = crate::flat::reflatten(&valid[g - 1], flat, v);
+            }
+            idx.update(&flat);
+            let with = compile::compile_with(&flat, &idx, &book, &mut memo).unwrap();
+            let without = compile::compile(&flat, &idx, &book).unwrap();
+            assert_eq!(with, without, "compile {g}");
+            hits += memo.hits();
+            book = with.book;
+        }
+        assert!(hits >= 4, "the memo was used {hits} times");
+        // Another seed (a book started afresh) is never served from it.
+        let other = IdBook {
+            seed: 7,
+            ..IdBook::default()
+        };
+        let with = compile::compile_with(&flat, &idx, &other, &mut memo).unwrap();
+        assert_eq!(memo.hits(), 0);
+        assert_eq!(with, compile::compile(&flat, &idx, &other).unwrap());
     }
 
     #[test]

@@ -195,6 +195,16 @@ impl EbpfBackend {
         let Some(state) = self.state()? else {
             return Err(EbpfError::NotApplied);
         };
+        self.attach_ports_with(host, &state)
+    }
+
+    /// [`EbpfBackend::attach_ports_unlocked`] with the state in force given
+    /// (the apply that saved it).
+    pub(super) fn attach_ports_with(
+        &self,
+        host: &dyn Host,
+        state: &State,
+    ) -> Result<Vec<String>, EbpfError> {
         // Forget links of interfaces that no longer exist (or were re-created
         // under the same name).
         for (path, ifname, ifx, hook) in self.link_pins() {
@@ -205,7 +215,7 @@ impl EbpfBackend {
                 let _ = std::fs::remove_file(path);
             }
         }
-        self.rebind(&state, host)?;
+        self.rebind(state, host)?;
         let mut attached = Vec::new();
         let mut progs: BTreeMap<&'static str, SchedClassifier> = BTreeMap::new();
         let bridges: BTreeSet<&String> = state.bridges.values().collect();
@@ -213,14 +223,14 @@ impl EbpfBackend {
             .attach_bridges(host, bridges, &mut progs, &mut attached)
             .and_then(|()| {
                 if state.dataplane == Dataplane::Xdp {
-                    self.attach_xdp(host, &state)
+                    self.attach_xdp(host, state)
                 } else {
                     Ok(())
                 }
             });
         // Whatever got attached (also when a later port failed), the fence
         // follows: a port joins `attached` only once both its links are in.
-        self.update_fence(host, &state);
+        self.update_fence(host, state);
         result.map(|()| attached)
     }
 
@@ -425,6 +435,7 @@ impl EbpfBackend {
     /// the pin directory and the state file. Succeeds when nothing is there.
     pub fn teardown(&self) -> Result<(), EbpfError> {
         let _lock = self.lock()?;
+        self.session().forget();
         self.teardown_unlocked()
     }
 
@@ -454,6 +465,7 @@ impl EbpfBackend {
         // The fence first: with the links gone every port is "not attached".
         let _ = std::fs::remove_file(self.state_path.with_extension("fence"));
         let _ = std::fs::remove_file(self.keys_path());
+        let _ = std::fs::remove_file(Journal::path(&self.state_path));
         let table = self.fence_table();
         let _ = sys::RealHost.nft(
             &["-f", "-"],

@@ -52,10 +52,25 @@ pub struct State {
 
 impl State {
     /// Reads the state file; `None` when sgfw is not applied.
+    ///
+    /// A journal ([`Journal`]) of a later generation than the file's means
+    /// an apply began writing the maps after the file was saved and did not
+    /// finish: its generation, ids and indices are taken over and the state
+    /// is `unsettled`.
     pub fn load(path: &Path) -> Result<Option<State>, EbpfError> {
         match std::fs::read(path) {
-            Ok(b) => serde_json::from_slice(&b)
-                .map(Some)
+            Ok(b) => serde_json::from_slice::<State>(&b)
+                .map(|mut s| {
+                    if let Some(j) = Journal::load(path)
+                        && j.generation != s.generation
+                    {
+                        s.generation = j.generation;
+                        s.book.next = s.book.next.max(j.next);
+                        s.indices = j.indices;
+                        s.unsettled = true;
+                    }
+                    Some(s)
+                })
                 .map_err(|source| EbpfError::State {
                     path: path.to_path_buf(),
                     source,
@@ -83,6 +98,55 @@ impl State {
                 SysError::File {
                     what: "writing",
                     path: path.to_path_buf(),
+                    source,
+                }
+                .into()
+            })
+    }
+}
+
+/// What an apply records before its first map write, beside the state file
+/// (`.journal`): the generation and the ids it takes and the indices it
+/// writes under. A few hundred bytes where the state is megabytes: the
+/// state file itself is written once per apply, after the switch. A journal
+/// whose generation is the state's is spent (the apply finished).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Journal {
+    /// The generation the apply writes.
+    pub generation: u32,
+    /// The first id no object of that apply can have.
+    pub next: u32,
+    /// The instance and subnet numbering it writes under.
+    pub indices: Indices,
+}
+
+impl Journal {
+    /// Where the journal of the state file `state_path` is.
+    pub fn path(state_path: &Path) -> PathBuf {
+        state_path.with_extension("journal")
+    }
+
+    /// The journal, if there is a whole one.
+    pub fn load(state_path: &Path) -> Option<Journal> {
+        let b = std::fs::read(Journal::path(state_path)).ok()?;
+        serde_json::from_slice(&b).ok()
+    }
+
+    /// Writes it (whole or not at all: a temporary file renamed over it).
+    pub(super) fn save(&self, state_path: &Path) -> Result<(), EbpfError> {
+        let path = Journal::path(state_path);
+        parent_dir(&path)?;
+        let tmp = path.with_extension("journal.tmp");
+        let bytes = serde_json::to_vec(self).map_err(|source| EbpfError::State {
+            path: path.clone(),
+            source,
+        })?;
+        std::fs::write(&tmp, bytes)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|source| {
+                SysError::File {
+                    what: "writing",
+                    path,
                     source,
                 }
                 .into()

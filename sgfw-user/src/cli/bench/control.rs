@@ -235,10 +235,10 @@ pub fn child() -> Result<(), Failure> {
     drop(c);
 
     let tag = format!("sgfw-bench-{}", std::process::id());
-    let be = EbpfBackend {
-        pin_root: PathBuf::from(format!("/sys/fs/bpf/{tag}")),
-        state_path: PathBuf::from(format!("/run/sgfw/{tag}.json")),
-    };
+    let be = EbpfBackend::at(
+        PathBuf::from(format!("/sys/fs/bpf/{tag}")),
+        PathBuf::from(format!("/run/sgfw/{tag}.json")),
+    );
     let result = (|| -> Result<Measured, Failure> {
         let t = Instant::now();
         let report = be
@@ -281,10 +281,10 @@ pub fn child() -> Result<(), Failure> {
     let (v, _) =
         sgfw::validate::validate(&small).map_err(|e| anyhow!("small model invalid: {e}"))?;
     let small_flat = v.flatten();
-    let be = EbpfBackend {
-        pin_root: PathBuf::from(format!("/sys/fs/bpf/{tag}-small")),
-        state_path: PathBuf::from(format!("/run/sgfw/{tag}-small.json")),
-    };
+    let be = EbpfBackend::at(
+        PathBuf::from(format!("/sys/fs/bpf/{tag}-small")),
+        PathBuf::from(format!("/run/sgfw/{tag}-small.json")),
+    );
     let r = be
         .apply(&small_flat, &RealHost, &ApplyOptions::default())
         .context("small model apply")

@@ -120,10 +120,10 @@ impl Lab {
         let mut bed = TestBed::new(&subnets, &specs)
             .map_err(|e| Failure::Runtime(anyhow!("building the benchmark lab: {e}")))?;
         let tag = bed.instances[0].netns.clone();
-        let ebpf = EbpfBackend {
-            pin_root: format!("/sys/fs/bpf/{tag}").into(),
-            state_path: format!("/run/sgfw/{tag}.json").into(),
-        };
+        let ebpf = EbpfBackend::at(
+            format!("/sys/fs/bpf/{tag}").into(),
+            format!("/run/sgfw/{tag}.json").into(),
+        );
         let server = std::process::Command::new("ip")
             .args([
                 "netns",
