@@ -2,8 +2,9 @@
 //! (a [`crate::vpc::Vpc`] delta, `sgfw run` reloading its model) costs what
 //! the change costs and not what the model costs: the state it saved (not
 //! read and parsed again), the keys of its objects (not read, and written
-//! to disk only when the process lets go of the backend), and the content
-//! addresses of the rule lists it compiled ([`CompileMemo`]).
+//! to disk only when the process lets go of the backend), the content
+//! addresses of the rule lists it compiled ([`CompileMemo`]), and what each
+//! half of the slotted maps holds (so a switch writes only what differs).
 //!
 //! It owns the rule for trusting that memory and nothing else: the state in
 //! memory is used only while the state file and its journal are exactly the
@@ -17,7 +18,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use super::compile::CompileMemo;
-use super::{Journal, ObjectKeys, State};
+use super::{Half, Journal, ObjectKeys, State};
 
 /// A file's identity and version as `stat` gives it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +72,9 @@ pub(crate) struct Session {
     unsaved_keys: Option<(PathBuf, PathBuf)>,
     /// Content addresses of the rule lists of the last compile.
     pub(crate) memo: CompileMemo,
+    /// What each half of the slotted maps holds, as this process's applies
+    /// wrote them ([`super::write_generation_over`]).
+    pub(crate) halves: [Option<Half>; 2],
 }
 
 impl Session {
@@ -124,12 +128,14 @@ impl Session {
         self.state = Some(state);
     }
 
-    /// Forgets the state and keys (the memo stays: it is checked per use).
+    /// Forgets the state, the keys and the halves (the memo stays: it is
+    /// checked per use).
     pub(crate) fn forget(&mut self) {
         self.files = None;
         self.state = None;
         self.keys = None;
         self.unsaved_keys = None;
+        self.halves = [None, None];
     }
 
     /// Writes deferred keys, when the files are still this process's.

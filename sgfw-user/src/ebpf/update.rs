@@ -130,7 +130,72 @@ pub fn write_generation(
     config: &Config,
     known: Option<&ObjectKeys>,
 ) -> Result<(), SysError> {
+    write_generation_over(maps, c, ports, config, known, &mut [None, None])
+}
+
+/// What one half of the [`SLOTTED`] maps holds: per map, in [`SLOTTED`]'s
+/// order, key bytes → value bytes.
+pub type Half = [Snapshot; 4];
+
+/// The rows of the half `slot` for a compile: exactly what that half holds
+/// once the compile is written.
+pub(super) fn half_rows(c: &Compiled, slot: u32) -> Half {
+    let key = |i: u32| sgfw_common::slotted(i, slot).to_ne_bytes().to_vec();
+    let in_slot = |k: &AddrKey| AddrKey {
+        slot: slot as u8,
+        ..*k
+    };
+    [
+        c.identities
+            .iter()
+            .map(|(id, k)| (key(*id), bytemuck::bytes_of(&in_slot(k)).to_vec()))
+            .collect(),
+        c.addrs
+            .iter()
+            .map(|(k, v)| {
+                (
+                    bytemuck::bytes_of(&in_slot(k)).to_vec(),
+                    bytemuck::bytes_of(v).to_vec(),
+                )
+            })
+            .collect(),
+        c.instances
+            .iter()
+            .map(|(idx, ip)| (key(*idx), bytemuck::bytes_of(ip).to_vec()))
+            .collect(),
+        c.subnets
+            .iter()
+            .map(|(idx, sp)| (key(*idx), bytemuck::bytes_of(sp).to_vec()))
+            .collect(),
+    ]
+}
+
+/// [`write_generation`] with a record of each half as this process last
+/// wrote it (`halves[slot]`; `None`: not known). When the half about to be
+/// written is known, only what differs from the new rows is deleted and
+/// written (a delta touches a few instances' entries, not every one);
+/// otherwise it is cleared first, as [`write_generation`] does. Either way
+/// the half ends up holding exactly the new rows, which become its record;
+/// after a failure its record is `None`.
+///
+/// A record must describe the kernel's half exactly: only the apply that
+/// wrote it may keep it, and only while no other process applied since
+/// (`session` checks the state file for that).
+///
+/// # Errors
+///
+/// As [`write_generation`].
+pub fn write_generation_over(
+    maps: &mut dyn MapOps,
+    c: &Compiled,
+    ports: &[(u32, u32)],
+    config: &Config,
+    known: Option<&ObjectKeys>,
+    halves: &mut [Option<Half>; 2],
+) -> Result<(), SysError> {
     let new = slot_in_force(maps)? ^ 1;
+    let held = halves[new as usize].take();
+    let rows = half_rows(c, new);
     // Port bindings are not halved (instance indices are stable): keep them
     // to restore on failure.
     let mut old_ports: Snapshot = BTreeMap::new();
@@ -143,7 +208,12 @@ pub fn write_generation(
     config.slot = new;
     // The half about to be written held the generation before last, the only
     // one that still named the ids the last apply retired: both go now.
-    let result = clear_slot(maps, new)
+    let cleared = match &held {
+        // Known: the stale rows go with the diff below.
+        Some(_) => Ok(()),
+        None => clear_slot(maps, new),
+    };
+    let result = cleared
         .and_then(
             |()| match known.filter(|k| c.retire_now.iter().all(|id| k.contains_key(id))) {
                 // Every retired object's keys are known: delete exactly those.
@@ -151,7 +221,7 @@ pub fn write_generation(
                 None => delete_ids(maps, &c.retire_now, &c.retire_now_kinds),
             },
         )
-        .and_then(|()| write_and_switch(maps, c, ports, &config, new));
+        .and_then(|()| write_and_switch(maps, c, ports, &config, &rows, held.as_ref()));
     if let Err(e) = result {
         // Roll back: the half in force was never touched.
         let _ = clear_slot(maps, new);
@@ -182,6 +252,7 @@ pub fn write_generation(
             maps.delete(mn::PORTS, &k)?;
         }
     }
+    halves[new as usize] = Some(rows);
     Ok(())
 }
 
@@ -342,7 +413,8 @@ pub(super) fn write_and_switch(
     c: &Compiled,
     ports: &[(u32, u32)],
     config: &Config,
-    slot: u32,
+    half: &Half,
+    held: Option<&Half>,
 ) -> Result<(), SysError> {
     // 1. The new objects' lookup structures, beside the ones in force
     //    (objects the maps already hold keep their ids and are not touched).
@@ -396,41 +468,34 @@ pub(super) fn write_and_switch(
         })
         .collect();
     batch(maps, mn::NACL_META, &meta)?;
-    // 2. The half not in force: subnets, instances, identities, addresses.
-    let key = |i: u32| sgfw_common::slotted(i, slot).to_ne_bytes().to_vec();
-    let in_slot = |k: &AddrKey| AddrKey {
-        slot: slot as u8,
-        ..*k
-    };
-    let subnets: Vec<_> = c
-        .subnets
-        .iter()
-        .map(|(idx, sp)| (key(*idx), bytemuck::bytes_of(sp).to_vec()))
-        .collect();
-    batch(maps, mn::SUBNETS, &subnets)?;
-    let instances: Vec<_> = c
-        .instances
-        .iter()
-        .map(|(idx, ip)| (key(*idx), bytemuck::bytes_of(ip).to_vec()))
-        .collect();
-    batch(maps, mn::INSTANCES, &instances)?;
-    let identities: Vec<_> = c
-        .identities
-        .iter()
-        .map(|(id, k)| (key(*id), bytemuck::bytes_of(&in_slot(k)).to_vec()))
-        .collect();
-    batch(maps, mn::IDENTITIES, &identities)?;
-    let addrs: Vec<_> = c
-        .addrs
-        .iter()
-        .map(|(k, v)| {
-            (
-                bytemuck::bytes_of(&in_slot(k)).to_vec(),
-                bytemuck::bytes_of(v).to_vec(),
-            )
-        })
-        .collect();
-    batch(maps, mn::ADDRS, &addrs)?;
+    // 2. The half not in force: subnets, instances, identities, addresses
+    //    (when what it holds is known, only what differs).
+    for (i, (map, _, _)) in SLOTTED.iter().enumerate().rev() {
+        let want = &half[i];
+        match held.map(|h| &h[i]) {
+            Some(have) => {
+                let stale: Vec<&[u8]> = have
+                    .keys()
+                    .filter(|k| !want.contains_key(*k))
+                    .map(Vec::as_slice)
+                    .collect();
+                maps.delete_many(map, &stale)?;
+                let changed: Vec<(&[u8], &[u8])> = want
+                    .iter()
+                    .filter(|(k, v)| have.get(*k) != Some(*v))
+                    .map(|(k, v)| (k.as_slice(), v.as_slice()))
+                    .collect();
+                maps.update_many(map, &changed)?;
+            }
+            None => {
+                let all: Vec<(&[u8], &[u8])> = want
+                    .iter()
+                    .map(|(k, v)| (k.as_slice(), v.as_slice()))
+                    .collect();
+                maps.update_many(map, &all)?;
+            }
+        }
+    }
     // Bindings of bound ports (instance indices are the same in both halves).
     let bound: Vec<_> = ports
         .iter()

@@ -592,19 +592,32 @@ impl<'h> NftBackend<'h> {
     /// [`NftBackend::ensure_bridge_hooks`], or [`NftError::Nft`] with nft's
     /// message.
     pub fn apply(&self, model: &FlatModel) -> Result<ApplyReport, NftError> {
+        let phase = std::cell::Cell::new(std::time::Instant::now());
+        let lap = |what: &str| {
+            tracing::debug!("nft apply: {what} {} us", phase.get().elapsed().as_micros());
+            phase.set(std::time::Instant::now());
+        };
         let ports = self.bridge_ports(model)?;
+        lap("bridge ports");
         let rs = ruleset(model, &ports)?;
+        lap("render");
         let sysctls_set = self.ensure_bridge_hooks()?;
+        lap("bridge hooks");
         let remembered = self
             .host
             .load_state(SAVED_RULESET)
             .and_then(|text| serde_json::from_str::<Snapshot>(&text).ok());
         self.host.remove_state(SAVED_RULESET);
+        lap("snapshot loaded");
         let mut done = None;
         if let Some(prev) = remembered
             && let Some(change) = prev.change_to(&rs)
         {
             let text = format!("{}{}", guard("flush", prev.generation), change.text);
+            lap("change");
+            if let Ok(p) = std::env::var("SGFW_DUMP_NFT") {
+                let _ = std::fs::write(p, &text);
+            }
             match self.host.nft(&["-f", "-"], Some(&text)) {
                 Ok(_) => done = Some((text.len(), true, change.objects, prev.generation)),
                 Err(e) => tracing::info!(
@@ -627,9 +640,11 @@ impl<'h> NftBackend<'h> {
                 (text.len(), false, 0, next)
             }
         };
+        lap("nft");
         if let Ok(json) = serde_json::to_string(&rs.snapshot(generation)) {
             self.host.save_state(SAVED_RULESET, &json);
         }
+        lap("snapshot saved");
         let mut notes = Vec::new();
         let t = model.timeouts;
         if t.icmp != 30 {
