@@ -1345,3 +1345,52 @@ fn nft_fragments_of_allowed_datagrams_arrive_orphans_do_not() {
         ["whole-datagram"]
     );
 }
+
+/// `nft -f -` goes through libnftables in-process (one context, no process
+/// start, no socket close per transaction): a failing transaction reports
+/// what the nft command reports, and changes nothing; a good one is in
+/// force at once.
+#[test]
+fn transactions_through_the_library_fail_and_succeed_as_the_command_does() {
+    let Some(_lock) =
+        exclusive("transactions_through_the_library_fail_and_succeed_as_the_command_does")
+    else {
+        return;
+    };
+    // The library is installed with nft (`cargo xtask test` installs both).
+    assert!(
+        sgfw::sys::nft_in_process(),
+        "libnftables.so.1 was not loaded"
+    );
+    // One good command, then one naming a chain that does not exist: the
+    // whole transaction is refused.
+    let text = "add table inet sgfw_libtest\nadd chain inet sgfw_libtest c\nadd rule inet sgfw_libtest nosuchchain accept\n";
+    let lib = RealHost.nft(&["-f", "-"], Some(text));
+    let Err(SysError::Command { stderr, .. }) = lib else {
+        panic!("expected nft's error, got {lib:?}");
+    };
+    let mut child = std::process::Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    assert_eq!(stderr, String::from_utf8_lossy(&out.stderr).trim());
+    assert!(stderr.contains("nosuchchain"), "{stderr}");
+    assert!(
+        !list_tables().contains("sgfw_libtest"),
+        "a refused transaction left a table"
+    );
+    // A good transaction is there when the call returns.
+    let made = RealHost.nft(
+        &["-f", "-"],
+        Some("add table inet sgfw_libtest\nadd chain inet sgfw_libtest c\n"),
+    );
+    let listed = list_tables();
+    let _ = RealHost.nft(&["delete", "table", "inet", "sgfw_libtest"], None);
+    made.unwrap();
+    assert!(listed.contains("sgfw_libtest"), "{listed}");
+}
