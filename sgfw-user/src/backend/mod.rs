@@ -256,6 +256,9 @@ pub struct Enforcer {
     mode: EnforcementMode,
     ebpf: crate::ebpf::EbpfBackend,
     opts: crate::ebpf::ApplyOptions,
+    /// What the nftables backend's last render left for the next (shared
+    /// by clones).
+    nft_memo: std::sync::Arc<std::sync::Mutex<crate::nft::RenderMemo>>,
 }
 
 impl Enforcer {
@@ -265,6 +268,7 @@ impl Enforcer {
             mode,
             ebpf: crate::ebpf::EbpfBackend::default(),
             opts: crate::ebpf::ApplyOptions::default(),
+            nft_memo: std::sync::Arc::default(),
         }
     }
 
@@ -347,9 +351,13 @@ impl Enforcer {
         if self.mode == EnforcementMode::Disabled {
             return target.enforce(model, &self.opts);
         }
-        let nft = crate::nft::NftBackend::new(&crate::sys::RealHost);
+        let nft = crate::nft::NftBackend::new(&crate::sys::RealHost).with_memo(&self.nft_memo);
         let others: [&dyn Backend; 2] = [&self.ebpf, &nft];
-        apply_switching(target.as_ref(), &others, model, &self.opts)
+        let target: &dyn Backend = match self.mode {
+            EnforcementMode::Nftables => &nft,
+            _ => target.as_ref(),
+        };
+        apply_switching(target, &others, model, &self.opts)
     }
 
     /// Enforces a changed model on the backend this enforcer already applied
@@ -370,7 +378,10 @@ impl Enforcer {
                 &crate::sys::RealHost,
                 &self.opts,
             )?)),
-            _ => self.backend().enforce(model, &self.opts),
+            EnforcementMode::Nftables => crate::nft::NftBackend::new(&crate::sys::RealHost)
+                .with_memo(&self.nft_memo)
+                .enforce(model, &self.opts),
+            EnforcementMode::Disabled => self.backend().enforce(model, &self.opts),
         }
     }
 

@@ -201,8 +201,8 @@ mod render;
 mod ruleset;
 
 pub use render::{
-    BRIDGE_TABLE, HOOK_PRIORITY, NFLOG_GROUP, RenderError, SERVICES, TABLE, ifname_ok, render,
-    render_with_ports, ruleset, sanitize,
+    BRIDGE_TABLE, HOOK_PRIORITY, NFLOG_GROUP, RenderError, RenderMemo, SERVICES, TABLE, ifname_ok,
+    render, render_with_ports, ruleset, ruleset_with, sanitize,
 };
 pub use ruleset::Ruleset;
 use ruleset::Snapshot;
@@ -502,6 +502,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 #[derive(Clone, Copy)]
 pub struct NftBackend<'h> {
     host: &'h dyn Host,
+    memo: Option<&'h std::sync::Mutex<RenderMemo>>,
 }
 
 impl std::fmt::Debug for NftBackend<'_> {
@@ -513,7 +514,17 @@ impl std::fmt::Debug for NftBackend<'_> {
 impl<'h> NftBackend<'h> {
     /// The backend on `host` (normally [`crate::sys::RealHost`]).
     pub fn new(host: &'h dyn Host) -> NftBackend<'h> {
-        NftBackend { host }
+        NftBackend { host, memo: None }
+    }
+
+    /// The backend rendering with `memo`: what the last render of this
+    /// process left there (group chains whose inputs are unchanged) is not
+    /// rendered again ([`RenderMemo`]).
+    pub fn with_memo(self, memo: &'h std::sync::Mutex<RenderMemo>) -> NftBackend<'h> {
+        NftBackend {
+            memo: Some(memo),
+            ..self
+        }
     }
 
     /// [`probe_nftables`] on this backend's host.
@@ -599,7 +610,20 @@ impl<'h> NftBackend<'h> {
         };
         let ports = self.bridge_ports(model)?;
         lap("bridge ports");
-        let rs = ruleset(model, &ports)?;
+        let rs = match self.memo {
+            Some(m) => {
+                let mut memo = m.lock().unwrap_or_else(|p| {
+                    // A render that panicked may have left it half-made.
+                    let mut g = p.into_inner();
+                    *g = RenderMemo::default();
+                    g
+                });
+                let rs = ruleset_with(model, &ports, &mut memo);
+                tracing::debug!("nft render: {} group chains from the memo", memo.hits());
+                rs?
+            }
+            None => ruleset(model, &ports)?,
+        };
         lap("render");
         let sysctls_set = self.ensure_bridge_hooks()?;
         lap("bridge hooks");

@@ -41,6 +41,7 @@ mod chains;
 mod sets;
 
 use chains::*;
+pub use sets::RenderMemo;
 pub(crate) use sets::sg_counter_set;
 use sets::*;
 
@@ -342,7 +343,22 @@ pub fn render_with_ports(model: &FlatModel, ports: &[String]) -> Result<String, 
 /// written safely; validated, flattened models never are (but ports found on
 /// the host can be).
 pub fn ruleset(model: &FlatModel, ports: &[String]) -> Result<Ruleset, RenderError> {
-    let ix = Index::new(model)?;
+    ruleset_with(model, ports, &mut RenderMemo::default())
+}
+
+/// [`ruleset`], taking the chains of groups whose inputs did not change
+/// from `memo` (see [`RenderMemo`]) and leaving in it what this render
+/// used. The result is the one [`ruleset`] gives.
+///
+/// # Errors
+///
+/// As [`ruleset`]; `memo` may then have forgotten some of what it held.
+pub fn ruleset_with(
+    model: &FlatModel,
+    ports: &[String],
+    memo: &mut RenderMemo,
+) -> Result<Ruleset, RenderError> {
+    let ix = Index::new_with(model, memo)?;
     for s in &model.subnets {
         if !ifname_ok(&s.bridge) {
             return Err(RenderError::Bridge {
@@ -372,10 +388,8 @@ pub fn ruleset(model: &FlatModel, ports: &[String]) -> Result<Ruleset, RenderErr
         t.push(render_nacl_chain(&ix, Stage::NaclOut, i, &s.outbound)?);
         t.push(render_nacl_chain(&ix, Stage::NaclIn, i, &s.inbound)?);
     }
-    for ((dir, group), rules) in &ix.group_rules {
-        if let Some(gkey) = ix.group_key.get(group) {
-            t.push(render_group_chain(*dir, group, gkey, rules)?);
-        }
+    for chain in ix.group_chains.values() {
+        t.push(chain.clone());
     }
     for ((dir, lkey), groups) in &ix.lists {
         let kind = match dir {

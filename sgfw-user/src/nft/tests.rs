@@ -972,3 +972,66 @@ fn a_rule_list_shared_by_both_directions_gets_both_group_chains() {
     }
     assert!(text.contains("\tchain grp_out_sg-db {"));
 }
+
+/// A model with a change to one group's rules and membership: `sg` gets
+/// one more permission, and `instance` moves to the group list `groups`.
+fn changed(model: &Model, step: usize) -> Model {
+    let mut m = model.clone();
+    let ng = m.security_groups.len();
+    if ng > 0 {
+        let g = &mut m.security_groups[step % ng];
+        let port = 2000 + step as u16;
+        g.ip_permissions
+            .push(crate::model::IpPermission::tcp(port, port).from_cidr("198.51.100.0/24"));
+        if step % 3 == 0 {
+            g.ip_permissions.truncate(1);
+        }
+        if step % 2 == 1 && ng > 1 {
+            let other = m.security_groups[(step + 1) % ng].group_id.clone();
+            if let Some(i) = m.instances.first_mut() {
+                i.security_group_ids = vec![other];
+            }
+        }
+    }
+    m
+}
+
+#[test]
+fn the_render_memo_changes_nothing_a_render_gives() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/nft");
+    let mut hits = 0;
+    for name in [
+        "referenced-groups",
+        "two-subnets",
+        "ipv6",
+        "bound-interfaces",
+    ] {
+        let json = std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap();
+        let base = Model::from_json(&json).unwrap();
+        let mut models = vec![base.clone()];
+        for step in 0..8 {
+            // Changes, and a return to the first model now and then.
+            let next = if step % 4 == 3 {
+                base.clone()
+            } else {
+                changed(models.last().unwrap(), step)
+            };
+            models.push(next);
+        }
+        let valid: Vec<_> = models.iter().map(|m| validate(m).unwrap().0).collect();
+        let mut memo = RenderMemo::default();
+        let mut flat = valid[0].flatten();
+        for (g, v) in valid.iter().enumerate() {
+            if g > 0 {
+                // As a Vpc does: lists a change cannot reach are carried.
+                flat = crate::flat::reflatten(&valid[g - 1], flat, v);
+            }
+            let ports = ["veth-x".to_string()];
+            let with = ruleset_with(&flat, &ports, &mut memo).unwrap().text();
+            let without = ruleset(&flat, &ports).unwrap().text();
+            assert_eq!(with, without, "{name}, render {g}");
+            hits += memo.hits();
+        }
+    }
+    assert!(hits > 0, "the memo was never used");
+}

@@ -17,7 +17,7 @@ use sgfw::ebpf::{ApplyOptions, EbpfBackend};
 use sgfw::model::{IpPermission, Model};
 use sgfw::nft::NftBackend;
 use sgfw::packet::{Packet, TcpFlags};
-use sgfw::sys::RealHost;
+use sgfw::sys::{Host as _, RealHost};
 use sgfw::vpc::{Delta, Vpc};
 use sgfw_common::program_names as pn;
 
@@ -130,7 +130,19 @@ pub fn run() -> Result<(String, serde_json::Value), Failure> {
         );
         let _ = writeln!(
             s,
-            "| nftables backend, {} instances: the one-rule change, validate + flatten + render + {} transaction of {:.1} KiB (target < 50 ms) | {:.0} ms |",
+            "| nftables backend, {} instances: one Authorize or Revoke through `Vpc::apply` (median of {}) | {:.1} ms |",
+            n.instances,
+            n.delta_ms.len(),
+            super::median(n.delta_ms.clone())
+        );
+        let _ = writeln!(
+            s,
+            "| nftables backend, {} instances: whole-model `Vpc::replace` with one rule more (target < 50 ms) | {:.1} ms |",
+            n.instances, n.vpc_replace_ms
+        );
+        let _ = writeln!(
+            s,
+            "| nftables backend, {} instances: the one-rule change without a Vpc, validate + flatten + render + {} transaction of {:.1} KiB | {:.0} ms |",
             n.instances,
             if n.change_incremental {
                 "an in-place"
@@ -176,11 +188,14 @@ pub fn run() -> Result<(String, serde_json::Value), Failure> {
         "stateless_one_rule_change_ms_1000": m.one_rule_change_ms,
         "stateless_one_rule_apply_only_ms_1000": m.one_rule_apply_only_ms,
         "delta_ms_1000": delta_ms,
-        "nft_one_rule_change_ms_1000": nft_at(1000).map(|n| n.one_rule_change_ms),
+        "nft_one_rule_change_ms_1000": nft_at(1000).map(|n| n.vpc_replace_ms),
+        "nft_delta_ms_1000": nft_at(1000).map(|n| super::median(n.delta_ms.clone())),
+        "nft_stateless_one_rule_change_ms_1000": nft_at(1000).map(|n| n.one_rule_change_ms),
         "nft_first_apply_ms_1000": nft_at(1000).map(|n| n.first_apply_ms),
         "nft_ruleset_mib_1000": nft_at(1000).map(|n| n.ruleset_bytes as f64 / 1048576.0),
         "nft_first_apply_ms_20": nft_at(20).map(|n| n.first_apply_ms),
-        "nft_one_rule_change_ms_20": nft_at(20).map(|n| n.one_rule_change_ms),
+        "nft_one_rule_change_ms_20": nft_at(20).map(|n| n.vpc_replace_ms),
+        "nft_delta_ms_20": nft_at(20).map(|n| super::median(n.delta_ms.clone())),
         "delta_samples_ms_1000": m.delta_ms,
         "one_rule_change_ms_20": m.small_one_rule_change_ms,
         "peak_rss_mib_1000": peak_mib,
@@ -320,6 +335,11 @@ struct NftMeasured {
     change_incremental: bool,
     /// The same apply again, nothing changed.
     reapply_same_ms: f64,
+    /// Through a [`Vpc`] on the nftables backend: Authorize and Revoke of
+    /// one rule of sg-00, alternately, until nft returned.
+    delta_ms: Vec<f64>,
+    /// Its whole-model `Vpc::replace` with one rule more.
+    vpc_replace_ms: f64,
 }
 
 fn nft_changes(model: &Model, flat: &sgfw::flat::FlatModel) -> Result<NftMeasured, Failure> {
@@ -340,6 +360,7 @@ fn nft_changes(model: &Model, flat: &sgfw::flat::FlatModel) -> Result<NftMeasure
         let t = Instant::now();
         nft.apply(&flat2).context("nft re-apply")?;
         let reapply_same_ms = ms(t);
+        let (delta_ms, vpc_replace_ms) = nft_vpc_changes(model)?;
         Ok(NftMeasured {
             instances: flat.instances.len(),
             first_apply_ms,
@@ -348,10 +369,69 @@ fn nft_changes(model: &Model, flat: &sgfw::flat::FlatModel) -> Result<NftMeasure
             change_bytes: change.ruleset_bytes,
             change_incremental: change.incremental,
             reapply_same_ms,
+            delta_ms,
+            vpc_replace_ms,
         })
     })();
     let _ = nft.teardown();
     r
+}
+
+/// [`vpc_changes`] on the nftables backend (its tables applied already):
+/// each delta timed until nft returned (the kernel has it then), and
+/// checked afterwards in sg-00's chain.
+fn nft_vpc_changes(parsed: &Model) -> Result<(Vec<f64>, f64), Failure> {
+    let enforcer = Enforcer::with_mode(EnforcementMode::Nftables);
+    let (mut vpc, _) = Vpc::new(parsed, enforcer).context("Vpc::new (nftables)")?;
+    let group_id = parsed.security_groups[0].group_id.clone();
+    let perm = |p: u16| vec![IpPermission::tcp(p, p).from_cidr("198.51.100.0/24")];
+    let in_chain = |port: &str| -> Result<bool, Failure> {
+        let chain = format!("grp_in_{group_id}");
+        let text = RealHost
+            .nft(&["list", "chain", "inet", "sgfw", &chain], None)
+            .context("listing sg-00's chain")?;
+        Ok(text.contains(port))
+    };
+    let mut times = Vec::new();
+    for round in 0..6 {
+        let authorize = round % 2 == 0;
+        let d = if authorize {
+            Delta::Authorize {
+                group_id: group_id.clone(),
+                egress: false,
+                permissions: perm(9998),
+            }
+        } else {
+            Delta::Revoke {
+                group_id: group_id.clone(),
+                egress: false,
+                permissions: perm(9998),
+            }
+        };
+        let t = Instant::now();
+        vpc.apply(&d).context("Vpc::apply (nftables)")?;
+        times.push(ms(t));
+        if in_chain("9998")? != authorize {
+            return Err(Failure::Runtime(anyhow!(
+                "nftables: after {} sg-00's chain {} port 9998",
+                if authorize { "Authorize" } else { "Revoke" },
+                if authorize { "lacks" } else { "still has" }
+            )));
+        }
+    }
+    let mut changed = vpc.model().clone();
+    changed.security_groups[0]
+        .ip_permissions
+        .push(IpPermission::tcp(9997, 9997).from_cidr("198.51.100.0/24"));
+    let t = Instant::now();
+    vpc.replace(&changed).context("Vpc::replace (nftables)")?;
+    let replace_ms = ms(t);
+    if !in_chain("9997")? {
+        return Err(Failure::Runtime(anyhow!(
+            "nftables: the replaced model's new rule is not in sg-00's chain"
+        )));
+    }
+    Ok((times, replace_ms))
 }
 
 /// Through a [`Vpc`] holding the model: Authorize and Revoke of one rule of

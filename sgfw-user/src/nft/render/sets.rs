@@ -106,6 +106,36 @@ fn keys_of<'i>(
 /// → remotes.
 pub(super) type GroupRules = BTreeMap<(Family, Match), BTreeSet<IpNet>>;
 
+/// A rule list's rules by the group they come from.
+fn split_by_group(rules: &[FirewallRule]) -> BTreeMap<String, GroupRules> {
+    let mut shares: BTreeMap<String, GroupRules> = BTreeMap::new();
+    let mut last: Option<(&str, GroupRules)> = None;
+    for r in rules {
+        let g = r.origin.group_id.as_str();
+        // Runs of one group's rules stay in one map until the group changes.
+        if last.as_ref().is_some_and(|(lg, _)| *lg != g)
+            && let Some((lg, m)) = last.take()
+        {
+            let into = shares.entry(lg.to_string()).or_default();
+            for (k, nets) in m {
+                into.entry(k).or_default().extend(nets);
+            }
+        }
+        last.get_or_insert_with(|| (g, GroupRules::new()))
+            .1
+            .entry((Family::of_net(&r.remote), r.matcher))
+            .or_default()
+            .insert(r.remote);
+    }
+    if let Some((lg, m)) = last {
+        let into = shares.entry(lg.to_string()).or_default();
+        for (k, nets) in m {
+            into.entry(k).or_default().extend(nets);
+        }
+    }
+    shares
+}
+
 /// Per-subnet and per-instance indices, from the one checked
 /// [`Ownership`] index; object names; and the rules by group.
 pub(super) struct Index<'a> {
@@ -118,10 +148,11 @@ pub(super) struct Index<'a> {
     pub(super) subnet_key: Vec<String>,
     /// Object names of the instances, by index.
     pub(super) inst_key: Vec<String>,
-    /// (direction, group id) → the group's rules in that direction, each
-    /// one a rule the flattened model gives that group (origin), so the
-    /// union over an instance's groups is exactly its rules.
-    pub(super) group_rules: BTreeMap<(Direction, &'a str), GroupRules>,
+    /// (direction, group id) → the group's chain: its rules in that
+    /// direction, each one a rule the flattened model gives that group
+    /// (origin) in some list, so the union over an instance's groups is
+    /// exactly its rules.
+    pub(super) group_chains: BTreeMap<(Direction, &'a str), Obj>,
     /// Object names of the groups.
     pub(super) group_key: BTreeMap<&'a str, String>,
     /// Per instance, per direction ([ingress, egress]): the object name of
@@ -148,8 +179,63 @@ pub(super) const fn dir_slot(d: Direction) -> usize {
     }
 }
 
+/// What one render remembers for the next in the same process (kept by the
+/// nftables backend's caller: `backend::Enforcer`), so that a change
+/// renders the chains of the groups it can reach and not every group's.
+///
+/// Rule lists are `Arc<[FirewallRule]>` shared across renders by
+/// [`crate::flat::reflatten`]: a list the memo holds (its allocation kept
+/// alive, so its address cannot name another list) is split by group again
+/// only when it is new. A group's chain is rendered again only when the
+/// lists its rules are gathered from are not exactly the ones it was
+/// rendered from (the same allocations, so the same contents) or its name
+/// changed. What a chain covers is exactly those inputs.
+#[derive(Debug, Default)]
+pub struct RenderMemo {
+    /// (direction, list address) → the list's rules by group.
+    lists: std::collections::HashMap<(Direction, usize), ListSplit>,
+    /// (direction, group id) → its chain and what it was rendered from.
+    groups: std::collections::HashMap<(Direction, String), GroupChain>,
+    /// Group chains the last render took from here.
+    hits: usize,
+}
+
+impl RenderMemo {
+    /// How many group chains the last render took from the memo.
+    pub fn hits(&self) -> usize {
+        self.hits
+    }
+}
+
+/// One rule list's rules by the group they come from.
+#[derive(Debug)]
+struct ListSplit {
+    /// The list: keeps its allocation, and so its address, its own.
+    rules: Arc<[FirewallRule]>,
+    /// Group id → its rules in this list.
+    shares: BTreeMap<String, GroupRules>,
+    /// Per group, in id order: the index of one of its rules (whose
+    /// `group_id` the model's own string is borrowed from).
+    firsts: Vec<usize>,
+}
+
+/// A group's rendered chain and its inputs.
+#[derive(Debug)]
+struct GroupChain {
+    /// The lists it was gathered from, by address.
+    from: Vec<Arc<[FirewallRule]>>,
+    /// Its object name.
+    key: String,
+    chain: Obj,
+}
+
 impl<'a> Index<'a> {
-    pub(super) fn new(model: &'a FlatModel) -> Result<Index<'a>, RenderError> {
+    /// The index of `model`, with the group chains from `memo` where their
+    /// inputs are unchanged; `memo` then holds what this render used.
+    pub(super) fn new_with(
+        model: &'a FlatModel,
+        memo: &mut RenderMemo,
+    ) -> Result<Index<'a>, RenderError> {
         let owner = model.ownership()?;
         let mut subnet_addrs: BTreeMap<(Family, usize), BTreeSet<IpAddr>> = BTreeMap::new();
         for (addr, o) in owner.iter() {
@@ -161,9 +247,14 @@ impl<'a> Index<'a> {
         let subnet_key = keys_of("subnet", model.subnets.iter().map(|s| s.id.as_str()))?;
         let inst_key = keys_of("instance", model.instances.iter().map(|i| i.id.as_str()))?;
         // Rule lists are shared between instances with the same group list
-        // (flatten's memo): each distinct list is split by origin once.
-        let mut group_rules: BTreeMap<(Direction, &'a str), GroupRules> = BTreeMap::new();
-        let mut split: BTreeMap<(Direction, *const FirewallRule), Vec<&'a str>> = BTreeMap::new();
+        // (flatten's memo): each distinct list is split by origin once, and
+        // a list the last render split is not split again.
+        let mut lists_now: std::collections::HashMap<(Direction, usize), ListSplit> =
+            std::collections::HashMap::new();
+        // (direction, group) → the lists its rules come from.
+        let mut sources: BTreeMap<(Direction, &'a str), Vec<&'a Arc<[FirewallRule]>>> =
+            BTreeMap::new();
+        let mut split: BTreeMap<(Direction, usize), Vec<&'a str>> = BTreeMap::new();
         let mut inst_groups = Vec::with_capacity(model.instances.len());
         for inst in &model.instances {
             let mut per_dir: [Vec<&'a str>; 2] = [Vec::new(), Vec::new()];
@@ -171,21 +262,37 @@ impl<'a> Index<'a> {
                 (Direction::Ingress, &inst.ingress),
                 (Direction::Egress, &inst.egress),
             ] {
-                let groups = split
-                    .entry((dir, Arc::as_ptr(rules).cast()))
-                    .or_insert_with(|| {
-                        let mut groups = BTreeSet::new();
-                        for r in rules.iter() {
-                            groups.insert(r.origin.group_id.as_str());
-                            group_rules
-                                .entry((dir, r.origin.group_id.as_str()))
-                                .or_default()
-                                .entry((Family::of_net(&r.remote), r.matcher))
-                                .or_default()
-                                .insert(r.remote);
+                let at = (dir, rules.as_ptr() as usize);
+                let groups = split.entry(at).or_insert_with(|| {
+                    let known = memo
+                        .lists
+                        .remove(&at)
+                        .filter(|l| Arc::ptr_eq(&l.rules, rules));
+                    let share = known.unwrap_or_else(|| {
+                        let mut firsts: BTreeMap<&str, usize> = BTreeMap::new();
+                        for (i, r) in rules.iter().enumerate() {
+                            firsts.entry(r.origin.group_id.as_str()).or_insert(i);
                         }
-                        groups.into_iter().collect()
+                        ListSplit {
+                            rules: Arc::clone(rules),
+                            shares: split_by_group(rules),
+                            firsts: firsts.into_values().collect(),
+                        }
                     });
+                    // The group ids as the model spells them (borrowed
+                    // from the rules, which live as long as the model).
+                    let groups: Vec<&'a str> = share
+                        .firsts
+                        .iter()
+                        .filter_map(|i| rules.get(*i))
+                        .map(|r| r.origin.group_id.as_str())
+                        .collect();
+                    lists_now.insert(at, share);
+                    for g in &groups {
+                        sources.entry((dir, g)).or_default().push(rules);
+                    }
+                    groups
+                });
                 per_dir[dir_slot(dir)] = groups.clone();
             }
             inst_groups.push(per_dir);
@@ -214,16 +321,61 @@ impl<'a> Index<'a> {
             }
             list_key.push(keys);
         }
-        let ids: BTreeSet<&str> = group_rules.keys().map(|(_, g)| *g).collect();
+        let ids: BTreeSet<&str> = sources.keys().map(|(_, g)| *g).collect();
         let keys = keys_of("security group", ids.iter().copied())?;
-        let group_key = ids.into_iter().zip(keys).collect();
+        let group_key: BTreeMap<&'a str, String> = ids.into_iter().zip(keys).collect();
+        let mut group_chains = BTreeMap::new();
+        let mut groups_now = std::collections::HashMap::new();
+        let mut hits = 0;
+        for ((dir, group), mut from) in sources {
+            let Some(gkey) = group_key.get(group) else {
+                continue;
+            };
+            from.sort_by_key(|l| l.as_ptr() as usize);
+            let id = (dir, group.to_string());
+            let same = |g: &GroupChain| {
+                g.key == *gkey
+                    && g.from.len() == from.len()
+                    && g.from.iter().zip(&from).all(|(a, b)| Arc::ptr_eq(a, b))
+            };
+            let chain = match memo.groups.remove(&id).filter(same) {
+                Some(g) => {
+                    hits += 1;
+                    g
+                }
+                None => {
+                    // The union of the group's rules over the lists that hold it.
+                    let mut rules = GroupRules::new();
+                    for l in &from {
+                        let share = lists_now
+                            .get(&(dir, l.as_ptr() as usize))
+                            .and_then(|s| s.shares.get(group));
+                        for (k, nets) in share.into_iter().flatten() {
+                            rules.entry(*k).or_default().extend(nets.iter().copied());
+                        }
+                    }
+                    GroupChain {
+                        from: from.iter().map(|l| Arc::clone(l)).collect(),
+                        key: gkey.clone(),
+                        chain: render_group_chain(dir, group, gkey, &rules)?,
+                    }
+                }
+            };
+            group_chains.insert((dir, group), chain.chain.clone());
+            groups_now.insert(id, chain);
+        }
+        *memo = RenderMemo {
+            lists: lists_now,
+            groups: groups_now,
+            hits,
+        };
         Ok(Index {
             model,
             subnet_addrs,
             owner,
             subnet_key,
             inst_key,
-            group_rules,
+            group_chains,
             group_key,
             list_key,
             lists,
