@@ -983,7 +983,7 @@ fn changed(model: &Model, step: usize) -> Model {
         let port = 2000 + step as u16;
         g.ip_permissions
             .push(crate::model::IpPermission::tcp(port, port).from_cidr("198.51.100.0/24"));
-        if step % 3 == 0 {
+        if step.is_multiple_of(3) {
             g.ip_permissions.truncate(1);
         }
         if step % 2 == 1 && ng > 1 {
