@@ -258,6 +258,7 @@ impl Host for RealHost {
     fn nft(&self, args: &[&str], stdin: Option<&str>) -> Result<String, SysError> {
         use std::io::Write;
         if let (["-f", "-"], Some(input)) = (args, stdin)
+            && input.len() <= libnft::MAX_INPUT
             && let Some(result) = libnft::run(input)
         {
             return result.map_err(|stderr| SysError::Command {
@@ -939,8 +940,8 @@ pub fn nft_in_process() -> bool {
 
 /// nftables' own library, `libnftables.so.1` (the `nft` command is a thin
 /// front end to it), opened at run time with one context for the process:
-/// a transaction then costs neither a process start nor the close of a
-/// netlink socket, which after a commit that removed rules waits for an RCU
+/// a transaction (up to `MAX_INPUT`, 256 KiB) then costs neither a process
+/// start nor the close of a netlink socket, which after a commit that removed rules waits for an RCU
 /// grace period (one rule-chain refill at 1,000 instances: ≈37 ms through
 /// the command, ≈15 ms here). `SGFW_NFT_COMMAND=1`, or no library, runs the
 /// command instead.
@@ -969,6 +970,13 @@ mod libnft {
     unsafe impl Send for Lib {}
 
     static LIB: OnceLock<Option<Mutex<Lib>>> = OnceLock::new();
+
+    /// The largest transaction run in-process. A whole ruleset (a first
+    /// apply, a replace: 1.6 MiB at 1,000 instances) goes to the command:
+    /// parsing it takes nft ≈50 MiB, which in-process would stay in this
+    /// process's peak memory, and there the process start is a small part
+    /// of the cost. In-place changes are kilobytes.
+    pub(super) const MAX_INPUT: usize = 256 * 1024;
 
     /// Whether transactions go through the library.
     pub(super) fn in_use() -> bool {
