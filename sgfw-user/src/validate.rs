@@ -219,21 +219,24 @@ impl Checker {
         true
     }
 
-    fn v4_cidr(&mut self, path: String, s: &str) -> Option<Ipv4Net> {
+    /// An IPv4 CIDR; `path` is written only for an error (a valid model's
+    /// tens of thousands of paths are never formatted).
+    fn v4_cidr(&mut self, path: impl FnOnce() -> String, s: &str) -> Option<Ipv4Net> {
         match s.parse::<Ipv4Net>() {
             Ok(n) => Some(n.trunc()),
             Err(_) => {
-                self.err(path, format!("{s:?} is not an IPv4 CIDR"));
+                self.err(path(), format!("{s:?} is not an IPv4 CIDR"));
                 None
             }
         }
     }
 
-    fn v6_cidr(&mut self, path: String, s: &str) -> Option<Ipv6Net> {
+    /// An IPv6 CIDR (`path` as for [`Checker::v4_cidr`]).
+    fn v6_cidr(&mut self, path: impl FnOnce() -> String, s: &str) -> Option<Ipv6Net> {
         match s.parse::<Ipv6Net>() {
             Ok(n) => Some(n.trunc()),
             Err(_) => {
-                self.err(path, format!("{s:?} is not an IPv6 CIDR"));
+                self.err(path(), format!("{s:?} is not an IPv6 CIDR"));
                 None
             }
         }

@@ -133,6 +133,16 @@ pub struct Vpc {
     flat: FlatModel,
 }
 
+/// Frees a model that was replaced off the caller's path: freeing the
+/// 1,000-instance model's strings and maps took ≈4 ms of each delta. On a
+/// short-lived thread; inline when no thread can be started.
+fn drop_later(old: ValidModel) {
+    // A failed spawn drops the closure, and the model with it, here.
+    let _ = std::thread::Builder::new()
+        .name("sgfw-drop".into())
+        .spawn(move || drop(old));
+}
+
 /// A protocol name or number as one canonical string (`-1` for all).
 fn canonical_protocol(p: &str) -> String {
     match p.to_ascii_lowercase().as_str() {
@@ -497,8 +507,9 @@ impl Vpc {
                     flattened.as_micros(),
                     (t.elapsed() - flattened).as_micros()
                 );
-                self.valid = valid;
+                let old = std::mem::replace(&mut self.valid, valid);
                 self.flat = flat;
+                drop_later(old);
                 Ok(applied)
             }
             Err(e) => {

@@ -91,7 +91,8 @@ impl Indices {
     pub fn update(&mut self, model: &FlatModel) {
         fn renumber<'a>(map: &mut BTreeMap<String, u32>, ids: impl Iterator<Item = &'a str>) {
             let ids: Vec<&str> = ids.collect();
-            map.retain(|k, _| ids.contains(&k.as_str()));
+            let present: std::collections::HashSet<&str> = ids.iter().copied().collect();
+            map.retain(|k, _| present.contains(k.as_str()));
             let mut next = map.values().max().copied().unwrap_or(0) + 1;
             let mut used: Vec<u32> = map.values().copied().collect();
             used.sort_unstable();
@@ -295,7 +296,20 @@ impl std::str::FromStr for IdKey {
 
 impl serde::Serialize for IdKey {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
+        // As `Display` writes it, without the formatting machinery (a state
+        // file holds tens of thousands).
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut buf = [0u8; 4 + 32];
+        let kind = self.kind.encode_utf8(&mut buf[..4]).len();
+        let mut out = [0u8; 32];
+        for (i, b) in out.iter_mut().enumerate() {
+            *b = HEX[((self.hash >> (4 * (31 - i))) & 0xf) as usize];
+        }
+        buf[kind..kind + 32].copy_from_slice(&out);
+        match std::str::from_utf8(&buf[..kind + 32]) {
+            Ok(text) => s.serialize_str(text),
+            Err(_) => s.collect_str(self),
+        }
     }
 }
 
@@ -316,7 +330,7 @@ struct Ids<'a> {
     /// The old book by id (built on the first [`Ids::carry`]).
     old_keys: Option<std::collections::HashMap<u32, IdKey>>,
     /// Ids carried without emitting.
-    carried: BTreeSet<u32>,
+    carried: std::collections::HashSet<u32>,
 }
 
 impl<'a> Ids<'a> {
@@ -337,7 +351,7 @@ impl<'a> Ids<'a> {
             fresh: BTreeSet::new(),
             scratch: Bytes(Vec::with_capacity(4096)),
             old_keys: None,
-            carried: BTreeSet::new(),
+            carried: std::collections::HashSet::new(),
         }
     }
 
@@ -359,6 +373,11 @@ impl<'a> Ids<'a> {
             .get_or_insert_with(|| old.ids.iter().map(|(k, v)| (*v, *k)).collect());
         let mut names = Vec::with_capacity(part.names.len());
         for sid in &part.names {
+            // Port sets are shared by many policies: one carried already
+            // is in this book, whole.
+            if self.carried.contains(sid) {
+                continue;
+            }
             match (rev.get(sid), old.parts.get(sid)) {
                 (Some(key), Some(sp)) => names.push((*key, *sid, sp)),
                 _ => return false,
@@ -843,7 +862,7 @@ pub fn compile_with(
         }
     }
     out.fresh = ids.fresh;
-    out.carried = ids.carried;
+    out.carried = ids.carried.into_iter().collect();
     out.book = ids.book;
     out.addrs.sort_by_key(|a| (a.0.family, a.0.addr));
     // Identities in address order (deterministic for a model):
@@ -1289,6 +1308,11 @@ mod tests {
         );
         let back: IdBook = serde_json::from_str(&json).unwrap();
         assert_eq!(back, book);
+        // The fast writer writes what Display writes.
+        for hash in [0, 1, 0xabc, u128::MAX / 3, u128::MAX] {
+            let key = IdKey { kind: 's', hash };
+            assert_eq!(serde_json::to_string(&key).unwrap(), format!("\"{key}\""));
+        }
         for bad in ["\"p12\"", "\"\"", "\"pzz000000000000000000000000000000\""] {
             let err = serde_json::from_str::<IdKey>(bad).unwrap_err().to_string();
             assert!(err.contains("key"), "{bad}: {err}");

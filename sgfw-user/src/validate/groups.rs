@@ -109,12 +109,13 @@ impl Checker {
         let matcher = self.sg_match(path, p);
         let mut remotes = Vec::new();
         for (k, r) in p.ip_ranges.iter().enumerate() {
-            if let Some(n) = self.v4_cidr(format!("{path}.IpRanges[{k}].CidrIp"), &r.cidr_ip) {
+            if let Some(n) = self.v4_cidr(|| format!("{path}.IpRanges[{k}].CidrIp"), &r.cidr_ip) {
                 remotes.push(ValidRemote::Cidr(IpNet::V4(n)));
             }
         }
         for (k, r) in p.ipv6_ranges.iter().enumerate() {
-            if let Some(n) = self.v6_cidr(format!("{path}.Ipv6Ranges[{k}].CidrIpv6"), &r.cidr_ipv6)
+            if let Some(n) =
+                self.v6_cidr(|| format!("{path}.Ipv6Ranges[{k}].CidrIpv6"), &r.cidr_ipv6)
             {
                 remotes.push(ValidRemote::Cidr(IpNet::V6(n)));
             }
@@ -166,7 +167,8 @@ impl Checker {
 
     /// The canonical matcher of a security-group permission.
     pub(super) fn sg_match(&mut self, path: &str, p: &IpPermission) -> Option<Match> {
-        let proto_path = format!("{path}.IpProtocol");
+        // Paths are written only for an error.
+        let proto_path = || format!("{path}.IpProtocol");
         let proto = match p.ip_protocol.to_ascii_lowercase().as_str() {
             "tcp" => PROTO_TCP,
             "udp" => PROTO_UDP,
@@ -182,7 +184,7 @@ impl Checker {
                         Ok(n) => n,
                         Err(_) => {
                             self.err(
-                                proto_path,
+                                proto_path(),
                                 format!("{n} is not a protocol number (0-255, or -1 for all)"),
                             );
                             return None;
@@ -190,7 +192,7 @@ impl Checker {
                     },
                     Err(_) => {
                         self.err(
-                        proto_path,
+                        proto_path(),
                         format!("{:?} is not a protocol (tcp, udp, icmp, icmpv6, -1 or a number 0-255)", p.ip_protocol),
                     );
                         return None;
@@ -198,20 +200,20 @@ impl Checker {
                 }
             }
         };
-        let (from_path, to_path) = (format!("{path}.FromPort"), format!("{path}.ToPort"));
+        let (from_path, to_path) = (|| format!("{path}.FromPort"), || format!("{path}.ToPort"));
         match proto {
             PROTO_TCP | PROTO_UDP => {
                 let name = if proto == PROTO_TCP { "tcp" } else { "udp" };
                 let (Some(from), Some(to)) = (p.from_port, p.to_port) else {
                     let missing = if p.from_port.is_none() {
-                        from_path
+                        from_path()
                     } else {
-                        to_path
+                        to_path()
                     };
                     self.err(missing, format!("missing: protocol {name} needs FromPort and ToPort (-1 and -1 for all ports)"));
                     return None;
                 };
-                self.port_range(&from_path, &to_path, from, to, proto, true)
+                self.port_range(from_path, to_path, from, to, proto, true)
             }
             PROTO_ICMP | PROTO_ICMPV6 => {
                 let name = if proto == PROTO_ICMP {
@@ -223,12 +225,12 @@ impl Checker {
                     (Some(f), Some(t)) => (f, t),
                     (None, None) if proto == PROTO_ICMPV6 => (-1, -1),
                     (f, _) => {
-                        let missing = if f.is_none() { from_path } else { to_path };
+                        let missing = if f.is_none() { from_path() } else { to_path() };
                         self.err(missing, format!("missing: protocol {name} needs FromPort (ICMP type) and ToPort (ICMP code), -1 for any"));
                         return None;
                     }
                 };
-                self.icmp_type_code(&from_path, &to_path, "FromPort", from, to, proto)
+                self.icmp_type_code(from_path, to_path, "FromPort", from, to, proto)
             }
             other => {
                 self.ports_ignored(path, &other.to_string(), p.from_port, p.to_port);
@@ -259,8 +261,8 @@ impl Checker {
     /// A TCP/UDP port range; `allow_minus_one`: `-1`/`-1` means all (SG only).
     pub(super) fn port_range(
         &mut self,
-        from_path: &str,
-        to_path: &str,
+        from_path: impl Fn() -> String,
+        to_path: impl Fn() -> String,
         from: i64,
         to: i64,
         proto: u8,
@@ -270,14 +272,14 @@ impl Checker {
             return Some(Match::Proto(proto));
         }
         let mut ok = true;
-        for (path, v) in [(from_path, from), (to_path, to)] {
+        for (path, v) in [(&from_path as &dyn Fn() -> String, from), (&to_path, to)] {
             if !(0..=65535).contains(&v) {
                 let also = if allow_minus_one {
                     ", or -1 and -1 for all ports"
                 } else {
                     ""
                 };
-                self.err(path, format!("{v} is not a port (0-65535{also})"));
+                self.err(path(), format!("{v} is not a port (0-65535{also})"));
                 ok = false;
             }
         }
@@ -285,8 +287,12 @@ impl Checker {
             return None;
         }
         if from > to {
+            let to_path = to_path();
             let to_name = to_path.rsplit('.').next().unwrap_or_default();
-            self.err(from_path, format!("{from} is greater than {to_name} {to}"));
+            self.err(
+                from_path(),
+                format!("{from} is greater than {to_name} {to}"),
+            );
             return None;
         }
         Some(if from == 0 && to == 65535 {
@@ -302,8 +308,8 @@ impl Checker {
 
     pub(super) fn icmp_type_code(
         &mut self,
-        type_path: &str,
-        code_path: &str,
+        type_path: impl Fn() -> String,
+        code_path: impl Fn() -> String,
         type_field: &str,
         t: i64,
         c: i64,
@@ -311,11 +317,11 @@ impl Checker {
     ) -> Option<Match> {
         let mut ok = true;
         for (path, v, what) in [
-            (type_path, t, "an ICMP type"),
-            (code_path, c, "an ICMP code"),
+            (&type_path as &dyn Fn() -> String, t, "an ICMP type"),
+            (&code_path, c, "an ICMP code"),
         ] {
             if !(-1..=255).contains(&v) {
-                self.err(path, format!("{v} is not {what} (0-255, or -1 for any)"));
+                self.err(path(), format!("{v} is not {what} (0-255, or -1 for any)"));
                 ok = false;
             }
         }
@@ -324,7 +330,7 @@ impl Checker {
         }
         if t == -1 && c != -1 {
             self.err(
-                code_path,
+                code_path(),
                 format!("ICMP code {c} without an ICMP type ({type_field} is -1)"),
             );
             return None;

@@ -149,9 +149,11 @@ impl Checker {
                 numbers[usize::from(e.egress)].insert(e.rule_number, k);
             }
             let cidr = match (&e.cidr_block, &e.ipv6_cidr_block) {
-                (Some(c), None) => self.v4_cidr(format!("{path}.CidrBlock"), c).map(IpNet::V4),
+                (Some(c), None) => self
+                    .v4_cidr(|| format!("{path}.CidrBlock"), c)
+                    .map(IpNet::V4),
                 (None, Some(c)) => self
-                    .v6_cidr(format!("{path}.Ipv6CidrBlock"), c)
+                    .v6_cidr(|| format!("{path}.Ipv6CidrBlock"), c)
                     .map(IpNet::V6),
                 (None, None) => {
                     self.err(path.clone(), "needs a CidrBlock or an Ipv6CidrBlock");
@@ -237,8 +239,8 @@ impl Checker {
                     return None;
                 };
                 self.port_range(
-                    &format!("{path}.PortRange.From"),
-                    &format!("{path}.PortRange.To"),
+                    || format!("{path}.PortRange.From"),
+                    || format!("{path}.PortRange.To"),
                     from,
                     to,
                     proto,
@@ -256,8 +258,8 @@ impl Checker {
                     return None;
                 };
                 self.icmp_type_code(
-                    &format!("{path}.IcmpTypeCode.Type"),
-                    &format!("{path}.IcmpTypeCode.Code"),
+                    || format!("{path}.IcmpTypeCode.Type"),
+                    || format!("{path}.IcmpTypeCode.Code"),
                     "Type",
                     t,
                     c,

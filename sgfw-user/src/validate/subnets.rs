@@ -12,11 +12,11 @@ impl Checker {
         for (i, s) in model.subnets.iter().enumerate() {
             let base = format!("Subnets[{}]", label(&s.subnet_id, i));
             let id_ok = self.id(format!("{base}.SubnetId"), &s.subnet_id, &mut seen, i);
-            let v4 = self.v4_cidr(format!("{base}.CidrBlock"), &s.cidr_block);
+            let v4 = self.v4_cidr(|| format!("{base}.CidrBlock"), &s.cidr_block);
             let v6 = s
                 .ipv6_cidr_block
                 .as_deref()
-                .map(|c| self.v6_cidr(format!("{base}.Ipv6CidrBlock"), c));
+                .map(|c| self.v6_cidr(|| format!("{base}.Ipv6CidrBlock"), c));
             if !is_valid_ifname(&s.bridge) {
                 self.err(
                     format!("{base}.Bridge"),
