@@ -487,6 +487,10 @@ pub(super) fn render_counters(t: &mut Table, ix: &Index<'_>) {
     }
 }
 
+/// An instance address as nft text, its owner, and its instance's id as a
+/// comment.
+type AddrText<'i> = (String, &'i Owner, String);
+
 pub(super) fn render_sets(t: &mut Table, ix: &Index<'_>) {
     let bridges: BTreeSet<&str> = ix.model.subnets.iter().map(|s| s.bridge.as_str()).collect();
     let quoted: Vec<String> = bridges.iter().map(|b| format!("\"{b}\"")).collect();
@@ -510,8 +514,34 @@ pub(super) fn render_sets(t: &mut Table, ix: &Index<'_>) {
             elems,
         ));
     }
+    // Every instance address written once (a model's thousands appear in
+    // a dozen sets and maps), with its owner and its instance's id as a
+    // comment.
+    let texts: Vec<(Family, Vec<AddrText<'_>>)> = Family::ALL
+        .into_iter()
+        .map(|f| {
+            let v = ix
+                .addrs_of(f)
+                .map(|(a, o)| {
+                    let id = ix
+                        .model
+                        .instances
+                        .get(o.instance)
+                        .map_or("", |i| i.id.as_str());
+                    (a.to_string(), o, sanitize(id))
+                })
+                .collect();
+            (f, v)
+        })
+        .collect();
+    let texts_of = |f: Family| {
+        texts
+            .iter()
+            .find(|(g, _)| *g == f)
+            .map_or(&[][..], |(_, v)| v.as_slice())
+    };
     for f in Family::ALL {
-        let all: Vec<String> = ix.addrs_of(f).map(|(a, _)| a.to_string()).collect();
+        let all: Vec<String> = texts_of(f).iter().map(|(a, _, _)| a.clone()).collect();
         let ty = format!("type {}", f.addr_type());
         t.push(declare(
             Kind::Set,
@@ -558,9 +588,17 @@ pub(super) fn render_sets(t: &mut Table, ix: &Index<'_>) {
     for kind in CHAIN_ORDER {
         let how = if kind.is_nacl() { "jump" } else { "goto" };
         for f in Family::ALL {
-            let elems: Vec<String> = ix
-                .addrs_of(f)
-                .map(|(a, o)| format!("{a} : {how} {}_{}", kind.prefix(), ix.key(kind, o)))
+            let elems: Vec<String> = texts_of(f)
+                .iter()
+                .map(|(a, o, _)| {
+                    let (prefix, key) = (kind.prefix(), ix.key(kind, o));
+                    let mut e =
+                        String::with_capacity(a.len() + how.len() + prefix.len() + key.len() + 5);
+                    for part in [a.as_str(), " : ", how, " ", prefix, "_", key] {
+                        e.push_str(part);
+                    }
+                    e
+                })
                 .collect();
             let ty = format!("type {} : verdict", f.addr_type());
             t.push(declare(
@@ -580,15 +618,14 @@ pub(super) fn render_sets(t: &mut Table, ix: &Index<'_>) {
     for kind in [Stage::SgEgress, Stage::SgIngress] {
         for allowed in [true, false] {
             for f in Family::ALL {
-                let elems: Vec<String> = ix
-                    .addrs_of(f)
-                    .map(|(a, o)| {
-                        let id = ix
-                            .model
-                            .instances
-                            .get(o.instance)
-                            .map_or("", |i| i.id.as_str());
-                        format!("{a} comment \"{}\"", sanitize(id))
+                let elems: Vec<String> = texts_of(f)
+                    .iter()
+                    .map(|(a, _, id)| {
+                        let mut e = String::with_capacity(a.len() + id.len() + 11);
+                        for part in [a.as_str(), " comment \"", id, "\""] {
+                            e.push_str(part);
+                        }
+                        e
                     })
                     .collect();
                 let ty = format!("type {}", f.addr_type());
