@@ -355,7 +355,7 @@ impl EbpfBackend {
             state.book.parts.clear();
         }
         let t = std::time::Instant::now();
-        let compiled =
+        let mut compiled =
             compile::compile_with(model, &state.indices, &state.book, &mut session.memo)?;
         let counts = compiled.entry_counts();
         tracing::info!(
@@ -485,14 +485,21 @@ impl EbpfBackend {
             return Err(e.into());
         }
 
+        // The keys of this apply's objects for the next one. The next apply
+        // deletes what this one retired: their keys are carried over from
+        // the record this apply read.
+        let keys = keys_for_next(&compiled, known);
         state.generation = generation;
-        state.book = compiled.book.clone();
+        state.book = std::mem::take(&mut compiled.book);
+        // A rule reference's id names one origin (content-addressed): the
+        // names written for ids the last apply had are the same.
+        let mut named = std::mem::take(&mut state.rule_refs);
         state.rule_refs = compiled
             .rule_refs
             .iter()
-            .map(|(id, o)| (*id, o.to_string()))
+            .map(|(id, o)| (*id, named.remove(id).unwrap_or_else(|| o.to_string())))
             .collect();
-        state.instance_ids = compiled.instance_ids.clone();
+        state.instance_ids = std::mem::take(&mut compiled.instance_ids);
         state.bridges = model
             .subnets
             .iter()
@@ -531,10 +538,6 @@ impl EbpfBackend {
         state.dataplane = opts.dataplane;
         state.save(&self.state_path)?;
         lap("state saved");
-        // Best effort: without it the next apply walks the tries. The next
-        // apply deletes what this one retired: their keys are carried over
-        // from the record this apply read.
-        let keys = keys_for_next(&compiled, known);
         drop(compiled);
         lap("object keys recorded");
 
