@@ -314,22 +314,8 @@ pub fn object_keys(c: &Compiled) -> ObjectKeys {
         .filter(|id| !c.carried.contains(id))
         .map(|id| (*id, Vec::new()))
         .collect();
-    let rows = lpm_rows(mn::SG_CIDR_V4, &c.sg_cidr_v4, |_| true)
-        .chain(lpm_rows(mn::SG_CIDR_V6, &c.sg_cidr_v6, |_| true))
-        .chain(lpm_rows(mn::SG_PORTS, &c.sg_ports, |_| true))
-        .chain(lpm_rows(mn::NACL_CIDR_V4, &c.nacl_cidr_v4, |_| true))
-        .chain(lpm_rows(mn::NACL_CIDR_V6, &c.nacl_cidr_v6, |_| true))
-        .chain(lpm_rows(mn::NACL_PORTS, &c.nacl_ports, |_| true));
-    for (map, k, _) in rows {
-        let Some(gi) = GENERATIONAL.iter().position(|g| g.0 == map) else {
-            continue;
-        };
-        let off = GENERATIONAL[gi].2;
-        let Some(idb) = k.get(off..off + 4) else {
-            continue;
-        };
-        let id = u32::from_be_bytes([idb[0], idb[1], idb[2], idb[3]]);
-        out.entry(id).or_default().push((gi as u8, k));
+    for (id, ks) in object_rows(c) {
+        out.entry(id).or_default().push(ks);
     }
     out
 }
@@ -339,16 +325,62 @@ pub fn object_keys(c: &Compiled) -> ObjectKeys {
 /// the objects it carried without emitting and of those it retired, which
 /// the next apply deletes. An object whose keys are not known is left out,
 /// so that deleting it walks the tries.
+///
+/// Built from `known` itself when there is one: what the last apply
+/// deleted goes, the objects this compile emitted are written in, and
+/// everything else is kept as recorded (an id names one content for ever,
+/// so its keys are the ones recorded). The same record as building it from
+/// the compile, without touching every object of the book.
 pub fn keys_for_next(c: &Compiled, known: Option<ObjectKeys>) -> ObjectKeys {
-    let mut keys = object_keys(c);
-    if let Some(mut k) = known {
-        for id in c.book.retiring.values().flatten().chain(&c.carried) {
-            if let Some(v) = k.remove(id) {
-                keys.insert(*id, v);
-            }
+    let Some(mut keys) = known else {
+        return object_keys(c);
+    };
+    // Deleted by this apply (the previous one retired them).
+    for id in &c.retire_now {
+        keys.remove(id);
+    }
+    // Recorded but neither in the book nor retiring (a record of another
+    // book): not this compile's to keep.
+    let live: std::collections::HashSet<u32> = c
+        .book
+        .ids
+        .values()
+        .chain(c.book.retiring.values().flatten())
+        .copied()
+        .collect();
+    keys.retain(|id, _| live.contains(id));
+    // What this compile emitted, as it emitted it.
+    let mut emitted: ObjectKeys = BTreeMap::new();
+    for (id, ks) in object_rows(c) {
+        emitted.entry(id).or_default().push(ks);
+    }
+    for (id, rows) in emitted {
+        keys.insert(id, rows);
+    }
+    // Objects of the book without entries that the record lacks.
+    for id in c.book.ids.values() {
+        if !c.carried.contains(id) {
+            keys.entry(*id).or_default();
         }
     }
     keys
+}
+
+/// Every emitted LPM key of a compile as (object id, (map index, key)).
+fn object_rows(c: &Compiled) -> impl Iterator<Item = (u32, (u8, Vec<u8>))> + '_ {
+    lpm_rows(mn::SG_CIDR_V4, &c.sg_cidr_v4, |_| true)
+        .chain(lpm_rows(mn::SG_CIDR_V6, &c.sg_cidr_v6, |_| true))
+        .chain(lpm_rows(mn::SG_PORTS, &c.sg_ports, |_| true))
+        .chain(lpm_rows(mn::NACL_CIDR_V4, &c.nacl_cidr_v4, |_| true))
+        .chain(lpm_rows(mn::NACL_CIDR_V6, &c.nacl_cidr_v6, |_| true))
+        .chain(lpm_rows(mn::NACL_PORTS, &c.nacl_ports, |_| true))
+        .filter_map(|(map, k, _)| {
+            let gi = GENERATIONAL.iter().position(|g| g.0 == map)?;
+            let off = GENERATIONAL[gi].2;
+            let idb = k.get(off..off + 4)?;
+            let id = u32::from_be_bytes([idb[0], idb[1], idb[2], idb[3]]);
+            Some((id, (gi as u8, k)))
+        })
 }
 
 /// Deletes the recorded keys of `ids` (and their NACL metadata), checking
