@@ -539,7 +539,7 @@ impl EbpfBackend {
         state.save(&self.state_path)?;
         lap("state saved");
         drop(compiled);
-        lap("object keys recorded");
+        lap("compile output freed");
 
         let attached = self.attach_ports_with(host, &state);
         session.saved(&self.state_path, &self.keys_path(), state, keys, defer_keys);

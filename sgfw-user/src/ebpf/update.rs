@@ -335,12 +335,8 @@ pub fn keys_for_next(c: &Compiled, known: Option<ObjectKeys>) -> ObjectKeys {
     let Some(mut keys) = known else {
         return object_keys(c);
     };
-    // Deleted by this apply (the previous one retired them).
-    for id in &c.retire_now {
-        keys.remove(id);
-    }
-    // Recorded but neither in the book nor retiring (a record of another
-    // book): not this compile's to keep.
+    // Kept: what is in the book or retiring now. What goes: what this
+    // apply deleted (the last one retired it), and anything of another book.
     let live: std::collections::HashSet<u32> = c
         .book
         .ids
@@ -354,9 +350,7 @@ pub fn keys_for_next(c: &Compiled, known: Option<ObjectKeys>) -> ObjectKeys {
     for (id, ks) in object_rows(c) {
         emitted.entry(id).or_default().push(ks);
     }
-    for (id, rows) in emitted {
-        keys.insert(id, rows);
-    }
+    keys.extend(emitted);
     // Objects of the book without entries that the record lacks.
     for id in c.book.ids.values() {
         if !c.carried.contains(id) {

@@ -377,6 +377,39 @@ fn nft_changes(model: &Model, flat: &sgfw::flat::FlatModel) -> Result<NftMeasure
     r
 }
 
+/// The `round`-th delta of the churn both backends are measured with:
+/// Authorize (even rounds) or Revoke of tcp 9998 from 198.51.100.0/24 on
+/// `group_id`'s ingress; whether it authorizes, and the delta.
+fn churn(group_id: &str, round: u16) -> (bool, Delta) {
+    let authorize = round.is_multiple_of(2);
+    let group_id = group_id.to_string();
+    let permissions = vec![IpPermission::tcp(9998, 9998).from_cidr("198.51.100.0/24")];
+    let d = if authorize {
+        Delta::Authorize {
+            group_id,
+            egress: false,
+            permissions,
+        }
+    } else {
+        Delta::Revoke {
+            group_id,
+            egress: false,
+            permissions,
+        }
+    };
+    (authorize, d)
+}
+
+/// `model` with one rule more in the first group: tcp 9997 from
+/// 198.51.100.0/24 (the whole-model replace both backends are measured with).
+fn one_rule_more(model: &Model) -> Model {
+    let mut changed = model.clone();
+    changed.security_groups[0]
+        .ip_permissions
+        .push(IpPermission::tcp(9997, 9997).from_cidr("198.51.100.0/24"));
+    changed
+}
+
 /// [`vpc_changes`] on the nftables backend (its tables applied already):
 /// each delta timed until nft returned (the kernel has it then), and
 /// checked afterwards in sg-00's chain.
@@ -384,7 +417,6 @@ fn nft_vpc_changes(parsed: &Model) -> Result<(Vec<f64>, f64), Failure> {
     let enforcer = Enforcer::with_mode(EnforcementMode::Nftables);
     let (mut vpc, _) = Vpc::new(parsed, enforcer).context("Vpc::new (nftables)")?;
     let group_id = parsed.security_groups[0].group_id.clone();
-    let perm = |p: u16| vec![IpPermission::tcp(p, p).from_cidr("198.51.100.0/24")];
     let in_chain = |port: &str| -> Result<bool, Failure> {
         let chain = format!("grp_in_{group_id}");
         let text = RealHost
@@ -394,20 +426,7 @@ fn nft_vpc_changes(parsed: &Model) -> Result<(Vec<f64>, f64), Failure> {
     };
     let mut times = Vec::new();
     for round in 0..6 {
-        let authorize = round % 2 == 0;
-        let d = if authorize {
-            Delta::Authorize {
-                group_id: group_id.clone(),
-                egress: false,
-                permissions: perm(9998),
-            }
-        } else {
-            Delta::Revoke {
-                group_id: group_id.clone(),
-                egress: false,
-                permissions: perm(9998),
-            }
-        };
+        let (authorize, d) = churn(&group_id, round);
         let t = Instant::now();
         vpc.apply(&d).context("Vpc::apply (nftables)")?;
         times.push(ms(t));
@@ -419,10 +438,7 @@ fn nft_vpc_changes(parsed: &Model) -> Result<(Vec<f64>, f64), Failure> {
             )));
         }
     }
-    let mut changed = vpc.model().clone();
-    changed.security_groups[0]
-        .ip_permissions
-        .push(IpPermission::tcp(9997, 9997).from_cidr("198.51.100.0/24"));
+    let changed = one_rule_more(vpc.model());
     let t = Instant::now();
     vpc.replace(&changed).context("Vpc::replace (nftables)")?;
     let replace_ms = ms(t);
@@ -448,23 +464,9 @@ fn vpc_changes(
     let dst: IpAddr = flat.instances[0].addrs[0];
     let src: IpAddr = "198.51.100.7".parse().map_err(|e| anyhow!("{e}"))?;
     let group_id = parsed.security_groups[0].group_id.clone();
-    let perm = |p: u16| vec![IpPermission::tcp(p, p).from_cidr("198.51.100.0/24")];
     let mut times = Vec::new();
     for round in 0..6 {
-        let authorize = round % 2 == 0;
-        let d = if authorize {
-            Delta::Authorize {
-                group_id: group_id.clone(),
-                egress: false,
-                permissions: perm(9998),
-            }
-        } else {
-            Delta::Revoke {
-                group_id: group_id.clone(),
-                egress: false,
-                permissions: perm(9998),
-            }
-        };
+        let (authorize, d) = churn(&group_id, round);
         let pkt = Packet::tcp(src, dst, 40000 + round, 9998, TcpFlags::SYN);
         let t = Instant::now();
         vpc.apply(&d).context("Vpc::apply")?;
@@ -478,10 +480,7 @@ fn vpc_changes(
             )));
         }
     }
-    let mut changed = vpc.model().clone();
-    changed.security_groups[0]
-        .ip_permissions
-        .push(IpPermission::tcp(9997, 9997).from_cidr("198.51.100.0/24"));
+    let changed = one_rule_more(vpc.model());
     let pkt = Packet::tcp(src, dst, 40100, 9997, TcpFlags::SYN);
     let t = Instant::now();
     vpc.replace(&changed).context("Vpc::replace")?;

@@ -106,34 +106,27 @@ fn keys_of<'i>(
 /// → remotes.
 pub(super) type GroupRules = BTreeMap<(Family, Match), BTreeSet<IpNet>>;
 
-/// A rule list's rules by the group they come from.
-fn split_by_group(rules: &[FirewallRule]) -> BTreeMap<String, GroupRules> {
-    let mut shares: BTreeMap<String, GroupRules> = BTreeMap::new();
-    let mut last: Option<(&str, GroupRules)> = None;
-    for r in rules {
-        let g = r.origin.group_id.as_str();
-        // Runs of one group's rules stay in one map until the group changes.
-        if last.as_ref().is_some_and(|(lg, _)| *lg != g)
-            && let Some((lg, m)) = last.take()
-        {
-            let into = shares.entry(lg.to_string()).or_default();
-            for (k, nets) in m {
-                into.entry(k).or_default().extend(nets);
-            }
-        }
-        last.get_or_insert_with(|| (g, GroupRules::new()))
+/// A rule list's rules by the group they come from, as a [`ListSplit`].
+fn split_by_group(rules: &Arc<[FirewallRule]>) -> ListSplit {
+    // Group id → (index of its first rule, its rules).
+    let mut by: BTreeMap<&str, (usize, GroupRules)> = BTreeMap::new();
+    for (i, r) in rules.iter().enumerate() {
+        by.entry(r.origin.group_id.as_str())
+            .or_insert_with(|| (i, GroupRules::new()))
             .1
             .entry((Family::of_net(&r.remote), r.matcher))
             .or_default()
             .insert(r.remote);
     }
-    if let Some((lg, m)) = last {
-        let into = shares.entry(lg.to_string()).or_default();
-        for (k, nets) in m {
-            into.entry(k).or_default().extend(nets);
-        }
+    let firsts = by.values().map(|(i, _)| *i).collect();
+    ListSplit {
+        rules: Arc::clone(rules),
+        shares: by
+            .into_iter()
+            .map(|(g, (_, m))| (g.to_string(), m))
+            .collect(),
+        firsts,
     }
-    shares
 }
 
 /// Per-subnet and per-instance indices, from the one checked
@@ -268,17 +261,7 @@ impl<'a> Index<'a> {
                         .lists
                         .remove(&at)
                         .filter(|l| Arc::ptr_eq(&l.rules, rules));
-                    let share = known.unwrap_or_else(|| {
-                        let mut firsts: BTreeMap<&str, usize> = BTreeMap::new();
-                        for (i, r) in rules.iter().enumerate() {
-                            firsts.entry(r.origin.group_id.as_str()).or_insert(i);
-                        }
-                        ListSplit {
-                            rules: Arc::clone(rules),
-                            shares: split_by_group(rules),
-                            firsts: firsts.into_values().collect(),
-                        }
-                    });
+                    let share = known.unwrap_or_else(|| split_by_group(rules));
                     // The group ids as the model spells them (borrowed
                     // from the rules, which live as long as the model).
                     let groups: Vec<&'a str> = share
